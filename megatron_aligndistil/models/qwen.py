@@ -1,0 +1,247 @@
+"""Qwen2 / Qwen2.5 / Qwen3 dense models as Megatron-Core GPT models: config, layer spec, builder.
+
+The architecture is described by :class:`QwenArch`, read from a Hugging Face ``config.json`` and
+stored next to every Megatron checkpoint this package writes, so a checkpoint rebuilds its model
+without the HF directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+# The Megatron vocab is padded to a multiple of this so that one checkpoint has the same padded
+# shape at every TP size a Qwen dense model admits (TP divides the KV heads, at most 8):
+# lcm(128 * tp for tp in 1, 2, 4, 8) = 1024. Padding rows are zero and masked in every softmax.
+VOCAB_PAD_MULTIPLE = 1024
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+
+
+class ArchitectureError(ValueError):
+    """The HF config describes a model this package does not support (named in the message)."""
+
+
+@dataclass(frozen=True)
+class QwenArch:
+    """What Megatron needs to know of a Qwen dense causal LM. Sizes in elements, not bytes."""
+
+    model_type: str  # "qwen2" (Qwen2 and Qwen2.5) or "qwen3"
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # KV heads (GQA)
+    head_dim: int  # kv_channels
+    vocab_size: int  # real vocab: HF config's vocab_size, not the tokenizer's length
+    max_position_embeddings: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool  # Qwen2/2.5: True
+    qk_layernorm: bool  # Qwen3: True
+    tie_word_embeddings: bool
+    torch_dtype: str = "float32"  # dtype of the HF weights (bf16 kept bf16 on export)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE)
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "QwenArch":
+        """From a ``transformers`` config object or a ``config.json`` dict; clear error if unsupported."""
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (
+            lambda k, d=None: getattr(cfg, k, d)
+        )
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ArchitectureError(
+                f"model_type {model_type!r} is not supported (supported: Qwen2/Qwen2.5 'qwen2', "
+                f"Qwen3 'qwen3' dense models; MoE variants are not supported)"
+            )
+        if get("num_experts") or get("num_local_experts"):
+            raise ArchitectureError(f"{model_type}: mixture-of-experts models are not supported")
+        layer_types = get("layer_types")
+        if get("use_sliding_window", False) or (
+            layer_types and any(t != "full_attention" for t in layer_types)
+        ):
+            raise ArchitectureError(
+                f"{model_type}: sliding-window attention layers are not supported "
+                f"(use_sliding_window={get('use_sliding_window')}, layer_types={layer_types})"
+            )
+        rope_scaling = get("rope_scaling")
+        if rope_scaling and (rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default")):
+            raise ArchitectureError(f"{model_type}: rope_scaling {rope_scaling} is not supported")
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        head_dim = get("head_dim") or hidden // heads
+        rope_theta = get("rope_theta")
+        if rope_theta is None:
+            params = get("rope_parameters") or {}
+            rope_theta = params.get("rope_theta", 10000.0)
+        dtype = get("torch_dtype") or get("dtype") or "float32"
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).replace("torch.", "")
+        return cls(
+            model_type=model_type,
+            num_layers=get("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=get("intermediate_size"),
+            num_attention_heads=heads,
+            num_query_groups=get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab_size=get("vocab_size"),
+            max_position_embeddings=get("max_position_embeddings"),
+            rope_theta=float(rope_theta),
+            norm_eps=get("rms_norm_eps"),
+            qkv_bias=True if model_type == "qwen2" else bool(get("attention_bias", False)),
+            qk_layernorm=model_type == "qwen3",
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            torch_dtype=str(dtype),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "QwenArch":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+    def check_layout(self, tp: int, pp: int) -> None:
+        """Raise ValueError naming the flag when TP/PP cannot split this model."""
+        if self.num_attention_heads % tp:
+            raise ValueError(
+                f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_query_groups % tp:
+            raise ValueError(
+                f"--tensor-model-parallel-size {tp} does not divide the {self.num_query_groups} "
+                f"KV groups (num_key_value_heads); use a TP that divides it"
+            )
+        if self.num_layers % pp:
+            raise ValueError(
+                f"--pipeline-model-parallel-size {pp} does not divide num_hidden_layers {self.num_layers}"
+            )
+        if self.padded_vocab_size % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the padded vocab")
+
+
+ARCH_FILE = "qwen_arch.json"
+
+
+def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool = False,
+                       sequence_parallel: bool = False, recompute_granularity=None,
+                       recompute_method=None, recompute_num_layers=None, tp: int | None = None,
+                       pp: int | None = None):
+    """A Megatron ``TransformerConfig`` for ``arch`` under the current (or given) TP/PP sizes."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if tp is None:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+    if pp is None:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+    arch.check_layout(tp, pp)
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
+        init_method_std=0.02,
+    )
+
+
+def layer_spec(arch: QwenArch, config):
+    """Block spec: Megatron's local (or TransformerEngine, on GPU) layers with HF-exact RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from .norm import RMSNorm
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    if arch.qk_layernorm:
+        sub.self_attention.submodules.q_layernorm = RMSNorm
+        sub.self_attention.submodules.k_layernorm = RMSNorm
+    n = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
+
+
+def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None):
+    """The local pipeline stage of the GPT model for ``arch`` (Megatron's current TP/PP rank)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, config),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+    )
+    return model.to(_device())
+
+
+def _device():
+    from .. import platform
+
+    return platform.device()
+
+
+def read_arch(checkpoint_dir: str) -> QwenArch:
+    path = os.path.join(checkpoint_dir, ARCH_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {checkpoint_dir} is not a checkpoint written by megatron-aligndistil "
+            f"(convert HF weights with tools/convert_hf_to_megatron.py)"
+        )
+    return QwenArch.from_json_file(path)

@@ -1,0 +1,137 @@
+"""Full (TP1, all layers) Megatron state dicts <-> the local shards of a TP/PP-parallel GPT model.
+
+Names are Megatron-Core's with *global* layer numbers, e.g. ``decoder.layers.7.mlp.linear_fc1.weight``.
+Tensor-parallel parameters carry Megatron's ``tensor_model_parallel``/``partition_dim`` attributes;
+the SwiGLU ``linear_fc1`` is the one whose shard is not a plain chunk: the full tensor is
+``[gate; up]`` and each rank holds ``[gate_k; up_k]``. QKV needs no special case: Megatron's full
+layout is grouped per KV group, and TP splits whole groups.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+
+
+def layer_offset(model) -> int:
+    """Global index of this pipeline stage's first transformer layer."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def to_global_name(local_name: str, offset: int) -> str:
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name)
+
+
+def is_glu_fc1(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def shard(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """The part of ``full`` that TP rank ``tp_rank`` of ``tp`` holds for parameter ``param``."""
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if is_glu_fc1(name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[tp_rank], up.chunk(tp, dim=dim)[tp_rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def unshard(name: str, parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`shard`: the full tensor from the shards of all TP ranks (in rank order)."""
+    if len(parts) == 1 or not getattr(param, "tensor_model_parallel", False):
+        return parts[0]
+    dim = param.partition_dim
+    if is_glu_fc1(name):
+        gates, ups = zip(*(p.chunk(2, dim=dim) for p in parts))
+        return torch.cat([torch.cat(gates, dim=dim), torch.cat(ups, dim=dim)], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def full_name(model, local_name: str) -> str:
+    """Global name of a local parameter; a tied output-layer copy maps to the embedding."""
+    name = to_global_name(local_name, layer_offset(model))
+    if name == OUTPUT and getattr(model, "share_embeddings_and_output_weights", False):
+        return EMBEDDING
+    return name
+
+
+@torch.no_grad()
+def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy the local shards of ``full`` into ``model`` (this rank's TP/PP part).
+
+    Raises KeyError naming the missing tensor and ValueError on a shape mismatch.
+    """
+    tp_rank, tp = _tp()
+    for local_name, param in model.named_parameters():
+        name = full_name(model, local_name)
+        if name not in full:
+            if strict:
+                raise KeyError(f"tensor {name!r} (for parameter {local_name}) is missing")
+            continue
+        part = shard(name, full[name], param, tp_rank, tp)
+        if part.shape != param.shape:
+            raise ValueError(
+                f"tensor {name!r}: shard shape {tuple(part.shape)} does not match the model's "
+                f"{tuple(param.shape)} (full {tuple(full[name].shape)}, TP {tp})"
+            )
+        param.copy_(part.to(param.dtype))
+
+
+@torch.no_grad()
+def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Tensor]:
+    """The full state dict (or full gradients with ``use_grad``) on every rank, as CPU tensors.
+
+    Collective over TP and PP groups. For gradients of tied embeddings under PP, the two copies'
+    gradients are summed (what Megatron's embedding-group all-reduce does). Meant for tests and
+    small models: it materialises the whole model on each rank.
+    """
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local: dict[str, torch.Tensor] = {}
+    for local_name, param in model.named_parameters():
+        t = param.main_grad if use_grad and hasattr(param, "main_grad") else (
+            param.grad if use_grad else param.data
+        )
+        if t is None:
+            t = torch.zeros_like(param)
+        t = t.detach().contiguous()
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            torch.distributed.all_gather(parts, t, group=tp_group)
+        else:
+            parts = [t]
+        name = full_name(model, local_name)
+        value = unshard(name, parts, param).cpu()
+        if name in local:  # tied output copy on the same stage (PP=1): one tensor, not two
+            if local_name.startswith("output_layer") and use_grad:
+                local[name] = local[name] + value
+            continue
+        local[name] = value
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    stages: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(stages, local, group=pp_group)
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for name, value in stage.items():
+            if name in merged:
+                if use_grad:
+                    merged[name] = merged[name] + value
+            else:
+                merged[name] = value
+    return merged

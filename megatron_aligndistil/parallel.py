@@ -1,0 +1,96 @@
+"""torch.distributed and Megatron parallel state from a layout (TP, PP; DP is what remains)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from . import platform
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout. ``dp`` is derived: world_size // (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.tp * self.pp
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size {self.tp}"
+                f" x --pipeline-model-parallel-size {self.pp} = {mp}"
+            )
+        return world_size // mp
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise ``torch.distributed`` from torchrun's environment (RANK, WORLD_SIZE, MASTER_*).
+
+    Without those variables (a plain ``python`` call) it starts a one-process group on a free
+    local port, so every entry point runs the same code with or without torchrun.
+    """
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    platform.setup_platform()
+    torch.distributed.init_process_group(
+        backend=platform.backend(),
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
+    """Create Megatron's TP/PP/DP groups for ``layout`` and seed every RNG Megatron uses.
+
+    Raises ValueError (naming the flags) when the world size does not fit the layout.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_distributed()
+    layout.data_parallel_size(torch.distributed.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+    )
+    set_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # numpy is optional for the core
+        pass
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down Megatron groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

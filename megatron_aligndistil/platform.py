@@ -1,0 +1,196 @@
+"""Device and backend choice, and the only place that routes Megatron-Core's CUDA calls to the CPU.
+
+Megatron-Core 0.16.1 assumes CUDA in a handful of places (RNG tracker, ``device="cuda"`` buffers,
+``torch.cuda.current_device()`` as a device, stream/synchronize calls, ``Tensor.cuda()``, and
+``param.type() == "torch.cuda.FloatTensor"`` checks in its optimizers). On a machine with CUDA,
+:func:`setup_platform` does nothing but pick the device and NCCL. On a CPU-only machine it installs
+the shims below, once per process, so the *same* Megatron code paths run with gloo:
+
+* ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` (used as a ``device=`` argument);
+* ``torch.cuda.synchronize``/``empty_cache``/``set_device`` are no-ops; ``current_stream``/
+  ``default_stream``/``stream`` return a do-nothing stream;
+* the CUDA RNG used by Megatron's RNG tracker is the CPU default generator
+  (``torch.cuda.get_rng_state``/``set_rng_state``/``manual_seed`` and the tracker's private
+  ``_get_cuda_rng_state``/``_set_cuda_rng_state``);
+* a global :class:`torch.overrides.TorchFunctionMode` rewrites ``device="cuda"`` in tensor
+  factories and ``Tensor.cuda()``/``Tensor.to("cuda")`` to the CPU, and makes ``Tensor.type()``
+  (no argument) report the ``torch.cuda.*Tensor`` name Megatron's optimizers check for.
+
+Nothing here changes numerics: every shim only changes *where* a tensor lives. Tests in
+``tests/test_platform.py`` cover each shim; on a CUDA machine they assert that nothing is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+
+_INSTALLED = False
+
+# Import-time notes from Megatron-Core that are expected on a machine without TE/apex/CUDA.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+warnings.filterwarnings("ignore", message=".*torch.cuda.amp.custom_(fwd|bwd).*")
+
+_FACTORY_NAMES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "as_tensor", "linspace", "eye", "empty_strided", "randperm",
+)
+
+
+def has_cuda() -> bool:
+    """True when a usable CUDA device is present (then no shim is ever installed)."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local CUDA device, else the CPU."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    """``torch.distributed`` backend that follows the device: NCCL on GPUs, gloo on CPU."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def _is_cuda_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value.startswith("cuda")
+    return False
+
+
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` on CPU: every call is a no-op (CPU work is in order)."""
+
+    def wait_stream(self, *_a, **_k):
+        return None
+
+    def wait_event(self, *_a, **_k):
+        return None
+
+    def record_event(self, *_a, **_k):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Routes CUDA placement requests to the CPU; everything else passes through unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self._factories = {getattr(torch, n) for n in _FACTORY_NAMES if hasattr(torch, n)}
+        self._type_names = {
+            torch.float32: "torch.cuda.FloatTensor",
+            torch.float16: "torch.cuda.HalfTensor",
+            torch.bfloat16: "torch.cuda.BFloat16Tensor",
+        }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._factories:
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs = dict(kwargs, device="cpu")
+        elif func is torch.Tensor.cuda:
+            return args[0]
+        elif func is torch.Tensor.to:
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs = dict(kwargs, device="cpu")
+            if len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu") + tuple(args[2:])
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = self._type_names.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+_MODE: _CudaToCpuMode | None = None
+
+
+class _TrackerWarningFilter(logging.Filter):
+    """On CPU the tracker's "GPU" RNG *is* the CPU RNG, so its 'CPU RNG state changed' note is moot."""
+
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_get_rng_state(*_a, **_k):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, *_a, **_k):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed):
+    torch.random.default_generator.manual_seed(int(seed))
+
+
+def install_cpu_shims() -> bool:
+    """Install the CPU routing (idempotent). Returns True if shims are active, False on CUDA."""
+    global _INSTALLED, _MODE
+    if has_cuda():
+        return False
+    if _INSTALLED:
+        return True
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    stream = _CpuStream()
+    cuda.current_stream = lambda *a, **k: stream
+    cuda.default_stream = lambda *a, **k: stream
+    cuda.Stream = lambda *a, **k: _CpuStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.get_rng_state = _cpu_get_rng_state
+    cuda.set_rng_state = _cpu_set_rng_state
+    cuda.manual_seed = _cpu_manual_seed
+    cuda.manual_seed_all = _cpu_manual_seed
+    cuda.random.get_rng_state = _cpu_get_rng_state
+    cuda.random.set_rng_state = _cpu_set_rng_state
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    logging.getLogger(mcore_random.__name__).addFilter(_TrackerWarningFilter())
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # stays active for the life of the process
+    _INSTALLED = True
+    return True
+
+
+def shims_active() -> bool:
+    return _INSTALLED
+
+
+def setup_platform() -> torch.device:
+    """Pick the device, install CPU shims if there is no GPU, and quiet Megatron's CPU-only warnings.
+
+    Call once per process before building Megatron objects. Returns the compute device.
+    """
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    if has_cuda():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return device()
+    install_cpu_shims()
+    return device()

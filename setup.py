@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-aligndistil",
+    version="0.1.0",
+    description="AlignDistil (token-level adaptive policy distillation) on Megatron-Core: TP, PP, DP",
+    packages=find_packages(include=["megatron_aligndistil", "megatron_aligndistil.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is installed first by scripts/setup_env.sh (the local CPU wheel here, or the
+        # cluster's CUDA build): a bare "torch" here would let pip fetch a CUDA build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "transformers>=4.46",
+        "datasets",
+        "safetensors",
+        "tokenizers",
+        "psutil",  # megatron-core's dist checkpointing hangs without it
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        # NVIDIA apex is built from NVIDIA's source on clusters; never the PyPI 'apex' package.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)

@@ -1,0 +1,89 @@
+"""The platform module: CPU routing of Megatron's CUDA calls, and that it is the only such place."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from megatron_aligndistil import platform
+from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.testing import DistributedError, run_distributed
+
+PACKAGE = pathlib.Path(platform.__file__).parent
+
+
+def _shim_checks():
+    from megatron.core import tensor_parallel
+
+    assert platform.shims_active()
+    assert platform.backend() == "gloo"
+    assert torch.distributed.get_backend() == "gloo"
+    out = {}
+    out["current_device"] = str(torch.cuda.current_device())
+    out["zeros"] = str(torch.zeros(3, device="cuda").device)
+    out["empty_dev"] = str(torch.empty(2, device=torch.device("cuda", 0)).device)
+    out["tensor_cuda"] = str(torch.ones(2).cuda().device)
+    out["to_cuda"] = str(torch.ones(2).to("cuda").device)
+    out["type_name"] = torch.ones(1).type()
+    out["type_convert"] = torch.ones(1).type(torch.float64).dtype  # with an argument: untouched
+    torch.cuda.synchronize()
+    torch.cuda.current_stream().wait_stream(torch.cuda.current_stream())
+    # RNG tracker: forked region has its own reproducible stream; default stream resumes after it
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    with tracker.fork():
+        forked_a = torch.rand(3)
+    after = torch.rand(3)
+    with tracker.fork():
+        forked_b = torch.rand(3)
+    out["default_stream_untouched"] = bool(torch.equal(before, after))
+    out["fork_advances"] = not torch.equal(forked_a, forked_b)
+    out["seed_with_tracker"] = forked_a
+    return out
+
+
+def test_cpu_shims_route_cuda_calls_to_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CPU shims are only installed without CUDA")
+    r0, r1 = run_distributed(_shim_checks, 2, layout=Layout(tp=2, pp=1), seed=3)
+    for r in (r0, r1):
+        assert r["current_device"] == "cpu"
+        assert r["zeros"] == r["empty_dev"] == r["tensor_cuda"] == r["to_cuda"] == "cpu"
+        assert r["type_name"] == "torch.cuda.FloatTensor"
+        assert r["type_convert"] == torch.float64
+        assert r["default_stream_untouched"] and r["fork_advances"]
+    # the model-parallel RNG stream differs between TP ranks (Megatron's seed + 2718 + tp_rank)
+    assert not torch.equal(r0["seed_with_tracker"], r1["seed_with_tracker"])
+
+
+def test_no_shims_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    assert platform.install_cpu_shims() is False
+    assert not platform.shims_active()
+    assert platform.backend() == "nccl"
+
+
+def _raise_on_rank_one():
+    if torch.distributed.get_rank() == 1:
+        raise RuntimeError("boom on rank one")
+    torch.distributed.barrier()  # rank 0 would hang here without the harness killing it
+
+
+def test_harness_reports_rank_traceback_and_kills_hung_ranks():
+    with pytest.raises(DistributedError, match="boom on rank one"):
+        run_distributed(_raise_on_rank_one, 2, timeout=120)
+
+
+def test_platform_is_the_only_cuda_routing_module():
+    """No other module assigns to torch.cuda.* or patches Megatron's CUDA RNG helpers."""
+    patch = re.compile(r"^\s*(torch\.cuda\.\w+|cuda\.\w+|\w+\._(get|set)_cuda_rng_state)\s*=", re.M)
+    offenders = [
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        if p.name != "platform.py" and patch.search(p.read_text())
+    ]
+    assert offenders == []
+    assert patch.search((PACKAGE / "platform.py").read_text())
