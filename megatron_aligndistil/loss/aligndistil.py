@@ -1,0 +1,217 @@
+"""Vocab-parallel AlignDistil loss (SPEC section 2): TVD, adaptive alpha, teacher logits, KL.
+
+For each token with logits z over the vocabulary (paper, arXiv 2503.02832)::
+
+    TVD   = 1/2 sum_v |softmax(z_dpo) - softmax(z_rev)|      (tvd_half=False: without the 1/2)
+    alpha = r * TVD + eps                                    (or a constant)
+    z*    = z_dpo + alpha * (z_dpo - z_rev)                  (Eq. 17; no gradient)
+    KL    = KL(softmax(z_pol) || softmax(z*))                (reverse, default) or KL(teacher || policy)
+    loss  = weight * KL,  weight = beta0 / alpha | 1 | beta0
+
+The vocabulary is never gathered. Forward issues exactly three collectives on the TP group,
+whatever the number of tokens (none with one rank):
+
+1. all-gather of the three local log-sum-exps (3 floats/token) -> global log-normalisers;
+2. all-reduce of the local partial TVD (1 float/token) -> alpha;
+3. all-gather of the local log-sum-exp of z* and the local KL partial sum (2 floats/token).
+
+Backward issues none: the gradient is local. For the reverse KL with S = sum_v p (z_pol - z*),
+``dKL/dz_pol = p * (z_pol - z* - S)``; for the forward KL, ``dKL/dz_pol = p - softmax(z*)``.
+
+Memory: the only tensor kept for backward is that gradient, ``[N, V_local]`` in the policy
+logits' dtype (the size of the policy shard). Teacher logits are not referenced after forward.
+Tokens are processed in chunks, so float32 temporaries are a few ``[chunk, V_local]`` tensors.
+
+Masking: vocab entries at or beyond ``vocab_size`` (Megatron's TP padding) are excluded from
+every softmax. An entry that is -inf in either teacher is excluded from the teacher; -inf in the
+policy gets probability 0 (and gradient 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .vocab_parallel import (
+    Shard,
+    all_gather_rows,
+    all_reduce_sum,
+    chunks,
+    combine_lse,
+    local_logsumexp,
+    shard_info,
+)
+
+TOKEN_WEIGHTS = ("beta_t", "none", "constant")
+DIRECTIONS = ("reverse", "forward")
+_INF = float("inf")
+
+
+@dataclass
+class AlignDistilOutput:
+    """Per-token float32 tensors of the logits' leading shape ``[...]``."""
+
+    loss: torch.Tensor  # weight * kl; differentiable w.r.t. the policy logits
+    kl: torch.Tensor  # KL in nats; differentiable w.r.t. the policy logits
+    alpha: torch.Tensor  # extrapolation weight (no gradient)
+    tvd: torch.Tensor  # total variation distance of the two teachers (no gradient)
+    weight: torch.Tensor  # token weight (no gradient)
+
+
+def teacher_logits(z_dpo: torch.Tensor, z_rev: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """z* = z_dpo + alpha (z_dpo - z_rev); entries masked (-inf) in either teacher stay -inf."""
+    z = torch.lerp(z_dpo, z_rev, -alpha)  # = z_dpo - alpha (z_rev - z_dpo), one fused op
+    return torch.nan_to_num(z, nan=-_INF, posinf=-_INF, neginf=-_INF)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """0 * (-inf) products of masked entries (NaN) -> 0; keeps real infinities."""
+    return torch.nan_to_num(x, nan=0.0, posinf=_INF, neginf=-_INF)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    shard: Shard
+    r: float
+    eps: float
+    constant_alpha: float | None
+    tvd_half: bool
+    direction: str
+    chunk_size: int | None
+
+
+class _AlignDistilKL(torch.autograd.Function):
+    """(policy, dpo, rev) ``[N, V_local]`` -> (kl, alpha, tvd) ``[N]`` float32; grad to policy only."""
+
+    @staticmethod
+    def forward(ctx, policy, dpo, rev, s: _Settings):
+        shard, v = s.shard, s.shard.valid
+        n = policy.shape[0]
+        f32 = dict(dtype=torch.float32, device=policy.device)
+        spans = list(chunks(n, shard.size, s.chunk_size))
+
+        # 1. log-normalisers of policy, dpo and rev
+        lse_local = torch.empty(n, 3, **f32)
+        for b, e in spans:
+            for j, z in enumerate((policy, dpo, rev)):
+                lse_local[b:e, j] = local_logsumexp(z[b:e, :v].float())
+        lse = combine_lse(all_gather_rows(lse_local, shard))  # [N, 3]
+        lse_pol, lse_dpo, lse_rev = lse.unbind(-1)
+
+        # 2. TVD of the two teachers -> alpha
+        tvd = torch.zeros(n, **f32)
+        for b, e in spans:
+            p_dpo = torch.exp(dpo[b:e, :v].float() - lse_dpo[b:e, None])
+            p_rev = torch.exp(rev[b:e, :v].float() - lse_rev[b:e, None])
+            tvd[b:e] = (p_dpo - p_rev).abs().sum(-1)
+        all_reduce_sum(tvd, shard)
+        if s.tvd_half:
+            tvd.mul_(0.5)
+        if s.constant_alpha is not None:
+            alpha = torch.full_like(tvd, float(s.constant_alpha))
+        else:
+            alpha = tvd * s.r + s.eps
+
+        # 3. teacher log-normaliser and the KL partial sum
+        partial = torch.zeros(n, 2, **f32)  # [local lse of z*, local KL partial]
+        for b, e in spans:
+            z_pol = policy[b:e, :v].float()
+            z_star = teacher_logits(dpo[b:e, :v].float(), rev[b:e, :v].float(), alpha[b:e, None])
+            lse_star_local = local_logsumexp(z_star)
+            partial[b:e, 0] = lse_star_local
+            if s.direction == "reverse":
+                p = torch.exp(z_pol - lse_pol[b:e, None])
+                partial[b:e, 1] = _finite_or_zero(p * (z_pol - z_star)).sum(-1)
+            else:  # locally normalised teacher; re-weighted by exp(local - global lse) below
+                q = torch.exp(z_star - lse_star_local[:, None])
+                partial[b:e, 1] = _finite_or_zero(q * (z_star - z_pol)).sum(-1)
+        gathered = all_gather_rows(partial, shard)  # [W, N, 2]
+        lse_star = combine_lse(gathered[..., 0])
+        if s.direction == "reverse":
+            total = gathered[..., 1].sum(0)  # S = sum_v p (z_pol - z*)
+            kl = total - lse_pol + lse_star
+        else:
+            share = torch.exp(gathered[..., 0] - lse_star)  # each rank's teacher mass
+            total = _finite_or_zero(share * gathered[..., 1]).sum(0)
+            kl = total - lse_star + lse_pol
+
+        # 4. the gradient, kept for backward (the only saved tensor)
+        if ctx.needs_input_grad[0]:
+            grad = torch.zeros_like(policy)
+            for b, e in spans:
+                z_pol = policy[b:e, :v].float()
+                z_star = teacher_logits(dpo[b:e, :v].float(), rev[b:e, :v].float(), alpha[b:e, None])
+                p = torch.exp(z_pol - lse_pol[b:e, None])
+                if s.direction == "reverse":
+                    g = _finite_or_zero(p * (z_pol - z_star - total[b:e, None]))
+                else:
+                    g = p - torch.exp(z_star - lse_star[b:e, None])
+                grad[b:e, :v] = g.to(grad.dtype)
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(alpha, tvd)
+        return kl, alpha, tvd
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_alpha, _grad_tvd):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_kl.to(grad.dtype)[:, None]), None, None, None
+
+
+def vocab_parallel_aligndistil(
+    policy_logits: torch.Tensor,
+    dpo_logits: torch.Tensor,
+    rev_logits: torch.Tensor,
+    r: float = 15.0,
+    eps: float = 1e-3,
+    beta0: float = 0.1,
+    token_weight: str = "beta_t",
+    direction: str = "reverse",
+    constant_alpha: float | None = None,
+    tvd_half: bool = True,
+    vocab_size: int | None = None,
+    group=None,
+    chunk_size: int | None = None,
+) -> AlignDistilOutput:
+    """Per-token AlignDistil loss from vocab-sharded logits ``[..., V_local]`` (see module doc).
+
+    ``group`` is the TP group (None: Megatron's, if initialised, else one process).
+    ``chunk_size`` is tokens per chunk (None: sized so one float32 temporary is <= 64 MiB).
+    Returns float32 tensors of the leading shape; backward reaches ``policy_logits`` only.
+    """
+    if token_weight not in TOKEN_WEIGHTS:
+        raise ValueError(f"token_weight must be one of {TOKEN_WEIGHTS}, got {token_weight!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not (policy_logits.shape == dpo_logits.shape == rev_logits.shape):
+        raise ValueError(
+            "policy, DPO and reverse-DPO logits must have the same shape (same tokens and vocab "
+            f"shard): got {tuple(policy_logits.shape)}, {tuple(dpo_logits.shape)}, "
+            f"{tuple(rev_logits.shape)}"
+        )
+    if constant_alpha is None and not r > 0 and eps <= 0:
+        raise ValueError("alpha = r * TVD + eps must be positive: give r > 0 or eps > 0")
+    if token_weight == "beta_t" and constant_alpha is not None and constant_alpha <= 0:
+        raise ValueError(
+            f"token_weight='beta_t' divides by alpha; constant_alpha={constant_alpha} must be > 0 "
+            "(use token_weight='constant' for interpolating teachers such as the vanilla DPO one)"
+        )
+    lead, v_local = policy_logits.shape[:-1], policy_logits.shape[-1]
+    settings = _Settings(
+        shard=shard_info(v_local, vocab_size, group), r=float(r), eps=float(eps),
+        constant_alpha=constant_alpha, tvd_half=tvd_half, direction=direction,
+        chunk_size=chunk_size,
+    )
+    flat = [t.reshape(-1, v_local) for t in (policy_logits, dpo_logits.detach(), rev_logits.detach())]
+    kl, alpha, tvd = _AlignDistilKL.apply(*flat, settings)
+    if token_weight == "beta_t":
+        weight = beta0 / alpha
+    elif token_weight == "constant":
+        weight = torch.full_like(alpha, float(beta0))
+    else:
+        weight = torch.ones_like(alpha)
+    loss = weight * kl
+    return AlignDistilOutput(
+        loss=loss.reshape(lead), kl=kl.reshape(lead), alpha=alpha.reshape(lead),
+        tvd=tvd.reshape(lead), weight=weight.reshape(lead),
+    )

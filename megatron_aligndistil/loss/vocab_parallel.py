@@ -1,0 +1,99 @@
+"""Small building blocks shared by the vocab-parallel losses: TP group, shard ranges, collectives.
+
+A logits shard is ``[N, V_local]``; TP rank k holds global vocab ids ``[k*V_local, (k+1)*V_local)``
+(Megatron's ColumnParallel layout). Entries at or beyond the real ``vocab_size`` are padding: they
+sit at the end of the global vocab, so on every rank the valid entries are a prefix of the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Temporaries per chunk are a few [chunk, V_local] float32 tensors; this bounds one of them.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's vocab shard sits. ``valid`` entries (a prefix) are real vocab ids."""
+
+    group: object
+    rank: int
+    world: int
+    start: int
+    size: int
+    valid: int
+
+    def collectives(self) -> bool:
+        return self.world > 1
+
+
+def resolve_group(group):
+    """The TP group: ``group`` if given, else Megatron's TP group if initialised, else None (1 rank)."""
+    if group is not None:
+        return group
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_tensor_model_parallel_group()
+    except ImportError:  # the loss does not need Megatron to run
+        pass
+    return None
+
+
+def shard_info(local_vocab: int, vocab_size: int | None, group) -> Shard:
+    group = resolve_group(group)
+    if group is None or not dist.is_initialized():
+        rank, world, group = 0, 1, None
+    else:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    start = rank * local_vocab
+    if vocab_size is None:
+        valid = local_vocab
+    else:
+        if vocab_size > local_vocab * world:
+            raise ValueError(
+                f"vocab_size {vocab_size} exceeds the vocab of the logits ({local_vocab} x {world} TP ranks)"
+            )
+        valid = max(0, min(local_vocab, vocab_size - start))
+    return Shard(group, rank, world, start, local_vocab, valid)
+
+
+def all_gather_rows(values: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """``[N, k]`` per rank -> ``[world, N, k]`` (one all-gather). No collective with one rank."""
+    if not shard.collectives():
+        return values.unsqueeze(0)
+    values = values.contiguous()
+    out = values.new_empty((shard.world * values.shape[0],) + tuple(values.shape[1:]))
+    dist.all_gather_into_tensor(out, values, group=shard.group)  # gloo wants the flat layout
+    return out.view((shard.world,) + tuple(values.shape))
+
+
+def all_reduce_sum(values: torch.Tensor, shard: Shard) -> torch.Tensor:
+    if shard.collectives():
+        dist.all_reduce(values, group=shard.group)
+    return values
+
+
+def combine_lse(local_lse: torch.Tensor) -> torch.Tensor:
+    """Global log-sum-exp from per-rank ones ``[world, ...]`` (ranks with only -inf are fine)."""
+    return torch.logsumexp(local_lse, dim=0)
+
+
+def chunks(n_tokens: int, local_vocab: int, chunk_size: int | None):
+    """Token ranges ``(begin, end)`` so one float32 temporary stays within the chunk budget."""
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+    for begin in range(0, n_tokens, chunk_size):
+        yield begin, min(n_tokens, begin + chunk_size)
+
+
+def local_logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the last dim; -inf for an empty or fully masked shard."""
+    if z.shape[-1] == 0:
+        return z.new_full(z.shape[:-1], float("-inf"))
+    return torch.logsumexp(z, dim=-1)

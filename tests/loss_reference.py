@@ -1,0 +1,30 @@
+"""Dense float64 single-process reference of AlignDistil, written from the paper's equations."""
+
+import torch
+
+
+def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="beta_t",
+                      direction="reverse", constant_alpha=None, tvd_half=True, vocab_size=None):
+    """Full-vocab logits ``[..., V]`` -> dict of per-token float64 tensors (loss, kl, alpha, tvd)."""
+    v = vocab_size or zp.shape[-1]
+    zp, zd, zr = (z[..., :v].double() for z in (zp, zd, zr))
+    teacher_mask = torch.isneginf(zd) | torch.isneginf(zr)
+    p_dpo, p_rev = torch.softmax(zd, -1), torch.softmax(zr, -1)
+    tvd = (p_dpo - p_rev).abs().sum(-1) * (0.5 if tvd_half else 1.0)
+    alpha = torch.full_like(tvd, constant_alpha) if constant_alpha is not None else r * tvd + eps
+    a = alpha.detach().unsqueeze(-1)
+    z_star = torch.where(teacher_mask, torch.full_like(zd, -torch.inf), zd + a * (zd - zr))  # Eq. 17
+    log_pol, log_star = torch.log_softmax(zp, -1), torch.log_softmax(z_star, -1)
+    if direction == "reverse":  # KL(pi_theta || pi*)
+        p = log_pol.exp()
+        kl = torch.where(p > 0, p * (log_pol - log_star), torch.zeros_like(p)).sum(-1)
+    else:  # KL(pi* || pi_theta)
+        q = log_star.exp()
+        kl = torch.where(q > 0, q * (log_star - log_pol), torch.zeros_like(q)).sum(-1)
+    if token_weight == "beta_t":
+        weight = beta0 / alpha
+    elif token_weight == "constant":
+        weight = torch.full_like(alpha, beta0)
+    else:
+        weight = torch.ones_like(alpha)
+    return {"loss": weight * kl, "kl": kl, "alpha": alpha, "tvd": tvd}

@@ -1,0 +1,237 @@
+"""Issue 3: the vocab-parallel AlignDistil loss against a dense float64 reference, at TP 1, 2, 4.
+
+Values and gradients for every variant, fp32 and bf16 inputs, padded vocab (including a rank
+with no real entry), masked (-inf) entries, extreme logits; the collective count is asserted.
+"""
+
+import pytest
+import torch
+
+from loss_reference import dense_aligndistil
+from megatron_aligndistil.loss import vocab_parallel_aligndistil, vocab_parallel_logprobs
+from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.testing import run_distributed
+
+PADDED_VOCAB = 128
+VARIANTS = {
+    "default": {},
+    "forward_kl": {"direction": "forward"},
+    "constant_alpha": {"constant_alpha": 1.5},
+    "released_tvd": {"tvd_half": False, "r": 7.5},
+    "weight_none": {"token_weight": "none"},
+    "weight_constant": {"token_weight": "constant", "beta0": 0.2},
+    "vanilla_dpo_teacher": {"constant_alpha": -0.5, "token_weight": "constant"},  # w = 0.5
+    "forward_constant": {"direction": "forward", "constant_alpha": 2.0, "token_weight": "none"},
+}
+
+
+def make_case(name, dtype=torch.float32, vocab_size=123, scale=3.0, mask=False, seed=0, shape=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    zp, zd, zr = (torch.randn(*shape, PADDED_VOCAB, generator=g) * scale for _ in range(3))
+    zr = zd + 0.5 * (zr - zd)  # teachers close-ish, like a DPO / reverse-DPO pair
+    for z in (zp, zd, zr):
+        z[..., vocab_size:] = 50.0  # padding rows with large logits: must be ignored
+    if mask:
+        banned = torch.rand(PADDED_VOCAB, generator=g) < 0.2
+        banned[vocab_size:] = False
+        for z in (zp, zd, zr):
+            z[..., banned] = -torch.inf
+    upstream = torch.rand(*shape, generator=g) + 0.5  # d(total)/d(loss_t), exercises grad scaling
+    return {
+        "name": name, "kwargs": dict(VARIANTS[name], vocab_size=vocab_size),
+        "logits": [z.to(dtype) for z in (zp, zd, zr)], "upstream": upstream,
+    }
+
+
+def all_cases():
+    cases = [make_case(n) for n in VARIANTS]
+    cases += [make_case("default", dtype=torch.bfloat16), make_case("forward_kl", dtype=torch.bfloat16)]
+    cases += [make_case("default", vocab_size=90, seed=1)]  # the last of 4 ranks holds only padding
+    cases += [make_case("default", mask=True, seed=2), make_case("forward_kl", mask=True, seed=2)]
+    cases += [make_case("default", scale=1e4, seed=3), make_case("forward_kl", scale=1e4, seed=3)]
+    return cases
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives while active (wraps the module functions)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "broadcast", "reduce", "all_to_all_single", "all_gather_object", "barrier")
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._orig = {n: getattr(dist, n) for n in self.NAMES}
+
+        def wrap(fn):
+            def counted(*a, **k):
+                self.count += 1
+                return fn(*a, **k)
+            return counted
+
+        for n, fn in self._orig.items():
+            setattr(dist, n, wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for n, fn in self._orig.items():
+            setattr(dist, n, fn)
+
+
+def run_cases(cases, chunk_size=4):
+    """On each TP rank: shard the logits, forward/backward; returns outputs, local grads, counts."""
+    import torch.distributed as dist
+
+    tp = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    results = []
+    for case in cases:
+        shards = [z.chunk(tp, dim=-1)[rank].clone() for z in case["logits"]]
+        policy = shards[0].requires_grad_(True)
+        with CollectiveCounter() as fwd:
+            out = vocab_parallel_aligndistil(policy, shards[1], shards[2], chunk_size=chunk_size,
+                                             **case["kwargs"])
+        with CollectiveCounter() as bwd:
+            (out.loss * case["upstream"]).sum().backward()
+        results.append({
+            "loss": out.loss.detach(), "kl": out.kl.detach(), "alpha": out.alpha, "tvd": out.tvd,
+            "grad": policy.grad, "fwd_collectives": fwd.count, "bwd_collectives": bwd.count,
+            "dtypes": (out.loss.dtype, out.kl.dtype, out.alpha.dtype, policy.grad.dtype),
+        })
+    return results
+
+
+def reference_for(case):
+    """Dense reference over the real vocab; -inf columns (masked in all three) are left out."""
+    v = case["kwargs"]["vocab_size"]
+    zp, zd, zr = (z[..., :v].double() for z in case["logits"])
+    keep = torch.isfinite(zp).reshape(-1, v).all(0)
+    kwargs = dict(case["kwargs"], vocab_size=None)
+    zp_kept = zp[..., keep].clone().requires_grad_(True)
+    ref = dense_aligndistil(zp_kept, zd[..., keep], zr[..., keep], **kwargs)
+    (ref["loss"] * case["upstream"].double()).sum().backward()
+    grad = torch.zeros(*zp.shape[:-1], PADDED_VOCAB, dtype=torch.float64)
+    grad[..., torch.nonzero(keep).squeeze(-1)] = zp_kept.grad  # padding and masked: zero gradient
+    return {k: t.detach() for k, t in ref.items()}, grad
+
+
+def check(cases, per_rank):
+    tp = len(per_rank)
+    for i, case in enumerate(cases):
+        ref, ref_grad = reference_for(case)
+        bf16 = case["logits"][0].dtype == torch.bfloat16
+        extreme = case["logits"][0].abs().max() > 1e3 and torch.isfinite(case["logits"][0]).all()
+        tol = dict(rtol=2e-2 if bf16 else 1e-4, atol=(2e-2 if bf16 else 1e-5))
+        label = f"{case['name']} (case {i}, TP{tp}, {case['logits'][0].dtype})"
+        for r, res in enumerate(per_rank):
+            assert res[i]["fwd_collectives"] <= 3 and res[i]["bwd_collectives"] == 0, label
+            if tp == 1:
+                assert res[i]["fwd_collectives"] == 0, label
+            assert res[i]["dtypes"][:3] == (torch.float32,) * 3
+            assert res[i]["dtypes"][3] == case["logits"][0].dtype
+            for key in ("tvd", "alpha"):
+                torch.testing.assert_close(res[i][key].double(), ref[key], rtol=1e-5, atol=1e-6, msg=label)
+            for key in ("kl", "loss"):
+                assert torch.isfinite(res[i][key]).all(), label
+                atol = tol["atol"] * (1 + ref[key].abs().max().item()) if extreme else tol["atol"]
+                torch.testing.assert_close(res[i][key].double(), ref[key], rtol=tol["rtol"], atol=atol,
+                                           msg=label + " " + key)
+        grad = torch.cat([res[i]["grad"] for res in per_rank], dim=-1).double()
+        assert torch.all(grad[..., case["kwargs"]["vocab_size"]:] == 0), label + ": padding gradient"
+        gscale = ref_grad.abs().max().item()
+        torch.testing.assert_close(grad, ref_grad, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, gscale),
+                                   msg=label + " grad")
+
+
+def test_tp1_all_variants():
+    cases = all_cases()
+    check(cases, [run_cases(cases)])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_all_variants(tp):
+    cases = all_cases()
+    per_rank = run_distributed(run_cases, tp, args=(cases,), layout=Layout(tp=tp))
+    assert all(r["fwd_collectives"] == 3 for res in per_rank for r in res)  # exactly the schedule
+    check(cases, per_rank)
+
+
+def test_chunking_does_not_change_results():
+    case = make_case("default", shape=(4, 7))
+    a, b = run_cases([case], chunk_size=1)[0], run_cases([case], chunk_size=1000)[0]
+    for key in ("loss", "kl", "alpha", "tvd", "grad"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_gradient_reaches_policy_only_and_kl_is_differentiable():
+    case = make_case("default")
+    zp, zd, zr = (z.clone().requires_grad_(True) for z in case["logits"])
+    out = vocab_parallel_aligndistil(zp, zd, zr, vocab_size=123)
+    out.kl.sum().backward()
+    assert zp.grad is not None and zd.grad is None and zr.grad is None
+    assert not out.alpha.requires_grad and not out.tvd.requires_grad
+
+
+def test_alpha_is_finite_when_teachers_agree():
+    z = torch.randn(6, PADDED_VOCAB)
+    out = vocab_parallel_aligndistil(z.clone().requires_grad_(True), z, z.clone())
+    assert torch.all(out.tvd == 0) and torch.allclose(out.alpha, torch.full_like(out.alpha, 1e-3))
+    assert torch.isfinite(out.loss).all()
+
+
+def test_bad_arguments_are_named():
+    z = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        vocab_parallel_aligndistil(z, z, torch.randn(2, 9))
+    with pytest.raises(ValueError, match="token_weight"):
+        vocab_parallel_aligndistil(z, z, z, token_weight="bogus")
+    with pytest.raises(ValueError, match="direction"):
+        vocab_parallel_aligndistil(z, z, z, direction="sideways")
+    with pytest.raises(ValueError, match="constant_alpha"):
+        vocab_parallel_aligndistil(z, z, z, constant_alpha=-0.5)
+    with pytest.raises(ValueError, match="vocab_size"):
+        vocab_parallel_aligndistil(z, z, z, vocab_size=9)
+
+
+# --- log-probabilities (for DPO) -------------------------------------------------------------
+
+def run_logprobs(logits, target, upstream, vocab_size):
+    import torch.distributed as dist
+
+    tp = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = logits.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+    with CollectiveCounter() as fwd:
+        logp = vocab_parallel_logprobs(local, target, vocab_size=vocab_size, chunk_size=3)
+    with CollectiveCounter() as bwd:
+        (logp * upstream).sum().backward()
+    return logp.detach(), local.grad, fwd.count, bwd.count
+
+
+@pytest.mark.parametrize("tp,dtype", [(1, torch.float32), (2, torch.float32), (4, torch.bfloat16)])
+def test_logprobs_match_dense(tp, dtype):
+    g = torch.Generator().manual_seed(5)
+    vocab_size = 90
+    logits = (torch.randn(3, 4, PADDED_VOCAB, generator=g) * 4)
+    logits[..., vocab_size:] = 30.0
+    logits = logits.to(dtype)
+    target = torch.randint(0, vocab_size, (3, 4), generator=g)
+    upstream = torch.rand(3, 4, generator=g)
+    args = (logits, target, upstream, vocab_size)
+    per_rank = [run_logprobs(*args)] if tp == 1 else run_distributed(run_logprobs, tp, args=args,
+                                                                    layout=Layout(tp=tp))
+    ref_in = logits.double()[..., :vocab_size].requires_grad_(True)
+    ref = torch.log_softmax(ref_in, -1).gather(-1, target[..., None]).squeeze(-1)
+    (ref * upstream.double()).sum().backward()
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    grad = torch.cat([r[1] for r in per_rank], -1).double()
+    for logp, _, nf, nb in per_rank:
+        assert nf == (0 if tp == 1 else 1) and nb == 0
+        torch.testing.assert_close(logp.double(), ref.detach(), **tol)
+    torch.testing.assert_close(grad[..., :vocab_size], ref_in.grad, **tol)
+    assert torch.all(grad[..., vocab_size:] == 0)
