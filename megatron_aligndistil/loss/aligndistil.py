@@ -19,7 +19,8 @@ Backward issues none: the gradient is local. For the reverse KL with S = sum_v p
 ``dKL/dz_pol = p * (z_pol - z* - S)``; for the forward KL, ``dKL/dz_pol = p - softmax(z*)``.
 
 Memory: the only tensor kept for backward is that gradient, ``[N, V_local]`` in the policy
-logits' dtype (the size of the policy shard). Teacher logits are not referenced after forward.
+logits' dtype (the size of the policy shard); backward scales it in place and returns it, so a
+graph through this loss can be backpropagated once (``retain_graph`` reuse is not supported). Teacher logits are not referenced after forward.
 Tokens are processed in chunks, so float32 temporaries are a few ``[chunk, V_local]`` tensors.
 
 Masking: vocab entries at or beyond ``vocab_size`` (Megatron's TP padding) are excluded from
@@ -39,8 +40,9 @@ from .vocab_parallel import (
     all_reduce_sum,
     chunks,
     combine_lse,
-    local_logsumexp,
+    compiled,
     shard_info,
+    use_compile,
 )
 
 TOKEN_WEIGHTS = ("beta_t", "none", "constant")
@@ -70,6 +72,61 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=_INF, neginf=-_INF)
 
 
+# --- per-chunk kernels: pure functions of float32 [c, v] chunks, fused by torch.compile ------
+
+
+def _lse(z: torch.Tensor) -> torch.Tensor:
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked row: lse = -inf
+    return (z - m).exp().sum(-1).log() + m.squeeze(-1)
+
+
+def _lse3_kernel(z_pol, z_dpo, z_rev):
+    """Local log-sum-exps ``[c, 3]`` of the three shards."""
+    return torch.stack([_lse(z_pol.float()), _lse(z_dpo.float()), _lse(z_rev.float())], -1)
+
+
+def _tvd_kernel(z_dpo, z_rev, lse_dpo, lse_rev):
+    """Local partial of sum_v |p_dpo - p_rev| ``[c]`` (lse_*: global, ``[c, 1]``)."""
+    return (torch.exp(z_dpo.float() - lse_dpo) - torch.exp(z_rev.float() - lse_rev)).abs().sum(-1)
+
+
+def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool):
+    """``[c, 2]``: local lse of z*, and the local KL partial sum.
+
+    reverse: sum_v p (z_pol - z*) with the global policy normaliser;
+    forward: sum_v q (z* - z_pol) with q the *locally* normalised teacher (re-weighted later).
+    """
+    z_pol = z_pol.float()
+    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
+    lse_star = _lse(z_star)
+    if reverse:
+        part = _finite_or_zero(torch.exp(z_pol - lse_pol) * (z_pol - z_star)).sum(-1)
+    else:
+        part = _finite_or_zero(torch.exp(z_star - lse_star[:, None]) * (z_star - z_pol)).sum(-1)
+    return torch.stack([lse_star, part], -1)
+
+
+def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
+    """dKL/dz_pol ``[c, v]`` float32: reverse p (z_pol - z* - S); forward p - softmax(z*)."""
+    z_pol = z_pol.float()
+    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
+    p = torch.exp(z_pol - lse_pol)
+    if reverse:
+        return _finite_or_zero(p * (z_pol - z_star - total))
+    return p - torch.exp(z_star - lse_star)
+
+
+_KERNELS = {
+    "lse3": _lse3_kernel, "tvd": _tvd_kernel, "kl_partial": _kl_partial_kernel, "grad": _grad_kernel,
+}
+
+
+def kernels(fused: bool) -> dict:
+    """The chunk kernels, eager or fused (compiled once per process, lazily)."""
+    return {name: compiled(fn) for name, fn in _KERNELS.items()} if fused else _KERNELS
+
+
 @dataclass(frozen=True)
 class _Settings:
     shard: Shard
@@ -79,6 +136,7 @@ class _Settings:
     tvd_half: bool
     direction: str
     chunk_size: int | None
+    compile: bool
 
 
 class _AlignDistilKL(torch.autograd.Function):
@@ -89,22 +147,22 @@ class _AlignDistilKL(torch.autograd.Function):
         shard, v = s.shard, s.shard.valid
         n = policy.shape[0]
         f32 = dict(dtype=torch.float32, device=policy.device)
-        spans = list(chunks(n, shard.size, s.chunk_size))
+        spans = list(chunks(n, shard.size, s.chunk_size)) if v else []  # v = 0: all padding here
+
+        k = kernels(s.compile)
+        reverse = s.direction == "reverse"
 
         # 1. log-normalisers of policy, dpo and rev
-        lse_local = torch.empty(n, 3, **f32)
+        lse_local = torch.full((n, 3), -_INF, **f32)
         for b, e in spans:
-            for j, z in enumerate((policy, dpo, rev)):
-                lse_local[b:e, j] = local_logsumexp(z[b:e, :v].float())
+            lse_local[b:e] = k["lse3"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v])
         lse = combine_lse(all_gather_rows(lse_local, shard))  # [N, 3]
-        lse_pol, lse_dpo, lse_rev = lse.unbind(-1)
+        lse_pol, lse_dpo, lse_rev = (x.unsqueeze(-1) for x in lse.unbind(-1))  # [N, 1] each
 
         # 2. TVD of the two teachers -> alpha
         tvd = torch.zeros(n, **f32)
         for b, e in spans:
-            p_dpo = torch.exp(dpo[b:e, :v].float() - lse_dpo[b:e, None])
-            p_rev = torch.exp(rev[b:e, :v].float() - lse_rev[b:e, None])
-            tvd[b:e] = (p_dpo - p_rev).abs().sum(-1)
+            tvd[b:e] = k["tvd"](dpo[b:e, :v], rev[b:e, :v], lse_dpo[b:e], lse_rev[b:e])
         all_reduce_sum(tvd, shard)
         if s.tvd_half:
             tvd.mul_(0.5)
@@ -112,50 +170,45 @@ class _AlignDistilKL(torch.autograd.Function):
             alpha = torch.full_like(tvd, float(s.constant_alpha))
         else:
             alpha = tvd * s.r + s.eps
+        alpha_col = alpha.unsqueeze(-1)
 
         # 3. teacher log-normaliser and the KL partial sum
         partial = torch.zeros(n, 2, **f32)  # [local lse of z*, local KL partial]
+        partial[:, 0] = -_INF
         for b, e in spans:
-            z_pol = policy[b:e, :v].float()
-            z_star = teacher_logits(dpo[b:e, :v].float(), rev[b:e, :v].float(), alpha[b:e, None])
-            lse_star_local = local_logsumexp(z_star)
-            partial[b:e, 0] = lse_star_local
-            if s.direction == "reverse":
-                p = torch.exp(z_pol - lse_pol[b:e, None])
-                partial[b:e, 1] = _finite_or_zero(p * (z_pol - z_star)).sum(-1)
-            else:  # locally normalised teacher; re-weighted by exp(local - global lse) below
-                q = torch.exp(z_star - lse_star_local[:, None])
-                partial[b:e, 1] = _finite_or_zero(q * (z_star - z_pol)).sum(-1)
+            partial[b:e] = k["kl_partial"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
+                                           lse_pol[b:e], reverse)
         gathered = all_gather_rows(partial, shard)  # [W, N, 2]
         lse_star = combine_lse(gathered[..., 0])
-        if s.direction == "reverse":
+        if reverse:
             total = gathered[..., 1].sum(0)  # S = sum_v p (z_pol - z*)
-            kl = total - lse_pol + lse_star
+            kl = total - lse_pol.squeeze(-1) + lse_star
         else:
-            share = torch.exp(gathered[..., 0] - lse_star)  # each rank's teacher mass
+            share = torch.exp(gathered[..., 0] - lse_star)  # each rank's share of the teacher mass
             total = _finite_or_zero(share * gathered[..., 1]).sum(0)
-            kl = total - lse_star + lse_pol
+            kl = total - lse_star + lse_pol.squeeze(-1)
 
         # 4. the gradient, kept for backward (the only saved tensor)
         if ctx.needs_input_grad[0]:
-            grad = torch.zeros_like(policy)
+            grad = torch.empty_like(policy)
+            grad[:, v:] = 0  # padding entries get no gradient
+            lse_star_col, total_col = lse_star.unsqueeze(-1), total.unsqueeze(-1)
             for b, e in spans:
-                z_pol = policy[b:e, :v].float()
-                z_star = teacher_logits(dpo[b:e, :v].float(), rev[b:e, :v].float(), alpha[b:e, None])
-                p = torch.exp(z_pol - lse_pol[b:e, None])
-                if s.direction == "reverse":
-                    g = _finite_or_zero(p * (z_pol - z_star - total[b:e, None]))
-                else:
-                    g = p - torch.exp(z_star - lse_star[b:e, None])
-                grad[b:e, :v] = g.to(grad.dtype)
+                grad[b:e, :v] = k["grad"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
+                                          lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse)
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(alpha, tvd)
         return kl, alpha, tvd
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl, _grad_alpha, _grad_tvd):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("this loss was already backpropagated once (its gradient buffer is reused)")
+        ctx.consumed = True
         (grad,) = ctx.saved_tensors
-        return (grad * grad_kl.to(grad.dtype)[:, None]), None, None, None
+        # scaled in place: the saved buffer becomes the returned gradient (no second copy)
+        return grad.mul_(grad_kl.to(grad.dtype)[:, None]), None, None, None
 
 
 def vocab_parallel_aligndistil(
@@ -172,11 +225,13 @@ def vocab_parallel_aligndistil(
     vocab_size: int | None = None,
     group=None,
     chunk_size: int | None = None,
+    compile: bool | None = None,
 ) -> AlignDistilOutput:
     """Per-token AlignDistil loss from vocab-sharded logits ``[..., V_local]`` (see module doc).
 
     ``group`` is the TP group (None: Megatron's, if initialised, else one process).
-    ``chunk_size`` is tokens per chunk (None: sized so one float32 temporary is <= 64 MiB).
+    ``chunk_size`` is tokens per chunk (None: a per-device default, see ``vocab_parallel.chunks``).
+    ``compile``: fuse the per-chunk kernels with ``torch.compile`` (None: ``use_compile()``).
     Returns float32 tensors of the leading shape; backward reaches ``policy_logits`` only.
     """
     if token_weight not in TOKEN_WEIGHTS:
@@ -200,7 +255,7 @@ def vocab_parallel_aligndistil(
     settings = _Settings(
         shard=shard_info(v_local, vocab_size, group), r=float(r), eps=float(eps),
         constant_alpha=constant_alpha, tvd_half=tvd_half, direction=direction,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, compile=use_compile() if compile is None else bool(compile),
     )
     flat = [t.reshape(-1, v_local) for t in (policy_logits, dpo_logits.detach(), rev_logits.detach())]
     kl, alpha, tvd = _AlignDistilKL.apply(*flat, settings)

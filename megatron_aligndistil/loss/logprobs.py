@@ -45,9 +45,13 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("this loss was already backpropagated once (its gradient buffer is reused)")
+        ctx.consumed = True
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype)[:, None], None, None, None
+        return grad.mul_(grad_out.to(grad.dtype)[:, None]), None, None, None  # in place, as above
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None = None,

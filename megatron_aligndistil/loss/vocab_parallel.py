@@ -7,13 +7,16 @@ sit at the end of the global vocab, so on every rank the valid entries are a pre
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 # Temporaries per chunk are a few [chunk, V_local] float32 tensors; this bounds one of them.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32
+# GPUs want big chunks (few kernel launches); CPUs want cache-sized ones (no page faults).
+GPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32
+CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def combine_lse(local_lse: torch.Tensor) -> torch.Tensor:
 def chunks(n_tokens: int, local_vocab: int, chunk_size: int | None):
     """Token ranges ``(begin, end)`` so one float32 temporary stays within the chunk budget."""
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+        budget = GPU_CHUNK_ELEMENTS if torch.cuda.is_available() else CPU_CHUNK_ELEMENTS
+        chunk_size = max(1, budget // max(1, local_vocab))
     for begin in range(0, n_tokens, chunk_size):
         yield begin, min(n_tokens, begin + chunk_size)
 
@@ -97,3 +101,41 @@ def local_logsumexp(z: torch.Tensor) -> torch.Tensor:
     if z.shape[-1] == 0:
         return z.new_full(z.shape[:-1], float("-inf"))
     return torch.logsumexp(z, dim=-1)
+
+
+def use_compile() -> bool:
+    """Whether the loss kernels are fused with torch.compile by default.
+
+    ``ALIGNDISTIL_COMPILE=1``/``0`` forces it; otherwise on with CUDA (Triton), off on CPU
+    (Inductor's C++ compile takes ~20 s per kernel the first time; the tests turn it on).
+    """
+    flag = os.environ.get("ALIGNDISTIL_COMPILE", "auto").lower()
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no"):
+        return False
+    return torch.cuda.is_available()
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn, dynamic=True)``, made once per process; eager if compiling fails."""
+    if fn not in _COMPILED:
+        fast = torch.compile(fn, dynamic=True)
+
+        def run(*args):
+            if _COMPILED.get((fn, "broken")):
+                return fn(*args)
+            try:
+                return fast(*args)
+            except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: stay eager
+                import warnings
+
+                warnings.warn(f"torch.compile of {fn.__name__} failed ({exc!r:.200}); using eager kernels")
+                _COMPILED[(fn, "broken")] = True
+                return fn(*args)
+
+        _COMPILED[fn] = run
+    return _COMPILED[fn]
