@@ -1,0 +1,1 @@
+"""HF Qwen <-> Megatron-Core tensor mapping (one table) and, later, streaming checkpoint I/O."""

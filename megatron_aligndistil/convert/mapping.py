@@ -1,0 +1,127 @@
+"""The one mapping between HF Qwen2/Qwen3 tensor names and Megatron-Core GPT names (full, TP1).
+
+Streaming by construction: both directions take a ``get(name) -> Tensor`` callback and yield
+``(name, tensor)`` one output tensor at a time, so peak memory is a few tensors, not the model.
+
+Transforms beyond renaming:
+* QKV: HF ``q_proj [nh*d, H]``, ``k_proj``/``v_proj [ng*d, H]`` -> Megatron ``linear_qkv`` grouped
+  per KV group: ``[ng, (nh/ng)*d + d + d, H]`` flattened (so TP can split whole groups).
+* SwiGLU: ``gate_proj`` and ``up_proj`` -> ``linear_fc1 = [gate; up]``.
+* Vocab: embedding / lm_head rows padded with zeros from ``vocab_size`` to ``padded_vocab_size``
+  (the padding is masked in every softmax of this package), and cut back on export.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from ..models.qwen import QwenArch
+
+Getter = Callable[[str], torch.Tensor]
+
+# per-layer renames: HF suffix -> Megatron suffix (besides QKV and fc1, which are fused)
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_QK_NORM_RENAMES = {
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+}
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def fuse_qkv(arch: QwenArch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HF q/k/v (weights ``[out, H]`` or biases ``[out]``) -> Megatron grouped ``linear_qkv``."""
+    ng, d = arch.num_query_groups, arch.head_dim
+    per = arch.num_attention_heads // ng
+    tail = tuple(q.shape[1:])
+    fused = torch.cat([q.reshape((ng, per * d) + tail), k.reshape((ng, d) + tail),
+                       v.reshape((ng, d) + tail)], dim=1)
+    return fused.reshape((ng * (per + 2) * d,) + tail)
+
+
+def split_qkv(arch: QwenArch, qkv: torch.Tensor):
+    """Inverse of :func:`fuse_qkv`: Megatron ``linear_qkv`` -> HF (q, k, v)."""
+    ng, d = arch.num_query_groups, arch.head_dim
+    per = arch.num_attention_heads // ng
+    tail = tuple(qkv.shape[1:])
+    grouped = qkv.reshape((ng, (per + 2) * d) + tail)
+    q, k, v = grouped.split([per * d, d, d], dim=1)
+    return (q.reshape((ng * per * d,) + tail).contiguous(), k.reshape((ng * d,) + tail).contiguous(),
+            v.reshape((ng * d,) + tail).contiguous())
+
+
+def hf_tensor_names(arch: QwenArch) -> list[str]:
+    """Every tensor name an HF checkpoint of ``arch`` holds (lm_head only when untied)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + s for s in _LAYER_RENAMES]
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        if arch.qkv_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if arch.qk_layernorm:
+            names += [p + s for s in _QK_NORM_RENAMES]
+        names += [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the full Megatron tensors, one at a time, from HF tensors fetched with ``get``."""
+    rows = arch.padded_vocab_size
+    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), rows)
+    for i in range(arch.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for src, dst in _LAYER_RENAMES.items():
+            yield mc + dst, get(hf + src)
+        if arch.qk_layernorm:
+            for src, dst in _QK_NORM_RENAMES.items():
+                yield mc + dst, get(hf + src)
+        yield mc + "self_attention.linear_qkv.weight", fuse_qkv(
+            arch, *(get(hf + f"self_attn.{x}_proj.weight") for x in "qkv"))
+        if arch.qkv_bias:
+            yield mc + "self_attention.linear_qkv.bias", fuse_qkv(
+                arch, *(get(hf + f"self_attn.{x}_proj.bias") for x in "qkv"))
+        yield mc + "mlp.linear_fc1.weight", torch.cat(
+            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if not arch.tie_word_embeddings:
+        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), rows)
+
+
+def megatron_to_hf(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield HF tensors, one at a time, from full Megatron tensors fetched with ``get``."""
+    v = arch.vocab_size
+    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:v].contiguous()
+    for i in range(arch.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for src, dst in _LAYER_RENAMES.items():
+            yield hf + src, get(mc + dst)
+        if arch.qk_layernorm:
+            for src, dst in _QK_NORM_RENAMES.items():
+                yield hf + src, get(mc + dst)
+        for x, t in zip("qkv", split_qkv(arch, get(mc + "self_attention.linear_qkv.weight"))):
+            yield hf + f"self_attn.{x}_proj.weight", t
+        if arch.qkv_bias:
+            for x, t in zip("qkv", split_qkv(arch, get(mc + "self_attention.linear_qkv.bias"))):
+                yield hf + f"self_attn.{x}_proj.bias", t
+        gate, up = get(mc + "mlp.linear_fc1.weight").chunk(2, dim=0)
+        yield hf + "mlp.gate_proj.weight", gate.contiguous()
+        yield hf + "mlp.up_proj.weight", up.contiguous()
+    yield "model.norm.weight", get("decoder.final_layernorm.weight")
+    if not arch.tie_word_embeddings:
+        yield "lm_head.weight", get("output_layer.weight")[:v].contiguous()

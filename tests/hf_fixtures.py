@@ -1,0 +1,27 @@
+"""Tiny random Hugging Face Qwen models (no download) for conversion tests."""
+
+import torch
+
+
+def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.float32, seed=0,
+                  hidden_size=64, num_layers=4, head_dim=None):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=96,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    if model_type == "qwen2":
+        config = Qwen2Config(**common)
+        model = Qwen2ForCausalLM(config)
+    else:
+        config = Qwen3Config(**common, head_dim=head_dim or 24)  # head_dim != hidden/heads
+        model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # HF zero-inits biases and sets norms to 1: randomise so tests can fail
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype).eval()
