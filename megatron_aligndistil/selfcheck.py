@@ -89,7 +89,7 @@ def aligndistil_step(arch_fields, weights, tokens, response_start, num_microbatc
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1"], help="TPxPP (PP 1 for now)")
+    ap.add_argument("--layouts", nargs="+", default=["1x1", "2x1"], help="TPxPP (PP 1 for now; TP must divide the 2 KV groups)")
     args = ap.parse_args(argv)
     fields = dataclasses.asdict(TINY)
     tokens = torch.randint(0, TINY.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
