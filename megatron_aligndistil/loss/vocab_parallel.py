@@ -72,7 +72,8 @@ def all_gather_rows(values: torch.Tensor, shard: Shard) -> torch.Tensor:
         return values.unsqueeze(0)
     values = values.contiguous()
     out = values.new_empty((shard.world * values.shape[0],) + tuple(values.shape[1:]))
-    dist.all_gather_into_tensor(out, values, group=shard.group)  # gloo wants the flat layout
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13
+    gather(out, values, group=shard.group)  # gloo wants the flat [world * N, ...] layout
     return out.view((shard.world,) + tuple(values.shape))
 
 
