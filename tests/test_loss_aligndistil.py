@@ -84,7 +84,7 @@ class CollectiveCounter:
             setattr(dist, n, fn)
 
 
-def run_cases(cases, chunk_size=4):
+def run_cases(cases, chunk_size=4, compile=False):
     """On each TP rank: shard the logits, forward/backward; returns outputs, local grads, counts."""
     import torch.distributed as dist
 
@@ -96,7 +96,7 @@ def run_cases(cases, chunk_size=4):
         policy = shards[0].requires_grad_(True)
         with CollectiveCounter() as fwd:
             out = vocab_parallel_aligndistil(policy, shards[1], shards[2], chunk_size=chunk_size,
-                                             **case["kwargs"])
+                                             compile=compile, **case["kwargs"])
         with CollectiveCounter() as bwd:
             (out.loss * case["upstream"]).sum().backward()
         results.append({
@@ -149,9 +149,14 @@ def check(cases, per_rank):
                                    msg=label + " grad")
 
 
-def test_tp1_all_variants():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_tp1_all_variants(compile):
+    """compiled: the torch.compile-fused kernels (the GPU default) against the same reference."""
+    from megatron_aligndistil.loss.vocab_parallel import compile_failures
+
     cases = all_cases()
-    check(cases, [run_cases(cases)])
+    check(cases, [run_cases(cases, compile=compile)])
+    assert compile_failures() == []  # the fused path really ran, no silent eager fallback
 
 
 @pytest.mark.parametrize("tp", [2, 4])

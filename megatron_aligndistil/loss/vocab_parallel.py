@@ -140,3 +140,8 @@ def compiled(fn):
 
         _COMPILED[fn] = run
     return _COMPILED[fn]
+
+
+def compile_failures() -> list[str]:
+    """Names of kernels whose torch.compile failed in this process (they run eager)."""
+    return [key[0].__name__ for key in _COMPILED if isinstance(key, tuple) and _COMPILED[key]]
