@@ -34,6 +34,11 @@ _QK_NORM_RENAMES = {
 }
 
 
+def _plain_renames(arch: QwenArch) -> dict[str, str]:
+    """Per-layer HF suffix -> Megatron suffix for tensors that are only renamed."""
+    return {**_LAYER_RENAMES, **(_QK_NORM_RENAMES if arch.qk_layernorm else {})}
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:
         return t
@@ -68,12 +73,10 @@ def hf_tensor_names(arch: QwenArch) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        names += [p + s for s in _LAYER_RENAMES]
+        names += [p + s for s in _plain_renames(arch)]
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         if arch.qkv_bias:
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        if arch.qk_layernorm:
-            names += [p + s for s in _QK_NORM_RENAMES]
         names += [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -86,11 +89,8 @@ def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Ten
     yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), rows)
     for i in range(arch.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for src, dst in _LAYER_RENAMES.items():
+        for src, dst in _plain_renames(arch).items():
             yield mc + dst, get(hf + src)
-        if arch.qk_layernorm:
-            for src, dst in _QK_NORM_RENAMES.items():
-                yield mc + dst, get(hf + src)
         yield mc + "self_attention.linear_qkv.weight", fuse_qkv(
             arch, *(get(hf + f"self_attn.{x}_proj.weight") for x in "qkv"))
         if arch.qkv_bias:
@@ -109,11 +109,8 @@ def megatron_to_hf(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Ten
     yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:v].contiguous()
     for i in range(arch.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for src, dst in _LAYER_RENAMES.items():
+        for src, dst in _plain_renames(arch).items():
             yield hf + src, get(mc + dst)
-        if arch.qk_layernorm:
-            for src, dst in _QK_NORM_RENAMES.items():
-                yield hf + src, get(mc + dst)
         for x, t in zip("qkv", split_qkv(arch, get(mc + "self_attention.linear_qkv.weight"))):
             yield hf + f"self_attn.{x}_proj.weight", t
         if arch.qkv_bias:
