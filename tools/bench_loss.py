@@ -3,7 +3,8 @@
 
 For each shape (tokens x vocab) and TP size, each implementation runs in fresh processes (one per
 TP rank, gloo on CPU / NCCL on GPU) and reports the median time of forward+backward and the peak
-memory above the inputs (CUDA: max_memory_allocated; CPU: peak RSS, ru_maxrss). Prints JSON lines
+memory above the inputs (CUDA: max_memory_allocated; CPU: peak RSS, ru_maxrss, with glibc
+told to unmap every freed buffer >= 64 KiB so RSS follows live tensors). Prints JSON lines
 and a Markdown table.
 
     python tools/bench_loss.py                      # default shapes, TP 1 and 2
@@ -70,7 +71,9 @@ def bench_rank(impl, tokens, vocab, dtype_name, reps):
     group = parallel_state.get_tensor_model_parallel_group()
     v_local = vocab // tp
     g = torch.Generator(device="cpu").manual_seed(parallel_state.get_tensor_model_parallel_rank())
-    shards = [(torch.randn(tokens, v_local, generator=g) * 2).to(dtype).to(dev) for _ in range(3)]
+    # made in place in their dtype: no float32 temporaries that would raise the peak before `base`
+    shards = [torch.empty(tokens, v_local, dtype=dtype).normal_(0, 2, generator=g).to(dev)
+              for _ in range(3)]
     target = torch.randint(0, vocab, (tokens,), generator=g).to(dev)
     input_bytes = sum(t.numel() * t.element_size() for t in shards)
 
@@ -128,6 +131,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    # CPU: let glibc return every freed buffer >= 64 KiB to the OS, so RSS follows live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     rows = []
     for shape in args.shapes:
         tokens, vocab = (int(x) for x in shape.lower().split("x"))
