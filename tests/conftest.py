@@ -3,8 +3,6 @@
 import dataclasses
 import os
 
-import pytest
-
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from megatron_aligndistil.models.qwen import QwenArch  # noqa: E402
@@ -20,8 +18,3 @@ def tiny_arch(model_type="qwen2", tied=False, vocab_size=1000, num_layers=4, **o
         tie_word_embeddings=tied,
     )
     return dataclasses.replace(arch, **overrides)
-
-
-@pytest.fixture
-def arch_factory():
-    return tiny_arch
