@@ -1,7 +1,9 @@
-"""Checks this machine end to end: a tiny Qwen-shaped policy and two teachers at several TP/PP
-layouts, one 1F1B pipeline step with the vocab-parallel AlignDistil loss, compared to TP1 PP1.
+"""Checks this machine end to end: a tiny Qwen-shaped policy and two frozen teachers at several TP
+layouts, one Megatron schedule step with the vocab-parallel AlignDistil loss, compared to TP1 PP1.
 
-    python -m megatron_aligndistil.selfcheck [--layouts 1x1 2x1 1x2 2x2]
+    python -m megatron_aligndistil.selfcheck [--layouts 1x1 2x1]
+
+PP > 1 layouts are skipped (reported) until the trainer runs teachers in lockstep across stages.
 
 Prints one line per layout (loss, KL, alpha, max gradient difference to TP1 PP1) and exits 1 on a
 mismatch. It is the quickstart's first stage until the full pipeline lands (issue 9).

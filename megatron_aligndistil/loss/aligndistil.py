@@ -20,7 +20,8 @@ Backward issues none: the gradient is local. For the reverse KL with S = sum_v p
 
 Memory: the only tensor kept for backward is that gradient, ``[N, V_local]`` in the policy
 logits' dtype (the size of the policy shard); backward scales it in place and returns it, so a
-graph through this loss can be backpropagated once (``retain_graph`` reuse is not supported). Teacher logits are not referenced after forward.
+graph through this loss can be backpropagated once (``retain_graph`` reuse is not supported).
+Teacher logits are not referenced after forward.
 Tokens are processed in chunks, so float32 temporaries are a few ``[chunk, V_local]`` tensors.
 
 Masking: vocab entries at or beyond ``vocab_size`` (Megatron's TP padding) are excluded from
@@ -41,6 +42,7 @@ from .vocab_parallel import (
     chunks,
     combine_lse,
     compiled,
+    local_logsumexp,
     shard_info,
     use_compile,
 )
@@ -75,15 +77,9 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 # --- per-chunk kernels: pure functions of float32 [c, v] chunks, fused by torch.compile ------
 
 
-def _lse(z: torch.Tensor) -> torch.Tensor:
-    m = z.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked row: lse = -inf
-    return (z - m).exp().sum(-1).log() + m.squeeze(-1)
-
-
 def _lse3_kernel(z_pol, z_dpo, z_rev):
     """Local log-sum-exps ``[c, 3]`` of the three shards."""
-    return torch.stack([_lse(z_pol.float()), _lse(z_dpo.float()), _lse(z_rev.float())], -1)
+    return torch.stack([local_logsumexp(z.float()) for z in (z_pol, z_dpo, z_rev)], -1)
 
 
 def _tvd_kernel(z_dpo, z_rev, lse_dpo, lse_rev):
@@ -99,7 +95,7 @@ def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool):
     """
     z_pol = z_pol.float()
     z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
-    lse_star = _lse(z_star)
+    lse_star = local_logsumexp(z_star)
     if reverse:
         part = _finite_or_zero(torch.exp(z_pol - lse_pol) * (z_pol - z_star)).sum(-1)
     else:

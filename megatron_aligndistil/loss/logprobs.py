@@ -23,13 +23,13 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         here = (local >= 0) & (local < v)
         local_idx = torch.where(here, local, torch.zeros_like(local))
         rows = torch.zeros(n, 2, dtype=torch.float32, device=logits.device)
-        spans = list(chunks(n, shard.size, chunk_size))
+        rows[:, 0] = float("-inf")
+        spans = list(chunks(n, shard.size, chunk_size)) if v else []  # v = 0: all padding here
         for b, e in spans:
             z = logits[b:e, :v].float()
             rows[b:e, 0] = local_logsumexp(z)
-            if v:
-                picked = z.gather(-1, local_idx[b:e, None]).squeeze(-1)
-                rows[b:e, 1] = torch.where(here[b:e], picked, torch.zeros_like(picked))
+            picked = z.gather(-1, local_idx[b:e, None]).squeeze(-1)
+            rows[b:e, 1] = torch.where(here[b:e], picked, torch.zeros_like(picked))
         gathered = all_gather_rows(rows, shard)
         lse = combine_lse(gathered[..., 0])
         logp = gathered[..., 1].sum(0) - lse

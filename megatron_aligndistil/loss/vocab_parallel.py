@@ -98,10 +98,15 @@ def chunks(n_tokens: int, local_vocab: int, chunk_size: int | None):
 
 
 def local_logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp over the last dim; -inf for an empty or fully masked shard."""
+    """log-sum-exp over the last dim; -inf for an empty or fully masked (all -inf) row.
+
+    Written with elementwise ops so torch.compile fuses it into the loss kernels.
+    """
     if z.shape[-1] == 0:
         return z.new_full(z.shape[:-1], float("-inf"))
-    return torch.logsumexp(z, dim=-1)
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (z - m).exp().sum(-1).log() + m.squeeze(-1)
 
 
 def use_compile() -> bool:
@@ -118,7 +123,8 @@ def use_compile() -> bool:
     return torch.cuda.is_available()
 
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # eager kernel -> its compiled runner
+_FAILED: set = set()  # eager kernels whose compilation failed (they run eager from then on)
 
 
 def compiled(fn):
@@ -127,7 +133,7 @@ def compiled(fn):
         fast = torch.compile(fn, dynamic=True)
 
         def run(*args):
-            if _COMPILED.get((fn, "broken")):
+            if fn in _FAILED:
                 return fn(*args)
             try:
                 return fast(*args)
@@ -135,7 +141,7 @@ def compiled(fn):
                 import warnings
 
                 warnings.warn(f"torch.compile of {fn.__name__} failed ({exc!r:.200}); using eager kernels")
-                _COMPILED[(fn, "broken")] = True
+                _FAILED.add(fn)
                 return fn(*args)
 
         _COMPILED[fn] = run
@@ -144,4 +150,4 @@ def compiled(fn):
 
 def compile_failures() -> list[str]:
     """Names of kernels whose torch.compile failed in this process (they run eager)."""
-    return [key[0].__name__ for key in _COMPILED if isinstance(key, tuple) and _COMPILED[key]]
+    return sorted(fn.__name__ for fn in _FAILED)
