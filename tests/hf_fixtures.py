@@ -4,11 +4,11 @@ import torch
 
 
 def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.float32, seed=0,
-                  hidden_size=64, num_layers=4, head_dim=None):
+                  hidden_size=64, num_layers=4, head_dim=None, intermediate_size=96):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=96,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, attn_implementation="eager",
@@ -25,3 +25,42 @@ def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.f
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype).eval()
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(vocab_size=300, seed_text=None):
+    """A byte-level BPE tokenizer trained on a few sentences, with Qwen's chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = seed_text or [
+        "The quick brown fox jumps over the lazy dog.",
+        "Alignment as token-level distillation from a contrastive teacher.",
+        "Please answer the question helpfully and honestly.",
+        "user assistant system: how do I sort a list in Python? Use sorted(x).",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_hf(path, model_type="qwen2", tied=False, dtype=torch.float32, max_shard_size="200KB", **kw):
+    """A tiny HF model + tokenizer saved like a hub checkpoint (sharded safetensors + index)."""
+    model = tiny_hf_model(model_type, tied=tied, dtype=dtype, **kw)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tiny_tokenizer().save_pretrained(path)
+    return model

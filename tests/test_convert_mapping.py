@@ -13,8 +13,9 @@ from megatron_aligndistil.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 
-def _megatron_logits(arch_fields, full, tokens):
-    """One rank: load the full Megatron state dict at the current layout, return gathered logits."""
+def megatron_logits(arch_fields, full, tokens):
+    """One rank: load a full Megatron state dict (or a converted checkpoint directory) at the
+    current layout; return the TP-gathered logits on the last stage, None elsewhere."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -22,7 +23,13 @@ def _megatron_logits(arch_fields, full, tokens):
 
     arch = QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
-    sharding.load_full_state_dict(model, full)
+    if isinstance(full, str):
+        from megatron_aligndistil.convert.io import TensorStore
+
+        with TensorStore(full) as store:
+            sharding.load_from_store(model, store)
+    else:
+        sharding.load_full_state_dict(model, full)
     model.eval()
     seq = tokens.shape[1]
 
@@ -60,7 +67,7 @@ def test_megatron_logits_match_hf(model_type, tied):
         expected = hf(tokens).logits
     fields = dataclasses.asdict(arch)
     for layout, world in ((Layout(1, 1), 1), (Layout(2, 2), 4)):
-        results = run_distributed(_megatron_logits, world, args=(fields, full, tokens), layout=layout)
+        results = run_distributed(megatron_logits, world, args=(fields, full, tokens), layout=layout)
         got = [r for r in results if r is not None]
         assert got, "no rank returned logits"
         for logits in got:

@@ -83,6 +83,12 @@ def hf_tensor_names(arch: QwenArch) -> list[str]:
     return names
 
 
+def megatron_tensor_count(arch: QwenArch) -> int:
+    """How many tensors :func:`hf_to_megatron` yields (for progress bars)."""
+    per_layer = len(_plain_renames(arch)) + 1 + int(arch.qkv_bias) + 1  # renames, qkv w/b, fc1
+    return 2 + arch.num_layers * per_layer + int(not arch.tie_word_embeddings)
+
+
 def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the full Megatron tensors, one at a time, from HF tensors fetched with ``get``."""
     rows = arch.padded_vocab_size

@@ -39,15 +39,26 @@ def _tp():
             parallel_state.get_tensor_model_parallel_world_size())
 
 
-def shard(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """The part of ``full`` that TP rank ``tp_rank`` of ``tp`` holds for parameter ``param``."""
+def shard_ranges(name: str, full_shape, param: torch.Tensor, tp_rank: int, tp: int):
+    """``[(dim, start, stop), ...]`` of the full tensor that make this rank's shard (concatenated
+    along ``dim``). One range for plain chunks; two for the SwiGLU fc1 (gate part, up part)."""
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
+        return [(0, 0, full_shape[0])]
     dim = param.partition_dim
     if is_glu_fc1(name):
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[tp_rank], up.chunk(tp, dim=dim)[tp_rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[tp_rank]
+        half = full_shape[dim] // 2
+        size = half // tp
+        return [(dim, tp_rank * size, (tp_rank + 1) * size),
+                (dim, half + tp_rank * size, half + (tp_rank + 1) * size)]
+    size = full_shape[dim] // tp
+    return [(dim, tp_rank * size, (tp_rank + 1) * size)]
+
+
+def shard(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """The part of ``full`` that TP rank ``tp_rank`` of ``tp`` holds for parameter ``param``."""
+    ranges = shard_ranges(name, full.shape, param, tp_rank, tp)
+    parts = [full.narrow(dim, a, b - a) for dim, a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
 
 
 def unshard(name: str, parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
@@ -70,25 +81,39 @@ def full_name(model, local_name: str) -> str:
 
 
 @torch.no_grad()
+def _load(model, has, full_shape, read, source: str, strict: bool) -> None:
+    tp_rank, tp = _tp()
+    for local_name, param in model.named_parameters():
+        name = full_name(model, local_name)
+        if not has(name):
+            if strict:
+                raise KeyError(f"{source}: tensor {name!r} (for parameter {local_name}) is missing")
+            continue
+        shape = full_shape(name)
+        ranges = shard_ranges(name, shape, param, tp_rank, tp)
+        parts = [read(name, dim, a, b) for dim, a, b in ranges]
+        part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
+        if part.shape != param.shape:
+            raise ValueError(
+                f"{source}: tensor {name!r}: shard shape {tuple(part.shape)} does not match the "
+                f"model's {tuple(param.shape)} (full {tuple(shape)}, TP {tp})"
+            )
+        param.copy_(part.to(param.dtype))
+
+
 def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Copy the local shards of ``full`` into ``model`` (this rank's TP/PP part).
 
     Raises KeyError naming the missing tensor and ValueError on a shape mismatch.
     """
-    tp_rank, tp = _tp()
-    for local_name, param in model.named_parameters():
-        name = full_name(model, local_name)
-        if name not in full:
-            if strict:
-                raise KeyError(f"tensor {name!r} (for parameter {local_name}) is missing")
-            continue
-        part = shard(name, full[name], param, tp_rank, tp)
-        if part.shape != param.shape:
-            raise ValueError(
-                f"tensor {name!r}: shard shape {tuple(part.shape)} does not match the model's "
-                f"{tuple(param.shape)} (full {tuple(full[name].shape)}, TP {tp})"
-            )
-        param.copy_(part.to(param.dtype))
+    _load(model, full.__contains__, lambda n: full[n].shape,
+          lambda n, dim, a, b: full[n].narrow(dim, a, b - a), "state dict", strict)
+
+
+def load_from_store(model, store, strict: bool = True) -> None:
+    """Like :func:`load_full_state_dict`, reading only this rank's slices from a
+    :class:`~megatron_aligndistil.convert.io.TensorStore` (memory: one shard at a time)."""
+    _load(model, store.__contains__, store.shape, store.get_slice, store.path, strict)
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""HF Qwen directory <-> megatron-aligndistil checkpoint directory, streaming.
+
+The Megatron side is a *layout-independent* directory of full (TP1) tensors under Megatron-Core
+names, in sharded safetensors, next to ``qwen_arch.json`` (what the model builder needs), the
+original ``hf_config.json`` and the tokenizer files. Each rank loads only its TP/PP slices
+(``models.sharding.load_from_store``), so one converted checkpoint loads at any layout.
+
+Why not Megatron-Core's ``torch_dist`` format for converted weights: writing it needs the
+sharded state dict of a built model, i.e. the whole model in memory (or a cluster) at conversion
+time; this format is written one tensor at a time, so a 72B checkpoint converts on a 64 GiB host.
+Training checkpoints with optimizer state are a separate concern (the trainer's ``--save``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm import tqdm
+
+from ..models.qwen import ARCH_FILE, QwenArch, read_arch
+from .io import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
+from .mapping import hf_tensor_names, hf_to_megatron, megatron_tensor_count, megatron_to_hf
+
+FORMAT_FILE = "megatron_aligndistil.json"
+FORMAT = {"format": "megatron-full-safetensors", "version": 1}
+HF_CONFIG_COPY = "hf_config.json"
+# copied verbatim both ways so the exported directory tokenizes and generates like the original
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                           progress: bool = True) -> str:
+    """Convert an HF Qwen2/Qwen2.5/Qwen3 directory; returns the written directory.
+
+    ``tp``/``pp`` are checked against the model (TP must divide heads and KV groups, PP the
+    layers) and recorded; the checkpoint itself loads at any valid layout.
+    """
+    hf_config = _read_json(os.path.join(hf_path, "config.json"))
+    arch = QwenArch.from_hf_config(hf_config)
+    arch.check_layout(tp, pp)
+    with TensorStore(hf_path) as store:
+        missing = [n for n in hf_tensor_names(arch) if n not in store]
+        if missing:
+            raise CheckpointError(f"{hf_path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        writer = ShardedWriter(save, max_shard_bytes, overwrite)
+        for name, tensor in tqdm(hf_to_megatron(arch, store.get), total=megatron_tensor_count(arch),
+                                 disable=not progress,
+                                 desc="hf -> megatron", unit="tensor"):
+            writer.add(name, tensor)
+    writer.write_json(ARCH_FILE, json.loads(arch.to_json()))
+    writer.write_json(HF_CONFIG_COPY, hf_config)
+    writer.write_json(FORMAT_FILE, dict(FORMAT, converted_for={"tensor_model_parallel_size": tp,
+                                                                "pipeline_model_parallel_size": pp}))
+    for name in SIDE_FILES:
+        if os.path.exists(os.path.join(hf_path, name)):
+            writer.copy_file(os.path.join(hf_path, name))
+    return writer.commit()
+
+
+def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                           overwrite: bool = False, progress: bool = True) -> str:
+    """Export a megatron-aligndistil checkpoint directory to an HF directory that
+    ``AutoModelForCausalLM.from_pretrained`` loads; returns the written directory."""
+    arch = read_arch(load)
+    with TensorStore(load) as store:
+        writer = ShardedWriter(save, max_shard_bytes, overwrite)
+        for name, tensor in tqdm(megatron_to_hf(arch, store.get), total=len(hf_tensor_names(arch)),
+                                 disable=not progress, desc="megatron -> hf", unit="tensor"):
+            writer.add(name, tensor)
+    config_path = os.path.join(load, HF_CONFIG_COPY)
+    writer.write_json("config.json", _read_json(config_path) if os.path.exists(config_path)
+                      else hf_config_from_arch(arch))
+    for name in SIDE_FILES:
+        if os.path.exists(os.path.join(load, name)):
+            writer.copy_file(os.path.join(load, name))
+    return writer.commit()
+
+
+def hf_config_from_arch(arch: QwenArch) -> dict:
+    """A config.json for ``arch`` when the original HF config was not kept."""
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM" if arch.model_type == "qwen2" else "Qwen3ForCausalLM"],
+        "model_type": arch.model_type, "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size, "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.head_dim, "vocab_size": arch.vocab_size,
+        "max_position_embeddings": arch.max_position_embeddings, "rope_theta": arch.rope_theta,
+        "rms_norm_eps": arch.norm_eps, "tie_word_embeddings": arch.tie_word_embeddings,
+        "hidden_act": "silu", "torch_dtype": arch.torch_dtype,
+    }
+    if arch.model_type == "qwen3":
+        cfg["attention_bias"] = arch.qkv_bias
+    return cfg

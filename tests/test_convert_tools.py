@@ -1,0 +1,165 @@
+"""Issue 4: the conversion tools. HF dir -> Megatron dir -> HF dir is bit-exact and loadable by
+transformers; the Megatron dir loads at TP2 PP2 with HF's logits; bad input gets a clear error;
+memory does not grow with model size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_fixtures import save_tiny_hf
+from megatron_aligndistil.models.qwen import QwenArch
+from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.testing import run_distributed
+from test_convert_mapping import megatron_logits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import convert_hf_to_megatron  # noqa: E402
+import convert_megatron_to_hf  # noqa: E402
+
+
+def _safetensors_dir(path):
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("model_type,tied,dtype", [("qwen2", True, torch.bfloat16),
+                                                   ("qwen3", False, torch.float32)])
+def test_round_trip_through_the_tools_is_bit_exact(tmp_path, model_type, tied, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir, mc_dir, out_dir = tmp_path / "hf", tmp_path / "mcore", tmp_path / "export"
+    save_tiny_hf(hf_dir, model_type, tied=tied, dtype=dtype)
+    assert convert_hf_to_megatron.main(["--hf-path", str(hf_dir), "--save", str(mc_dir),
+                                        "--tensor-model-parallel-size", "2",
+                                        "--pipeline-model-parallel-size", "2",
+                                        "--max-shard-size-gb", str(150e3 / 2**30)]) == 0
+    assert (mc_dir / "model.safetensors.index.json").exists()  # sharded output
+    assert not (tmp_path / "mcore.tmp").exists()
+    assert convert_megatron_to_hf.main(["--load", str(mc_dir), "--save", str(out_dir),
+                                        "--max-shard-size-gb", str(100e3 / 2**30)]) == 0
+
+    original, exported = _safetensors_dir(hf_dir), _safetensors_dir(out_dir)
+    assert set(exported) == set(original)
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype == dtype, name
+        assert torch.equal(exported[name], t), name
+    assert json.load(open(out_dir / "config.json")) == json.load(open(hf_dir / "config.json"))
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    tok, ref_tok = AutoTokenizer.from_pretrained(out_dir), AutoTokenizer.from_pretrained(hf_dir)
+    msg = [{"role": "user", "content": "how do I sort a list?"}]
+    assert tok.apply_chat_template(msg, add_generation_prompt=True) == \
+        ref_tok.apply_chat_template(msg, add_generation_prompt=True)
+
+
+def test_converted_checkpoint_loads_at_any_layout_with_hf_logits(tmp_path):
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+
+    hf = save_tiny_hf(tmp_path / "hf", "qwen2", tied=False)
+    out = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mc"), tp=1, pp=1,
+                                 max_shard_bytes=100_000, progress=False)
+    arch = QwenArch.from_json_file(os.path.join(out, "qwen_arch.json"))
+    tokens = torch.randint(0, arch.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    import dataclasses
+
+    results = run_distributed(megatron_logits, 4, args=(dataclasses.asdict(arch), out, tokens),
+                              layout=Layout(tp=2, pp=2))
+    got = [r for r in results if r is not None]
+    assert len(got) == 2
+    for logits in got:
+        torch.testing.assert_close(logits[..., : arch.vocab_size], expected, rtol=0, atol=1e-5)
+
+
+def _cli(tool, *args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", tool), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf(hf_dir, "qwen2")
+    index = json.load(open(hf_dir / "model.safetensors.index.json"))
+    shard = sorted(set(index["weight_map"].values()))[-1]
+
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "a"),
+             "--tensor-model-parallel-size", "4")
+    assert r.returncode == 2 and "KV groups" in r.stderr and "Traceback" not in r.stderr
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep").write_text("x")
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "e"))
+    assert r.returncode == 2 and "overwrite" in r.stderr
+    assert (tmp_path / "e" / "keep").read_text() == "x"
+
+    r = _cli("convert_megatron_to_hf.py", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "f"))
+    assert r.returncode == 2 and "not a checkpoint written by megatron-aligndistil" in r.stderr
+
+    data = (hf_dir / shard).read_bytes()
+    (hf_dir / shard).write_bytes(data[: len(data) // 2])  # truncated download
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "b"))
+    assert r.returncode == 2 and shard in r.stderr and "truncated" in r.stderr
+
+    (hf_dir / shard).unlink()  # missing shard
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "c"))
+    assert r.returncode == 2 and shard in r.stderr and "missing" in r.stderr
+    assert not (tmp_path / "c").exists()  # nothing half-written
+
+    cfg = json.load(open(hf_dir / "config.json"))
+    json.dump(dict(cfg, model_type="qwen2_moe"), open(hf_dir / "config.json", "w"))
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "d"))
+    assert r.returncode == 2 and "qwen2_moe" in r.stderr
+
+
+_MEASURE = r"""
+import sys, threading, time
+from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+base = anon(); peak = [base]; done = [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+t = threading.Thread(target=sample); t.start()
+convert_hf_to_megatron(sys.argv[1], sys.argv[2], max_shard_bytes=4 << 20, progress=False)
+done[0] = True; t.join()
+print(peak[0] - base)
+"""
+
+
+def test_memory_does_not_grow_with_model_size(tmp_path):
+    """Peak anonymous memory of a conversion: 8x the layers must cost < 2x (streaming)."""
+    deltas = {}
+    for layers in (2, 16):
+        hf_dir = tmp_path / f"hf{layers}"
+        save_tiny_hf(hf_dir, "qwen2", num_layers=layers, hidden_size=512, intermediate_size=1536,
+                     max_shard_size="20MB")
+        # glibc: unmap every freed buffer >= 64 KiB, so RSS counts live tensors, not heap slack
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(hf_dir), str(tmp_path / f"mc{layers}")],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        deltas[layers] = int(r.stdout.strip().splitlines()[-1])
+    size_big = sum(f.stat().st_size for f in (tmp_path / "hf16").glob("*.safetensors"))
+    print("peak anonymous memory above start, bytes:", deltas, "model bytes (16 layers):", size_big)
+    assert deltas[16] < 2 * deltas[2], deltas
+    assert deltas[16] < size_big / 3, (deltas, size_big)  # far below the model size

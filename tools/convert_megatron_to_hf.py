@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Export a megatron-aligndistil checkpoint to a Hugging Face directory.
+
+    python tools/convert_megatron_to_hf.py --load ckpt/policy --save hf/policy
+
+Writes config.json, generation_config.json and tokenizer files (when the checkpoint has them) and
+sharded safetensors with an index; ``AutoModelForCausalLM.from_pretrained`` loads the result.
+HF -> Megatron -> HF is bit-exact (names, dtypes, shapes, values).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", required=True, help="megatron-aligndistil checkpoint directory")
+    ap.add_argument("--save", required=True, help="output HF directory")
+    ap.add_argument("--max-shard-size-gb", type=float, default=5.0, help="output shard size (GiB)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --save if it exists")
+    args = ap.parse_args(argv)
+
+    def export():
+        from megatron_aligndistil.convert.hf import convert_megatron_to_hf
+
+        out = convert_megatron_to_hf(args.load, args.save, int(args.max_shard_size_gb * 2**30),
+                                     overwrite=args.overwrite)
+        print(f"wrote {out}")
+
+    return run_tool(export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
