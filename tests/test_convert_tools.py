@@ -163,3 +163,16 @@ def test_memory_does_not_grow_with_model_size(tmp_path):
     print("peak anonymous memory above start, bytes:", deltas, "model bytes (16 layers):", size_big)
     assert deltas[16] < 2 * deltas[2], deltas
     assert deltas[16] < size_big / 3, (deltas, size_big)  # far below the model size
+
+
+def test_export_writes_generation_config_when_the_source_had_none(tmp_path):
+    from transformers import GenerationConfig
+
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron, convert_megatron_to_hf
+
+    save_tiny_hf(tmp_path / "hf", "qwen3")
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    mc = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mc"), progress=False)
+    out = convert_megatron_to_hf(mc, str(tmp_path / "out"), progress=False)
+    assert os.path.exists(os.path.join(out, "generation_config.json"))
+    GenerationConfig.from_pretrained(out)

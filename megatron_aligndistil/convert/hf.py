@@ -81,11 +81,15 @@ def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_
                                  disable=not progress, desc="megatron -> hf", unit="tensor"):
             writer.add(name, tensor)
     config_path = os.path.join(load, HF_CONFIG_COPY)
-    writer.write_json("config.json", _read_json(config_path) if os.path.exists(config_path)
-                      else hf_config_from_arch(arch))
+    config = _read_json(config_path) if os.path.exists(config_path) else hf_config_from_arch(arch)
+    writer.write_json("config.json", config)
     for name in SIDE_FILES:
         if os.path.exists(os.path.join(load, name)):
             writer.copy_file(os.path.join(load, name))
+    if not os.path.exists(os.path.join(load, "generation_config.json")):
+        writer.write_json("generation_config.json", {
+            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
+        } | {"_from_model_config": True})
     return writer.commit()
 
 
