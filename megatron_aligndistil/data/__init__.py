@@ -1,0 +1,1 @@
+"""Tokenized JSONL records (validated), deterministic sampling, and micro-batches with loss masks."""

@@ -1,0 +1,77 @@
+"""A pipeline stage that runs the trained policy and frozen models (teachers / reference) together.
+
+Megatron's schedules move one activation tensor between pipeline stages. This stage packs the
+policy's and the frozen models' hidden states along the batch dimension, ``[s, (1+F)*b, h]``, so
+the frozen models run in lockstep with the policy inside the *same* 1F1B schedule: same
+micro-batch, same stage, no second pipeline. Frozen models run under ``no_grad``; on the last
+stage their logits exist only for the micro-batch being scored and are freed after its loss.
+Backward flows through the policy slice only (the frozen slices of the gradient sent upstream
+are zeros).
+
+Give the schedule ``micro_batch_size * (1 + len(frozen))`` so its p2p buffers fit the packed tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+
+
+class LockstepStage(MegatronModule):
+    """policy + frozen models of one pipeline stage. Only the policy's parameters require grad."""
+
+    def __init__(self, policy, frozen: list):
+        super().__init__(config=policy.config)
+        self.policy = policy
+        self.frozen = torch.nn.ModuleList(frozen)
+        for model in self.frozen:
+            model.requires_grad_(False)
+            model.eval()
+        self.pre_process = policy.pre_process
+        self.post_process = policy.post_process
+        self.model_type = policy.model_type  # read by Megatron's schedules
+        # read by finalize_model_grads (embedding-group all-reduce of the policy's tied weights)
+        self.share_embeddings_and_output_weights = policy.share_embeddings_and_output_weights
+        self._input = None
+
+    @property
+    def num_models(self) -> int:
+        return 1 + len(self.frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for model in self.frozen:
+            model.eval()  # frozen models never leave eval mode
+        return self
+
+    def shared_embedding_or_output_weight(self):
+        return self.policy.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor):
+        """Called by Megatron's schedule with the packed activation received from upstream."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self._input = input_tensor
+
+    def forward(self, tokens, positions, attention_mask=None):
+        """First/middle stages: packed hidden states ``[s, (1+F)*b, h]``. Last stage: a list of
+        logits ``[b, s, V/TP]``, the policy's first (requires grad), then each frozen model's."""
+        if not self.pre_process:
+            parts = self._input.chunk(self.num_models, dim=1)
+            self.policy.set_input_tensor(parts[0])
+            for model, part in zip(self.frozen, parts[1:]):
+                model.set_input_tensor(part.detach())
+        policy_out = self.policy(tokens, positions, attention_mask)
+        with torch.no_grad():
+            frozen_out = [model(tokens, positions, attention_mask) for model in self.frozen]
+        if self.post_process:
+            return [policy_out] + frozen_out
+        return torch.cat([policy_out] + frozen_out, dim=1)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoints hold the policy only (frozen models are loaded from their own paths)."""
+        return self.policy.sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def state_dict(self, *args, **kwargs):
+        return self.policy.state_dict(*args, **kwargs)

@@ -1,0 +1,30 @@
+"""Training: one loop (loop.py) and thin methods (aligndistil.py, dpo.py).
+
+    torchrun --nproc-per-node N -m megatron_aligndistil.train <aligndistil|dpo> [flags]
+"""
+
+METHODS = {}
+
+
+def get_method(name):
+    if name == "aligndistil":
+        from .aligndistil import AlignDistil
+
+        return AlignDistil
+    raise ValueError(f"unknown method {name!r}")
+
+
+def main(argv=None):
+    """Entry point: parse flags, build the trainer, train. User errors: one line, exit code 2."""
+    from ..cli_errors import run_tool
+    from .arguments import parse_args
+
+    args = parse_args(argv)
+
+    def run():
+        from .loop import Trainer
+
+        trainer = Trainer(args, get_method(args.method)(args)).setup()
+        trainer.train()
+
+    return run_tool(run)

@@ -1,0 +1,113 @@
+"""Megatron-style command-line flags -> one argparse namespace, validated with messages naming flags.
+
+    python -m megatron_aligndistil.train <aligndistil|dpo> [flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="iterations (default: one epoch of --data-path)")
+    g.add_argument("--seq-length", type=int, required=True,
+                   help="max model input length; records longer than this + 1 tokens are rejected")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--no-shuffle", action="store_true", help="read records in file order")
+
+    g = p.add_argument_group("optimizer (AdamW)")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="bf16 policy with fp32 master weights; bf16 frozen models")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", required=True, help="tokenized JSONL (SPEC section 3)")
+    g.add_argument("--skip-bad-records", action="store_true",
+                   help="skip and count malformed / out-of-vocab / empty / over-long records instead of failing")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--load", required=True, help="policy: converted checkpoint or a training checkpoint dir")
+    g.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--no-export", action="store_true",
+                   help="skip writing the final policy as a converted checkpoint in <save>/release")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after this many iterations of this run (for tests and job chaining)")
+    g.add_argument("--dry-run", action="store_true", help="parse flags, print the parallel plan, exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_aligndistil.train",
+                                     description="Train with AlignDistil or DPO on Megatron-Core.")
+    sub = parser.add_subparsers(dest="method", required=True)
+
+    a = sub.add_parser("aligndistil", help="token-level distillation from DPO / reverse-DPO teachers")
+    _common(a)
+    g = a.add_argument_group("AlignDistil")
+    g.add_argument("--dpo-load", help="DPO teacher checkpoint")
+    g.add_argument("--rev-load", help="reverse-DPO teacher checkpoint")
+    g.add_argument("--ref-load", help="reference model: the vanilla DPO-reward teacher (Theorem 1) "
+                                      "uses it in the reverse model's place")
+    g.add_argument("--rollout", choices=["off-policy", "on-policy"], default="off-policy")
+    g.add_argument("--r", type=float, default=15.0, help="alpha = r * TVD + eps")
+    g.add_argument("--eps", type=float, default=1e-3)
+    g.add_argument("--beta0", type=float, default=0.1, help="DPO beta of the teachers; weight beta0/alpha")
+    g.add_argument("--token-weight", choices=["beta_t", "none", "constant"], default="beta_t")
+    g.add_argument("--kl-direction", choices=["reverse", "forward"], default="reverse")
+    g.add_argument("--constant-alpha", type=float, default=None, help="fixed alpha instead of r*TVD+eps")
+    g.add_argument("--tvd-without-half", action="store_true",
+                   help="TVD = sum |p_dpo - p_rev| (the released code's), so r means 2r of the paper")
+
+    d = sub.add_parser("dpo", help="DPO (or reverse DPO) against a frozen reference model")
+    _common(d)
+    g = d.add_argument_group("DPO")
+    g.add_argument("--ref-load", help="reference model checkpoint (default: --load)")
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--reverse", action="store_true", help="swap chosen and rejected (reverse DPO)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = []
+    if args.global_batch_size % args.micro_batch_size:
+        errors.append(f"--global-batch-size {args.global_batch_size} is not a multiple of "
+                      f"--micro-batch-size {args.micro_batch_size}")
+    if args.method == "aligndistil":
+        if not args.dpo_load:
+            errors.append("--dpo-load is required (the DPO teacher)")
+        if bool(args.rev_load) == bool(args.ref_load):
+            errors.append("give exactly one of --rev-load (AlignDistil) or --ref-load (vanilla DPO teacher)")
+        if args.ref_load and args.constant_alpha is None:
+            errors.append("--ref-load (vanilla DPO teacher) needs --constant-alpha (= beta0/beta - 1)")
+    if not 0 <= args.lr_warmup_fraction < 1:
+        errors.append("--lr-warmup-fraction must be in [0, 1)")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if errors:
+        parser.error("; ".join(errors))
+    return args

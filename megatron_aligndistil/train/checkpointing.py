@@ -1,0 +1,228 @@
+"""Where weights come from and where training state goes.
+
+* Weights of the policy at start and of every frozen model: a converted checkpoint directory
+  (``tools/convert_hf_to_megatron.py``) or a run directory that has one in ``release/``. Loaded
+  slice by slice, at any TP/PP.
+* Training state (``--save``): Megatron-Core distributed checkpoints ``<save>/iter_0000010``
+  holding the policy, the optimizer (``dp_reshardable``: resumable at the same TP/PP, any DP),
+  the LR scheduler, the data position and iteration, plus per-rank RNG states. Written into
+  ``iter_XXXXXXX.tmp`` and renamed when complete; ``latest_checkpointed_iteration.txt`` is replaced
+  atomically afterwards, so a run killed mid-save resumes from the previous checkpoint.
+* At the end, the policy is exported to ``<save>/release`` in the converted format, which
+  ``tools/convert_megatron_to_hf.py`` turns into an HF directory and other runs use as a teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+
+from ..convert.hf import HF_CONFIG_COPY, SIDE_FILES
+from ..convert.io import TensorStore
+from ..models import qwen, sharding
+
+LATEST = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def weights_dir(path: str) -> str:
+    """A converted-format directory: ``path`` itself or ``path/release``."""
+    if os.path.exists(os.path.join(path, qwen.ARCH_FILE)) and not os.path.exists(os.path.join(path, LATEST)):
+        return path  # a converted checkpoint, a release/ export, or a training iter_ directory
+    if os.path.exists(os.path.join(path, RELEASE, qwen.ARCH_FILE)):
+        return os.path.join(path, RELEASE)
+    raise FileNotFoundError(
+        f"{path}: no weights found (expected a converted checkpoint with {qwen.ARCH_FILE}, or a run "
+        f"directory with {RELEASE}/; convert HF weights with tools/convert_hf_to_megatron.py)"
+    )
+
+
+def latest_checkpoint(save: str) -> str | None:
+    """``<save>/iter_XXXXXXX`` named by the latest file, or None (start fresh)."""
+    path = os.path.join(save, LATEST)
+    if not os.path.exists(path):
+        return None
+    it = int(open(path).read().strip())
+    d = os.path.join(save, f"iter_{it:07d}")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{path} names iteration {it} but {d} is missing")
+    return d
+
+
+def _tokenizer_digest(path: str) -> str | None:
+    f = os.path.join(path, "tokenizer.json")
+    return hashlib.sha256(open(f, "rb").read()).hexdigest() if os.path.exists(f) else None
+
+
+def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, role: str) -> None:
+    """The frozen model ``role`` must share the policy's architecture, vocab and tokenizer."""
+    other_dir = weights_dir(other_path)
+    other = qwen.read_arch(other_dir)
+    flag = {"dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}.get(role, role)
+    if other.vocab_size != arch.vocab_size:
+        raise ValueError(f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
+                         f"{arch.vocab_size}; the models must share one vocabulary")
+    if other != arch:
+        diff = {k: (getattr(arch, k), getattr(other, k)) for k in arch.__dataclass_fields__
+                if getattr(arch, k) != getattr(other, k) and k != "torch_dtype"}
+        if diff:
+            raise ValueError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
+    mine, theirs = _tokenizer_digest(weights_dir(policy_path)), _tokenizer_digest(other_dir)
+    if mine and theirs and mine != theirs:
+        raise ValueError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
+
+
+def load_weights(model, path: str) -> None:
+    with TensorStore(weights_dir(path)) as store:
+        sharding.load_from_store(model, store)
+
+
+def write_run_files(args, arch: qwen.QwenArch, load: str) -> None:
+    """Rank 0: the run directory describes itself (args, architecture, tokenizer for export)."""
+    os.makedirs(args.save, exist_ok=True)
+    with open(os.path.join(args.save, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+    with open(os.path.join(args.save, qwen.ARCH_FILE), "w") as f:
+        f.write(arch.to_json())
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def save_training_state(save: str, iteration: int, consumed: int, stage, optimizer, scheduler) -> str:
+    """Collective: write ``<save>/iter_XXXXXXX`` atomically and point the latest file at it."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(save, f"iter_{iteration:07d}")
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_sd = stage.policy.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_METADATA),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "consumed_samples": consumed,
+    }
+    dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save({"world": torch.distributed.get_world_size(), "state": _rng_state()},
+               os.path.join(tmp, "rng", f"rank{_rank():05d}.pt"))
+    _barrier()
+    if _rank() == 0:
+        shutil.copy(os.path.join(save, qwen.ARCH_FILE), os.path.join(tmp, qwen.ARCH_FILE))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(save, LATEST + ".tmp"), "w") as f:
+            f.write(str(iteration))
+        os.replace(os.path.join(save, LATEST + ".tmp"), os.path.join(save, LATEST))
+    _barrier()
+    return final
+
+
+@torch.no_grad()
+def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
+    """Collective: restore policy, optimizer, scheduler (and RNG when the world size matches)."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = stage.policy.sharded_state_dict()
+    template = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_METADATA),
+    }
+    state = dist_checkpointing.load(template, ckpt_dir)
+    stage.policy.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = os.path.join(ckpt_dir, "rng", f"rank{_rank():05d}.pt")
+    if os.path.exists(rng):
+        saved = torch.load(rng, weights_only=False)
+        if saved["world"] == torch.distributed.get_world_size():
+            _set_rng_state(saved["state"])
+    return {"iteration": int(state["iteration"]), "consumed_samples": int(state["consumed_samples"])}
+
+
+@torch.no_grad()
+def export_release(policy, arch: qwen.QwenArch, load: str, out: str) -> None:
+    """Collective: write the policy in the converted format to ``out`` (loadable at any layout,
+    exportable to HF). Each pipeline stage's TP-rank-0/DP-rank-0 gathers and writes its own
+    tensors, one at a time; rank 0 writes the index and publishes the directory atomically."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
+                   and parallel_state.get_data_parallel_rank() == 0)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    tmp = out + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    tensors = {}
+    for local_name, param in policy.named_parameters():
+        name = sharding.full_name(policy, local_name)
+        if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
+            continue  # tied copy on the last stage: the first stage writes the embedding
+        t = param.detach().contiguous()
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            torch.distributed.all_gather(parts, t, group=tp_group)
+        else:
+            parts = [t]
+        if writer_rank:
+            tensors[name] = sharding.unshard(name, parts, param).to(getattr(torch, arch.torch_dtype)).cpu()
+    weight_map = {}
+    if writer_rank and tensors:
+        from safetensors.torch import save_file
+
+        fname = f"model-stage{stage:03d}.safetensors"
+        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+        weight_map = {k: fname for k in tensors}
+    maps = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(maps, weight_map)
+    if _rank() == 0:
+        merged = {k: v for m in maps for k, v in (m or {}).items()}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": dict(sorted(merged.items()))}, f, indent=2)
+        with open(os.path.join(tmp, qwen.ARCH_FILE), "w") as f:
+            f.write(arch.to_json())
+        src = weights_dir(load)
+        for name in (HF_CONFIG_COPY,) + SIDE_FILES:
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    _barrier()

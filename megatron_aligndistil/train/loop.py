@@ -1,0 +1,277 @@
+"""The one training loop shared by every method (AlignDistil, DPO): models, schedule, optimizer,
+LR schedule, clipping, checkpoints, metrics. A method (``train/aligndistil.py``, ``train/dpo.py``)
+only says which frozen models it needs, how records become micro-batches, and the loss.
+
+Reduction: a method's loss function returns, per micro-batch, the *sum* over its sequences of each
+sequence's loss and the number of sequences. Megatron's schedule (``calculate_per_token_loss``)
+then divides the gradients by the number of sequences of the whole global batch (all micro-batches
+and DP ranks), so the optimised loss is the mean over the global batch of the per-sequence loss,
+whatever the TP/PP/DP/micro-batch layout. The logged loss is reduced the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import parallel, platform
+from ..data.batching import global_batch_indices, padded_length
+from ..data.records import read_jsonl
+from ..models import qwen
+from . import checkpointing
+from .metrics import MetricsWriter
+
+
+@dataclass
+class FrozenSpec:
+    role: str  # e.g. "dpo", "rev", "ref"
+    path: str
+
+
+class Method:
+    """What a training method supplies to :class:`Trainer` (see aligndistil.py, dpo.py)."""
+
+    name = "method"
+    data_kind = "distill"
+    stat_names: tuple = ()  # summed statistics the loss reports besides loss and sequence count
+
+    def __init__(self, args):
+        self.args = args
+
+    def frozen_models(self) -> list[FrozenSpec]:
+        raise NotImplementedError
+
+    def record_length(self, record) -> int:
+        """Model input positions this record needs."""
+        raise NotImplementedError
+
+    def micro_batch(self, records, seq_len: int):
+        """A micro-batch object with ``tokens``/``positions`` ``[b', s]`` for the given records."""
+        raise NotImplementedError
+
+    def loss(self, logits: list, batch, vocab_size: int):
+        """``logits``: policy then frozen models, ``[b', s, V/TP]``. Returns (sum over sequences of
+        the per-sequence loss, differentiable; number of sequences; dict of summed stats)."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict) -> dict:
+        """metrics.jsonl fields from global sums of ``stat_names`` (plus loss, sequences)."""
+        return {}
+
+
+class Trainer:
+    def __init__(self, args, method: Method):
+        self.args = args
+        self.method = method
+        self.layout = parallel.Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                      args.sequence_parallel)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self):
+        from megatron.core import parallel_state
+
+        args = self.args
+        parallel.init_model_parallel(self.layout, seed=args.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        per_step = args.micro_batch_size * self.dp_size
+        if args.global_batch_size % per_step:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"--micro-batch-size {args.micro_batch_size} x data-parallel size {self.dp_size}")
+        self.num_microbatches = args.global_batch_size // per_step
+
+        self.resume_dir = checkpointing.latest_checkpoint(args.save)
+        policy_source = self.resume_dir or args.load
+        self.arch = qwen.read_arch(policy_source)
+        # data first: a bad record fails in seconds, before any model is built
+        self.data = read_jsonl(args.data_path, self.method.data_kind, self.arch.vocab_size,
+                               max_tokens=args.seq_length + 1, skip_bad=args.skip_bad_records)
+        frozen = self.method.frozen_models()
+        for spec in frozen:
+            checkpointing.check_compatible(self.arch, policy_source, spec.path, spec.role)
+        self.config = qwen.transformer_config(
+            self.arch, params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
+            sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
+            recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+        )
+        self.config.calculate_per_token_loss = True
+        self.model = self._build_models(frozen, policy_source)
+        self.optimizer = self._build_optimizer()
+        self.train_iters = args.train_iters or max(1, len(self.data) // args.global_batch_size)
+        self._build_scheduler()
+        self.iteration, self.consumed = 0, 0
+        if self.resume_dir:
+            state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer,
+                                                      self.scheduler)
+            self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
+        self.metrics = MetricsWriter(args.save, args.tensorboard_dir, enabled=torch.distributed.get_rank() == 0,
+                                     resume_iteration=self.iteration)
+        if torch.distributed.get_rank() == 0:
+            checkpointing.write_run_files(args, self.arch, args.load)
+        return self
+
+    def _build_models(self, frozen, policy_source):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        from ..models.lockstep import LockstepStage
+
+        policy = qwen.build_model(self.arch, self.config)
+        frozen_models = [qwen.build_model(self.arch, self.config) for _ in frozen]
+        if not self.resume_dir:
+            checkpointing.load_weights(policy, policy_source)
+        for model, spec in zip(frozen_models, frozen):
+            checkpointing.load_weights(model, spec.path)
+        self.stage = LockstepStage(policy, frozen_models)
+        module = Float16Module(self.config, self.stage) if self.args.bf16 else self.stage
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.args.use_distributed_optimizer,
+        )
+        model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        self.config.no_sync_func = model.no_sync
+        from megatron.core.distributed import finalize_model_grads
+
+        self.config.finalize_model_grads_func = finalize_model_grads
+        return model
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        a = self.args
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
+            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+            clip_grad=a.clip_grad, bf16=a.bf16, params_dtype=torch.float32,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.config.grad_scale_func = optimizer.scale_loss
+        return optimizer
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        a = self.args
+        warmup = int(a.lr_warmup_fraction * self.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters, lr_decay_style=a.lr_decay_style,
+            start_wd=a.weight_decay, end_wd=a.weight_decay, wd_incr_steps=self.train_iters,
+            wd_incr_style="constant",
+        )
+
+    # ---------------------------------------------------------------- one iteration
+    def _local_micro_batches(self):
+        """This DP rank's micro-batches of the next global batch, padded to one length for all."""
+        a = self.args
+        idx = global_batch_indices(len(self.data), self.consumed, a.global_batch_size, a.seed,
+                                   shuffle=not a.no_shuffle)
+        records = [self.data.records[i] for i in idx]
+        multiple = a.tensor_model_parallel_size if a.sequence_parallel else 1
+        seq_len = padded_length([self.method.record_length(r) for r in records], multiple)
+        per_rank = a.global_batch_size // self.dp_size
+        mine = records[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]
+        mbs = a.micro_batch_size
+        return [self.method.micro_batch(mine[i: i + mbs], seq_len) for i in range(0, per_rank, mbs)], seq_len
+
+    def train_step(self):
+        """One optimizer step on the next global batch; returns the metrics of this iteration."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches, seq_len = self._local_micro_batches()
+        stat_names = ("loss", "sequences") + tuple(self.method.stat_names)
+        vocab_size = self.arch.vocab_size
+        method = self.method
+
+        def forward_step(data_iter, model):
+            batch = next(data_iter)
+            kwargs = {"fp32_output": False} if self.args.bf16 else {}
+            out = model(batch.tokens.to(platform.device()), batch.positions.to(platform.device()), None,
+                        **kwargs)
+            if not parallel_state.is_pipeline_last_stage():
+                return out, None
+            policy_logits, frozen_logits = out[0], out[1:]
+
+            def loss_func(policy_out):
+                loss_sum, n_seq, stats = method.loss([policy_out] + list(frozen_logits), batch, vocab_size)
+                frozen_logits.clear()  # teacher logits are released once this micro-batch is scored
+                vec = torch.stack([loss_sum.detach().float(), torch.tensor(float(n_seq))]
+                                  + [stats[k].detach().float() for k in method.stat_names])
+                return loss_sum, torch.tensor(n_seq, dtype=torch.int), {"stats": vec}
+
+            return policy_logits, loss_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+            num_microbatches=len(batches), seq_length=seq_len,
+            micro_batch_size=self.args.micro_batch_size * self.stage.num_models, forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"iteration {self.iteration + 1}: optimizer step failed (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed += self.args.global_batch_size
+
+        vec = torch.zeros(len(stat_names), dtype=torch.float64)
+        if out and parallel_state.get_tensor_model_parallel_rank() == 0:
+            vec = torch.stack([o["stats"] for o in out]).sum(0).double()
+        vec = vec.to(platform.device())
+        torch.distributed.all_reduce(vec)  # sums over DP; ranks off the last stage add zeros
+        sums = dict(zip(stat_names, vec.cpu().tolist()))
+        metrics = {
+            "iteration": self.iteration,
+            "loss": sums["loss"] / max(sums["sequences"], 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "sequences": int(sums["sequences"]),
+        }
+        metrics.update(self.method.metrics(sums))
+        return metrics
+
+    # ---------------------------------------------------------------- the loop
+    def train(self):
+        from tqdm import tqdm
+
+        a = self.args
+        is_rank0 = torch.distributed.get_rank() == 0
+        bar = tqdm(total=self.train_iters, initial=self.iteration, disable=not is_rank0 or a.no_progress,
+                   desc=f"{self.method.name}", unit="it", dynamic_ncols=True)
+        start = time.time()
+        steps_this_run = 0
+        last = None
+        while self.iteration < self.train_iters:
+            t0 = time.time()
+            lr_used = self.optimizer.param_groups[0]["lr"]  # set by the scheduler for this step
+            m = self.train_step()
+            m["lr"] = lr_used
+            m["elapsed_s"] = time.time() - t0
+            m["wall_s"] = time.time() - start
+            self.metrics.write(m)
+            last = m
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            steps_this_run += 1
+            if a.save_interval and self.iteration % a.save_interval == 0:
+                checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.stage,
+                                                  self.optimizer, self.scheduler)
+            if a.exit_interval and steps_this_run >= a.exit_interval:
+                break
+        bar.close()
+        done = self.iteration >= self.train_iters
+        if done:
+            if a.save_interval is None or self.iteration % a.save_interval:
+                checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.stage,
+                                                  self.optimizer, self.scheduler)
+            if not a.no_export:
+                checkpointing.export_release(self.stage.policy, self.arch, a.load, os.path.join(a.save, "release"))
+        self.metrics.close()
+        return last
