@@ -152,11 +152,67 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
     return final
 
 
+def _init_torch_adam_state(optimizer) -> None:
+    """Give torch's (Adam|AdamW) an empty state *with* its ``step`` before loading into it.
+
+    Megatron's DistributedOptimizer reads ``step`` from the inner optimizer's state when it builds
+    the sharded state dict to load into; its own ``init_state_fn`` (for TE/apex Adam) does not
+    create it, so a fresh torch AdamW (the fallback without TE/apex) would fail the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _saved_adam_steps(obj) -> set:
+    """Every ``step`` under a ``param_groups`` list of a (possibly chained) optimizer state dict."""
+    steps = set()
+    if isinstance(obj, dict):
+        for group in obj.get("param_groups", []) if isinstance(obj.get("param_groups"), list) else []:
+            if "step" in group:
+                steps.add(float(group["step"]))
+        for value in obj.values():
+            steps |= _saved_adam_steps(value)
+    return steps
+
+
+def _restore_adam_steps(optimizer, saved_state) -> None:
+    """Set torch-Adam's per-parameter ``step`` from the checkpoint, one tensor per parameter.
+
+    With torch's AdamW (no TE/apex) Megatron's DistributedOptimizer stores the step in its
+    param groups, but its ``dp_reshardable`` parameter-state load then copies the *template's*
+    step (0) back over it, and its ``load_state_dict`` would share one step tensor between all
+    parameters (torch increments each in place). Either corrupts Adam's bias correction after a
+    resume, so the step is restored here explicitly.
+    """
+    steps = _saved_adam_steps(saved_state)
+    if not steps:
+        return
+    if len(steps) != 1:
+        raise RuntimeError(f"optimizer checkpoint holds several Adam steps {sorted(steps)}")
+    step = steps.pop()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 @torch.no_grad()
 def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
     """Collective: restore policy, optimizer, scheduler (and RNG when the world size matches)."""
     from megatron.core import dist_checkpointing
 
+    _init_torch_adam_state(optimizer)
     model_sd = stage.policy.sharded_state_dict()
     template = {
         "model": model_sd,
@@ -165,6 +221,7 @@ def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
     state = dist_checkpointing.load(template, ckpt_dir)
     stage.policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = os.path.join(ckpt_dir, "rng", f"rank{_rank():05d}.pt")
     if os.path.exists(rng):

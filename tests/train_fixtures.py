@@ -1,0 +1,46 @@
+"""A tiny AlignDistil setup on disk: three converted random Qwen2 models and tokenized data."""
+
+import json
+import os
+
+import torch
+
+from hf_fixtures import save_tiny_hf
+
+
+def make_distill_data(path, n=24, vocab=1001, seed=0, max_prompt=8, max_response=9):
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = torch.randint(0, vocab, (int(torch.randint(2, max_prompt, (1,), generator=g)),), generator=g)
+            r = torch.randint(0, vocab, (int(torch.randint(1, max_response, (1,), generator=g)),), generator=g)
+            f.write(json.dumps({"prompt_ids": p.tolist(), "response_ids": r.tolist()}) + "\n")
+    return path
+
+
+def make_aligndistil_setup(root, tied=False):
+    """Returns {"policy"|"dpo"|"rev": converted dir, "hf_*": HF dir, "data": jsonl}."""
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+
+    out = {}
+    for seed, role in enumerate(("policy", "dpo", "rev")):
+        hf_dir = os.path.join(root, f"hf_{role}")
+        save_tiny_hf(hf_dir, "qwen2", tied=tied, seed=seed)
+        out[f"hf_{role}"] = hf_dir
+        out[role] = convert_hf_to_megatron(hf_dir, os.path.join(root, role), progress=False)
+    out["data"] = make_distill_data(os.path.join(root, "data.jsonl"))
+    return out
+
+
+def aligndistil_argv(setup, save, *extra, iters=5):
+    return ["aligndistil", "--load", setup["policy"], "--dpo-load", setup["dpo"], "--rev-load", setup["rev"],
+            "--data-path", setup["data"], "--save", save, "--global-batch-size", "8",
+            "--micro-batch-size", "2", "--seq-length", "24", "--lr", "1e-3", "--min-lr", "1e-4",
+            "--lr-warmup-fraction", "0.2", "--train-iters", str(iters), "--no-progress", *extra]
+
+
+def run_train(argv):
+    """Inside a run_distributed rank: the training entry point; returns its exit code."""
+    from megatron_aligndistil.train import main
+
+    return main(argv)
