@@ -85,3 +85,29 @@ def test_kill_and_resume_continues_the_same_trajectory(setup, tmp_path):
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in full], rel=1e-6)
     assert [m["lr"] for m in resumed] == pytest.approx([m["lr"] for m in full], rel=1e-9)
     assert os.path.exists(os.path.join(save, "release", "qwen_arch.json"))
+
+
+def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from megatron_aligndistil.models.qwen import QwenArch
+    from megatron_aligndistil.train.checkpointing import check_compatible
+
+    bad = tmp_path / "bad.jsonl"
+    lines = open(setup["data"]).read().splitlines()
+    lines[3] = json.dumps({"prompt_ids": [1, 2], "response_ids": [5000]})
+    bad.write_text("\n".join(lines) + "\n")
+    argv = aligndistil_argv(dict(setup, data=str(bad)), str(tmp_path / "run"))
+    r = subprocess.run([sys.executable, "-m", "megatron_aligndistil.train", *argv], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{bad}:4:" in r.stderr and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(setup["dpo"], other)
+    arch = QwenArch.from_json_file(os.path.join(setup["policy"], "qwen_arch.json"))
+    (other / "qwen_arch.json").write_text(dataclasses.replace(arch, vocab_size=2000).to_json())
+    with pytest.raises(ValueError, match="--dpo-load .* vocab_size 2000 differs"):
+        check_compatible(arch, setup["policy"], str(other), "dpo")
