@@ -3,14 +3,15 @@
     torchrun --nproc-per-node N -m megatron_aligndistil.train <aligndistil|dpo> [flags]
 """
 
-METHODS = {}
-
-
 def get_method(name):
     if name == "aligndistil":
         from .aligndistil import AlignDistil
 
         return AlignDistil
+    if name == "sft":
+        from .sft import SFT
+
+        return SFT
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tvd-without-half", action="store_true",
                    help="TVD = sum |p_dpo - p_rev| (the released code's), so r means 2r of the paper")
 
+    s = sub.add_parser("sft", help="supervised fine-tuning on response tokens (the step-time baseline)")
+    _common(s)
+
     d = sub.add_parser("dpo", help="DPO (or reverse DPO) against a frozen reference model")
     _common(d)
     g = d.add_argument_group("DPO")
