@@ -12,9 +12,11 @@ the shims below, once per process, so the *same* Megatron code paths run with gl
 * the CUDA RNG used by Megatron's RNG tracker is the CPU default generator
   (``torch.cuda.get_rng_state``/``set_rng_state``/``manual_seed`` and the tracker's private
   ``_get_cuda_rng_state``/``_set_cuda_rng_state``);
-* a global :class:`torch.overrides.TorchFunctionMode` rewrites ``device="cuda"`` in tensor
-  factories and ``Tensor.cuda()``/``Tensor.to("cuda")`` to the CPU, and makes ``Tensor.type()``
-  (no argument) report the ``torch.cuda.*Tensor`` name Megatron's optimizers check for.
+* the tensor factories in the ``torch`` namespace (``torch.zeros``, ``torch.empty``, ...) map
+  ``device="cuda"`` to the CPU; ``Tensor.cuda()`` returns the tensor, ``Tensor.to("cuda")`` stays
+  on the CPU, and ``Tensor.type()`` (no argument) reports the ``torch.cuda.*Tensor`` name
+  Megatron's optimizers check for. (Plain wrappers, not a TorchFunctionMode: a mode is switched
+  off inside ``autograd.Function``s such as activation recompute, where Megatron also allocates.)
 
 Nothing here changes numerics: every shim only changes *where* a tensor lives. Tests in
 ``tests/test_platform.py`` cover each shim; on a CUDA machine they assert that nothing is patched.
@@ -88,38 +90,50 @@ class _CpuStream:
         return True
 
 
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Routes CUDA placement requests to the CPU; everything else passes through unchanged."""
+def _cpu_factory(fn):
+    """Wrap a tensor factory so ``device="cuda..."`` lands on the CPU."""
 
-    def __init__(self):
-        super().__init__()
-        self._factories = {getattr(torch, n) for n in _FACTORY_NAMES if hasattr(torch, n)}
-        self._type_names = {
-            torch.float32: "torch.cuda.FloatTensor",
-            torch.float16: "torch.cuda.HalfTensor",
-            torch.bfloat16: "torch.cuda.BFloat16Tensor",
-        }
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._factories:
-            if _is_cuda_device(kwargs.get("device")):
-                kwargs = dict(kwargs, device="cpu")
-        elif func is torch.Tensor.cuda:
-            return args[0]
-        elif func is torch.Tensor.to:
-            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-                kwargs = dict(kwargs, device="cpu")
-            if len(args) > 1 and _is_cuda_device(args[1]):
-                args = (args[0], "cpu") + tuple(args[2:])
-        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = self._type_names.get(args[0].dtype)
+    factory.__wrapped__ = fn
+    return factory
+
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _patch_tensor_methods() -> None:
+    """``Tensor.cuda()`` -> self, ``Tensor.to("cuda")`` -> CPU, ``Tensor.type()`` -> cuda name."""
+    orig_to, orig_type = torch.Tensor.to, torch.Tensor.type
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = ("cpu",) + tuple(args[1:])
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return orig_to(self, *args, **kwargs)
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = _CUDA_TYPE_NAMES.get(self.dtype)
             if name is not None:
                 return name
-        return func(*args, **kwargs)
+            return orig_type(self)
+        return orig_type(self, dtype, non_blocking, **kwargs)
 
-
-_MODE: _CudaToCpuMode | None = None
+    torch.Tensor.cuda = cuda
+    torch.Tensor.to = to
+    torch.Tensor.type = type_
 
 
 class _TrackerWarningFilter(logging.Filter):
@@ -143,7 +157,7 @@ def _cpu_manual_seed(seed):
 
 def install_cpu_shims() -> bool:
     """Install the CPU routing (idempotent). Returns True if shims are active, False on CUDA."""
-    global _INSTALLED, _MODE
+    global _INSTALLED
     if has_cuda():
         return False
     if _INSTALLED:
@@ -172,8 +186,10 @@ def install_cpu_shims() -> bool:
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     logging.getLogger(mcore_random.__name__).addFilter(_TrackerWarningFilter())
 
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()  # stays active for the life of the process
+    for name in _FACTORY_NAMES:
+        if hasattr(torch, name):
+            setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    _patch_tensor_methods()
     _INSTALLED = True
     return True
 

@@ -27,6 +27,16 @@ def _shim_checks():
     out["to_cuda"] = str(torch.ones(2).to("cuda").device)
     out["type_name"] = torch.ones(1).type()
     out["type_convert"] = torch.ones(1).type(torch.float64).dtype  # with an argument: untouched
+    class AllocatesInside(torch.autograd.Function):  # e.g. Megatron's activation recompute
+        @staticmethod
+        def forward(ctx, x):
+            return x + torch.ones(1, device="cuda")
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    out["inside_function"] = str(AllocatesInside.apply(torch.zeros(2, requires_grad=True)).device)
     torch.cuda.synchronize()
     torch.cuda.current_stream().wait_stream(torch.cuda.current_stream())
     # RNG tracker: forked region has its own reproducible stream; default stream resumes after it
@@ -52,6 +62,7 @@ def test_cpu_shims_route_cuda_calls_to_cpu():
     for r in (r0, r1):
         assert r["current_device"] == "cpu"
         assert r["zeros"] == r["empty_dev"] == r["tensor_cuda"] == r["to_cuda"] == "cpu"
+        assert r["inside_function"] == "cpu"
         assert r["type_name"] == "torch.cuda.FloatTensor"
         assert r["type_convert"] == torch.float64
         assert r["default_stream_untouched"] and r["fork_advances"]

@@ -54,6 +54,8 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         "tp2pp2": _train(setup, tmp_path, "tp2pp2", 4, "--tensor-model-parallel-size", "2",
                          "--pipeline-model-parallel-size", "2"),
         "dp2": _train(setup, tmp_path, "dp2", 2, "--use-distributed-optimizer"),
+        "tp2_sp_recompute": _train(setup, tmp_path, "tp2sp", 2, "--tensor-model-parallel-size", "2",
+                                   "--sequence-parallel", "--recompute-granularity", "full"),
     }
     for name, metrics in runs.items():
         assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5], name
@@ -63,7 +65,7 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         assert metrics[0]["loss"] == pytest.approx(ref_loss, rel=1e-4), name
     base = [m["loss"] for m in runs["tp1pp1"]]
     assert base[-1] < base[0]  # it learns
-    for name in ("tp2pp2", "dp2"):
+    for name in ("tp2pp2", "dp2", "tp2_sp_recompute"):
         assert [m["loss"] for m in runs[name]] == pytest.approx(base, rel=1e-4), name
         assert [m["tokens"] for m in runs[name]] == [m["tokens"] for m in runs["tp1pp1"]]
 
@@ -111,3 +113,11 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
     (other / "qwen_arch.json").write_text(dataclasses.replace(arch, vocab_size=2000).to_json())
     with pytest.raises(ValueError, match="--dpo-load .* vocab_size 2000 differs"):
         check_compatible(arch, setup["policy"], str(other), "dpo")
+
+
+def test_bf16_follows_the_fp32_trajectory(setup, tmp_path):
+    """bf16 policy (fp32 master weights) and bf16 teachers: same path on CPU as on GPU."""
+    fp32 = _train(setup, tmp_path, "fp32", 1, iters=3)
+    bf16 = _train(setup, tmp_path, "bf16", 2, "--bf16", "--tensor-model-parallel-size", "2", iters=3)
+    assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in fp32], rel=2e-2)
+    assert [m["loss"] for m in bf16] != [m["loss"] for m in fp32]  # it really ran in bf16
