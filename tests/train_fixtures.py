@@ -44,3 +44,23 @@ def run_train(argv):
     from megatron_aligndistil.train import main
 
     return main(argv)
+
+
+def make_dpo_data(path, n=16, vocab=1001, seed=1):
+    """Pairs whose chosen responses come from a low-id 'style' and rejected from a high-id one,
+    so a model can learn the preference quickly."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = torch.randint(0, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+            c = torch.randint(0, vocab // 2, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+            r = torch.randint(vocab // 2, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+            f.write(json.dumps({"prompt_ids": p.tolist(), "chosen_ids": c.tolist(),
+                                "rejected_ids": r.tolist()}) + "\n")
+    return path
+
+
+def dpo_argv(setup, save, *extra, iters=4):
+    return ["dpo", "--load", setup["policy"], "--data-path", setup["pairs"], "--save", save,
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "16", "--lr", "2e-3",
+            "--train-iters", str(iters), "--no-progress", "--dpo-beta", "0.1", *extra]

@@ -8,6 +8,10 @@ def get_method(name):
         from .aligndistil import AlignDistil
 
         return AlignDistil
+    if name == "dpo":
+        from .dpo import DPO
+
+        return DPO
     if name == "sft":
         from .sft import SFT
 

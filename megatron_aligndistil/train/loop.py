@@ -37,6 +37,7 @@ class Method:
 
     name = "method"
     data_kind = "distill"
+    sequences_per_record = 1  # sequences a record puts in a micro-batch (DPO: chosen + rejected)
     stat_names: tuple = ()  # summed statistics the loss reports besides loss and sequence count
 
     def __init__(self, args):
@@ -54,8 +55,9 @@ class Method:
         raise NotImplementedError
 
     def loss(self, logits: list, batch, vocab_size: int):
-        """``logits``: policy then frozen models, ``[b', s, V/TP]``. Returns (sum over sequences of
-        the per-sequence loss, differentiable; number of sequences; dict of summed stats)."""
+        """``logits``: policy then frozen models, ``[b', s, V/TP]``. Returns (sum over the batch's
+        examples of the per-example loss, differentiable; number of examples; dict of summed
+        stats). An example is a sequence (AlignDistil, SFT) or a preference pair (DPO)."""
         raise NotImplementedError
 
     def metrics(self, sums: dict) -> dict:
@@ -213,7 +215,8 @@ class Trainer:
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
             num_microbatches=len(batches), seq_length=seq_len,
-            micro_batch_size=self.args.micro_batch_size * self.stage.num_models, forward_only=False,
+            micro_batch_size=self.args.micro_batch_size * self.method.sequences_per_record * self.stage.num_models,
+            forward_only=False,
         )
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:

@@ -1,0 +1,77 @@
+"""Forward-only evaluation with the trainer's models and schedule: response-level reward accuracy.
+
+The paper's Table 2 measure on held-out preference pairs: for a DPO model pi and a reference r,
+the implicit reward of a response is ``beta * (log pi(y|x) - log r(y|x))`` (summed over response
+tokens); accuracy is the share of pairs whose chosen response gets the higher reward. With the
+reverse-DPO model as r it is the *contrastive* reward AlignDistil's teacher is built from.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .. import parallel, platform
+from ..data.records import read_jsonl
+from ..models import qwen
+from . import checkpointing
+from .dpo import DPO
+
+
+@torch.no_grad()
+def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float = 0.1, tp: int = 1,
+                    pp: int = 1, micro_batch_size: int = 4, max_tokens: int | None = None,
+                    skip_bad: bool = False) -> dict:
+    """Collective over all ranks (any TP/PP; the rest is DP). Returns the same dict on every rank."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..models.lockstep import LockstepStage
+
+    parallel.init_model_parallel(parallel.Layout(tp, pp))
+    arch = qwen.read_arch(checkpointing.weights_dir(model_path))
+    checkpointing.check_compatible(arch, model_path, ref_path, "ref")
+    data = read_jsonl(data_path, "dpo", arch.vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
+    config = qwen.transformer_config(arch)
+    models = []
+    for path in (model_path, ref_path):
+        model = qwen.build_model(arch, config)
+        checkpointing.load_weights(model, path)
+        models.append(model)
+    stage = LockstepStage(models[0], models[1:]).eval()
+    method = DPO(SimpleNamespace(reverse=False, dpo_beta=beta, ref_load=ref_path, load=model_path))
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = data.records[dp_rank::dp_size]
+    sums = torch.zeros(4, dtype=torch.float64)  # pairs, correct, chosen reward, rejected reward
+    for i in range(0, len(mine), micro_batch_size):
+        records = mine[i: i + micro_batch_size]
+        seq_len = max(method.record_length(r) for r in records)
+        batch = method.micro_batch(records, seq_len)
+
+        def forward_step(data_iter, model, batch=batch):
+            next(data_iter)
+            out = model(batch.tokens.to(platform.device()), batch.positions.to(platform.device()), None)
+            if not parallel_state.is_pipeline_last_stage():
+                return out, None
+
+            def loss_func(policy_out):
+                _, n, stats = method.loss([policy_out] + out[1:], batch, arch.vocab_size)
+                return torch.zeros(()), {"stats": torch.tensor([n, float(stats["correct"]),
+                                                                float(stats["chosen_reward"]),
+                                                                float(stats["rejected_reward"])])}
+
+            return out[0], loss_func
+
+        res = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([0]), model=[stage], num_microbatches=1,
+            seq_length=seq_len, micro_batch_size=len(records) * 2 * stage.num_models, forward_only=True,
+        )
+        if res and parallel_state.get_tensor_model_parallel_rank() == 0:
+            sums += res[0]["stats"].double()
+    sums = sums.to(platform.device())
+    torch.distributed.all_reduce(sums)
+    n, correct, chosen, rejected = sums.cpu().tolist()
+    return {"pairs": int(n), "reward_accuracy": correct / max(n, 1), "chosen_reward": chosen / max(n, 1),
+            "rejected_reward": rejected / max(n, 1), "margin": (chosen - rejected) / max(n, 1)}
