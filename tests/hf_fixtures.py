@@ -27,35 +27,11 @@ def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.f
     return model.to(dtype).eval()
 
 
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+def tiny_tokenizer(vocab_size=300):
+    """A byte-level BPE tokenizer with Qwen's chat special tokens (see data/synthetic.py)."""
+    from megatron_aligndistil.data.synthetic import corpus, preference_records, train_tokenizer
 
-
-def tiny_tokenizer(vocab_size=300, seed_text=None):
-    """A byte-level BPE tokenizer trained on a few sentences, with Qwen's chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = seed_text or [
-        "The quick brown fox jumps over the lazy dog.",
-        "Alignment as token-level distillation from a contrastive teacher.",
-        "Please answer the question helpfully and honestly.",
-        "user assistant system: how do I sort a list in Python? Use sorted(x).",
-    ] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = QWEN_CHAT_TEMPLATE
-    return fast
+    return train_tokenizer(corpus(preference_records(64)), vocab_size=vocab_size)
 
 
 def save_tiny_hf(path, model_type="qwen2", tied=False, dtype=torch.float32, max_shard_size="200KB", **kw):

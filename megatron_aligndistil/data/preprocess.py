@@ -1,0 +1,139 @@
+"""Text preference data (UltraFeedback-binarized layout) -> tokenized JSONL (SPEC section 3).
+
+For each record the tokenizer's chat template renders the conversation; the prompt is everything
+up to and including the generation prompt (``<|im_start|>assistant\\n`` for Qwen), the response is
+the rest up to and including the end-of-turn token (``<|im_end|>``). Prompt and response are
+tokenized separately, as generation sees them, so ``decode(prompt_ids + response_ids)`` is the
+chat-formatted text. Bad records (missing field, empty turn, wrong roles, chosen and rejected
+with different prompts) are reported with their index and dropped (``strict`` raises instead);
+records over the length limits are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class RecordError(ValueError):
+    pass
+
+
+@dataclass
+class Report:
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)  # (index, reason) of the first problems
+
+    def add_drop(self, index: int, reason: str):
+        self.dropped[reason.split(":")[0]] += 1
+        if len(self.examples) < 20:
+            self.examples.append((index, reason))
+
+    def summary(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
+                "first_problems": [f"record {i}: {r}" for i, r in self.examples]}
+
+
+def load_records(source: str, split: str = "train_prefs"):
+    """Records from a local JSON/JSONL/Parquet file, a ``save_to_disk`` directory, or a hub name."""
+    if os.path.isfile(source):
+        if source.endswith((".jsonl", ".json")):
+            with open(source) as f:
+                head = f.read(1)
+                f.seek(0)
+                if head == "[":
+                    return json.load(f)
+                return [json.loads(line) for line in f if line.strip()]
+        import datasets
+
+        return datasets.load_dataset("parquet", data_files=source, split="train")
+    import datasets
+
+    if os.path.isdir(source):
+        ds = datasets.load_from_disk(source)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(source, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized
+
+
+def _check_conversation(messages, name: str):
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise RecordError(f"field {name!r} must be a list of at least 2 messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RecordError(f"field {name!r} message {i} lacks 'role' or 'content'")
+        if not str(m["content"]).strip():
+            raise RecordError(f"empty turn: field {name!r} message {i} ({m['role']}) is empty")
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if body != expected[: len(body)] or body[-1] != "assistant":
+        raise RecordError(f"wrong roles: field {name!r} has roles {roles} (want [system,] user, assistant, ..., "
+                          "ending with assistant)")
+
+
+def split_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) of a conversation whose last turn is the response."""
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise RecordError("chat template: the full conversation does not start with the prompt rendering")
+    response_text = full_text[len(prompt_text):]
+    eot = tokenizer.eos_token
+    cut = response_text.rfind(eot)
+    if cut < 0:
+        raise RecordError(f"chat template: the response does not end with the end-of-turn token {eot!r}")
+    response_text = response_text[: cut + len(eot)]
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    return prompt_ids, response_ids
+
+
+def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 1024,
+               max_length: int = 2048, strict: bool = False, progress: bool = True) -> Report:
+    """Write ``<prefix>_pairs.jsonl`` (DPO), ``<prefix>_chosen.jsonl`` (off-policy distillation/SFT)
+    and ``<prefix>_prompts.jsonl`` (on-policy). Returns the report (also ``<prefix>_report.json``)."""
+    from tqdm import tqdm
+
+    report = Report()
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    paths = {k: f"{output_prefix}_{k}.jsonl" for k in ("pairs", "chosen", "prompts")}
+    files = {k: open(p + ".tmp", "w") for k, p in paths.items()}
+    try:
+        for index, rec in enumerate(tqdm(records, disable=not progress, desc="tokenize", unit="rec")):
+            report.total += 1
+            try:
+                for key in ("chosen", "rejected"):
+                    if key not in rec or rec[key] is None:
+                        raise RecordError(f"missing field {key!r}")
+                    _check_conversation(rec[key], key)
+                if rec["chosen"][:-1] != rec["rejected"][:-1]:
+                    raise RecordError("chosen and rejected have different prompts")
+                prompt_ids, chosen_ids = split_conversation(tokenizer, rec["chosen"])
+                _, rejected_ids = split_conversation(tokenizer, rec["rejected"])
+                if len(prompt_ids) > max_prompt_length:
+                    raise RecordError(f"prompt too long: {len(prompt_ids)} > {max_prompt_length} tokens")
+                longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+                if longest > max_length:
+                    raise RecordError(f"too long: {longest} > {max_length} tokens")
+            except RecordError as exc:
+                if strict:
+                    raise RecordError(f"record {index}: {exc}") from None
+                report.add_drop(index, str(exc))
+                continue
+            report.kept += 1
+            files["pairs"].write(json.dumps({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
+                                             "rejected_ids": rejected_ids}) + "\n")
+            files["chosen"].write(json.dumps({"prompt_ids": prompt_ids, "response_ids": chosen_ids}) + "\n")
+            files["prompts"].write(json.dumps({"prompt_ids": prompt_ids}) + "\n")
+    finally:
+        for f in files.values():
+            f.close()
+    for k, p in paths.items():
+        os.replace(p + ".tmp", p)
+    with open(f"{output_prefix}_report.json", "w") as f:
+        json.dump(report.summary(), f, indent=2)
+    return report

@@ -1,0 +1,69 @@
+"""Issue 6: preference text -> tokenized JSONL; records decode to the chat-formatted text."""
+
+import json
+
+import pytest
+
+from hf_fixtures import tiny_tokenizer
+from megatron_aligndistil.data.preprocess import RecordError, preprocess
+from megatron_aligndistil.data.synthetic import preference_records
+
+
+def test_records_decode_back_to_the_chat_formatted_text(tmp_path):
+    tok = tiny_tokenizer()
+    records = preference_records(40, seed=5)
+    report = preprocess(records, tok, str(tmp_path / "p"), progress=False)
+    assert report.kept == 40 and report.total == 40
+    pairs = [json.loads(line) for line in open(tmp_path / "p_pairs.jsonl")]
+    chosen = [json.loads(line) for line in open(tmp_path / "p_chosen.jsonl")]
+    prompts = [json.loads(line) for line in open(tmp_path / "p_prompts.jsonl")]
+    assert len(pairs) == len(chosen) == len(prompts) == 40
+    for rec, pair, ch, pr in zip(records, pairs, chosen, prompts):
+        text = tok.apply_chat_template(rec["chosen"], tokenize=False)
+        assert tok.decode(pair["prompt_ids"] + pair["chosen_ids"]) == text.rstrip("\n")
+        assert tok.decode(pair["prompt_ids"] + pair["rejected_ids"]) == \
+            tok.apply_chat_template(rec["rejected"], tokenize=False).rstrip("\n")
+        assert tok.decode(pair["prompt_ids"]).endswith("<|im_start|>assistant\n")
+        assert pair["chosen_ids"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert ch == {"prompt_ids": pair["prompt_ids"], "response_ids": pair["chosen_ids"]}
+        assert pr == {"prompt_ids": pair["prompt_ids"]}
+
+
+def test_bad_records_are_reported_with_their_index(tmp_path):
+    tok = tiny_tokenizer()
+    good = preference_records(3, seed=1)
+    missing = {"prompt": "x", "chosen": good[0]["chosen"]}
+    empty = {"prompt": "x", "chosen": [good[0]["chosen"][0], {"role": "assistant", "content": "  "}],
+             "rejected": good[0]["rejected"]}
+    roles = {"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+             "rejected": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "c"}]}
+    long = dict(good[1], chosen=[good[1]["chosen"][0], {"role": "assistant", "content": "word " * 400}])
+    records = [good[0], missing, empty, roles, long, good[2]]
+    report = preprocess(records, tok, str(tmp_path / "p"), max_length=200, progress=False)
+    assert report.kept == 2
+    problems = dict(report.examples)
+    assert "missing field 'rejected'" in problems[1]
+    assert "empty turn" in problems[2]
+    assert "wrong roles" in problems[3]
+    assert "too long" in problems[4]
+    assert json.load(open(tmp_path / "p_report.json"))["dropped"] == {
+        "missing field 'rejected'": 1, "empty turn": 1, "wrong roles": 1, "too long": 1}
+    with pytest.raises(RecordError, match="record 1: missing field"):
+        preprocess(records, tok, str(tmp_path / "q"), strict=True, progress=False)
+
+
+def test_preprocess_tool_reads_a_saved_dataset(tmp_path):
+    import os
+    import sys
+
+    import datasets
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import preprocess_data
+
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(preference_records(12))}).save_to_disk(
+        str(tmp_path / "ds"))
+    tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    assert preprocess_data.main(["--input", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "tok"),
+                                 "--output-prefix", str(tmp_path / "out" / "uf")]) == 0
+    assert sum(1 for _ in open(tmp_path / "out" / "uf_pairs.jsonl")) == 12

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Tokenize preference data (UltraFeedback-binarized layout) into the trainers' JSONL files.
+
+    python tools/preprocess_data.py --input HuggingFaceH4/ultrafeedback_binarized --split train_prefs \\
+        --tokenizer Qwen/Qwen2.5-1.5B-Instruct --output-prefix data/uf
+    python tools/preprocess_data.py --input prefs.jsonl --tokenizer ckpt/policy --output-prefix data/tiny
+
+Writes <prefix>_pairs.jsonl (DPO), <prefix>_chosen.jsonl (off-policy AlignDistil / SFT),
+<prefix>_prompts.jsonl (on-policy) and <prefix>_report.json (kept / dropped with reasons).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, help="JSON/JSONL/Parquet file, save_to_disk dir, or hub name")
+    ap.add_argument("--split", default="train_prefs", help="split of a dataset dict or hub dataset")
+    ap.add_argument("--tokenizer", required=True, help="HF tokenizer dir or hub name (with a chat template)")
+    ap.add_argument("--output-prefix", required=True)
+    ap.add_argument("--max-prompt-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=2048, help="prompt + longest response, tokens")
+    ap.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    args = ap.parse_args(argv)
+
+    def run():
+        from transformers import AutoTokenizer
+
+        from megatron_aligndistil.data.preprocess import RecordError, load_records, preprocess
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if not tokenizer.chat_template:
+            raise ValueError(f"--tokenizer {args.tokenizer} has no chat template")
+        try:
+            report = preprocess(load_records(args.input, args.split), tokenizer, args.output_prefix,
+                                args.max_prompt_length, args.max_length, strict=args.strict)
+        except RecordError as exc:
+            raise ValueError(f"{args.input}: {exc}") from None
+        print(json.dumps(report.summary(), indent=2))
+
+    return run_tool(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
