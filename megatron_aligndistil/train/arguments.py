@@ -94,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse flags. Under torchrun put ``--`` before the method (``-m megatron_aligndistil.train --
+    aligndistil --r 15 ...``): torchrun's own parser rejects ``--r`` as an ambiguous abbreviation."""
+    import sys
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     args = parser.parse_args(argv)
     errors = []
     if args.global_batch_size % args.micro_batch_size:
