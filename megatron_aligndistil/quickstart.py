@@ -200,7 +200,7 @@ class Pipeline:
             "aligndistil_loss_first": ad[0]["loss"], "aligndistil_loss_last": ad[-1]["loss"],
             "aligndistil_kl_first": ad[0]["kl"], "aligndistil_kl_last": ad[-1]["kl"],
             "aligndistil_alpha_mean": sum(m["alpha_mean"] for m in ad) / len(ad),
-            "example_generation": gens[-1],
+            "generations": gens,
         }
         with open(self.path("summary.json"), "w") as f:
             json.dump(out, f, indent=2)
@@ -242,8 +242,9 @@ def main(argv=None) -> int:
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    g = s["example_generation"]
-    print(f"  example: {g['instruction']!r} -> {g['output']!r}")
+    print("  greedy generations (HF transformers, exported models):")
+    for g in s["generations"]:
+        print(f"    {g['generator']:>11} | {g['instruction'][:48]:<48} -> {g['output'][:60]!r}")
     return 0
 
 
