@@ -26,6 +26,13 @@ def main(argv=None):
 
     args = parse_args(argv)
 
+    if args.dry_run:
+        import os
+
+        from .plan import make_plan, print_plan
+
+        return run_tool(lambda: print_plan(make_plan(args, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))))
+
     def run():
         from .loop import Trainer
 

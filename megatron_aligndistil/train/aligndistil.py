@@ -19,6 +19,12 @@ class AlignDistil(Method):
     data_kind = "distill"
     stat_names = ("tokens", "kl", "alpha", "tvd")
 
+    def __init__(self, args):
+        super().__init__(args)
+        if getattr(args, "rollout", "off-policy") != "off-policy":
+            raise ValueError("--rollout on-policy is not implemented yet (sampling under TP/PP is issue 7); "
+                             "use --rollout off-policy")
+
     def frozen_models(self):
         a = self.args
         second = FrozenSpec("rev", a.rev_load) if a.rev_load else FrozenSpec("ref", a.ref_load)

@@ -56,7 +56,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after this many iterations of this run (for tests and job chaining)")
-    g.add_argument("--dry-run", action="store_true", help="parse flags, print the parallel plan, exit")
+    g.add_argument("--dry-run", action="store_true", help="check flags against the model, print the parallel plan, exit")
+    g.add_argument("--world-size", type=int, default=None, help="dry run only: ranks (default: torchrun's WORLD_SIZE)")
+    g.add_argument("--model-config", default=None, help="dry run only: HF config.json when --load is not on this machine")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Qwen2.5-32B-Instruct on 2 nodes (NNODES=2) or 4 nodes (DP doubles) of 8 x 80 GB.
+#   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node0> bash examples/qwen2.5-32b.sh aligndistil
+# Layout: TP8 (within a node, NVLink; 8 KV groups allow TP <= 8) PP2 (64 layers -> 32 per stage)
+# with sequence parallelism and full recompute. Per GPU: policy + 2 teachers bf16 ~12 GB, fp32
+# grads 8 GB, distributed Adam state 24 GB at DP1 (12 GB at DP2 on 4 nodes).
+DEFAULT_NNODES=2
+here=$(cd "$(dirname "$0")" && pwd); source "$here/common.sh"
+MODEL_CONFIG=$here/configs/qwen2.5-32b-instruct.json
+TP=8; PP=2; MBS=1; EXTRA=(--sequence-parallel --recompute-granularity full)
+launch "${1:-aligndistil}"

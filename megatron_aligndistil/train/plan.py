@@ -1,0 +1,61 @@
+"""``--dry-run``: check the flags against the model and the world size, print the parallel plan,
+allocate nothing. Launch scripts are checked with it in CI.
+
+The architecture comes from ``--load`` (``qwen_arch.json`` of a converted checkpoint or run
+directory, or an HF ``config.json`` / directory), or from ``--model-config`` when the weights are
+not on this machine. The world size is torchrun's ``WORLD_SIZE`` or ``--world-size``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..models.qwen import ARCH_FILE, QwenArch
+
+
+def resolve_arch(path: str) -> QwenArch:
+    candidates = [path, os.path.join(path, ARCH_FILE), os.path.join(path, "release", ARCH_FILE),
+                  os.path.join(path, "config.json")]
+    for c in candidates:
+        if os.path.isfile(c):
+            with open(c) as f:
+                obj = json.load(f)
+            return QwenArch(**obj) if "model_type" in obj and "num_layers" in obj else QwenArch.from_hf_config(obj)
+    raise FileNotFoundError(f"{path}: no {ARCH_FILE} or config.json to read the architecture from "
+                            "(give --model-config HF_CONFIG.json for a dry run)")
+
+
+def make_plan(args, world_size: int) -> dict:
+    """Validate the layout and batch flags; return the plan (raises ValueError naming the flag)."""
+    arch = resolve_arch(args.model_config or args.load)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    arch.check_layout(tp, pp)
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+    dp = world_size // (tp * pp)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    frozen = {"aligndistil": 2, "dpo": 1, "sft": 0}[args.method]
+    per_record = 2 if args.method == "dpo" else 1
+    return {
+        "method": args.method, "model_type": arch.model_type, "layers": arch.num_layers,
+        "hidden": arch.hidden_size, "heads": arch.num_attention_heads, "kv_groups": arch.num_query_groups,
+        "vocab": arch.vocab_size, "padded_vocab": arch.padded_vocab_size,
+        "world_size": world_size, "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
+        "layers_per_stage": arch.num_layers // pp, "vocab_per_tp_rank": arch.padded_vocab_size // tp,
+        "frozen_models_in_lockstep": frozen,
+        "micro_batches_per_step": args.global_batch_size // (args.micro_batch_size * dp),
+        "sequences_per_p2p_tensor": args.micro_batch_size * per_record * (1 + frozen),
+        "sequence_parallel": args.sequence_parallel, "recompute": args.recompute_granularity,
+        "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
+        "seq_length": args.seq_length,
+    }
+
+
+def print_plan(plan: dict) -> None:
+    width = max(len(k) for k in plan)
+    print("parallel plan (dry run, nothing allocated):")
+    for k, v in plan.items():
+        print(f"  {k:<{width}}  {v}")

@@ -1,0 +1,31 @@
+"""Issue 8 (part): every launch recipe passes --dry-run for every method; bad layouts are refused."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = ["qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b"]
+METHODS = ["dpo", "rev", "aligndistil", "aligndistil-onpolicy"]
+
+
+def _dry(recipe, method, **env):
+    venv_bin = os.path.dirname(sys.executable)
+    e = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore", PATH=venv_bin + os.pathsep + os.environ["PATH"], **env)
+    return subprocess.run(["bash", os.path.join(REPO, "examples", f"{recipe}.sh"), method], capture_output=True,
+                          text=True, env=e, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_pass_dry_run(recipe):
+    for method in METHODS:
+        r = _dry(recipe, method)
+        assert r.returncode == 0, (method, r.stderr[-1500:])
+        assert "parallel plan (dry run, nothing allocated)" in r.stdout
+
+
+def test_dry_run_refuses_a_layout_that_does_not_fit():
+    r = _dry("qwen2.5-72b", "aligndistil", NNODES="1")  # 8 GPUs cannot hold TP8 x PP4
+    assert r.returncode == 2 and "not divisible by TP 8 x PP 4" in r.stderr
