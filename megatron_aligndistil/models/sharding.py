@@ -117,6 +117,21 @@ def load_from_store(model, store, strict: bool = True) -> None:
 
 
 @torch.no_grad()
+def gather_tensor_parallel(name: str, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Collective over the TP group: the full tensor of ``name`` from every rank's ``tensor``
+    (``param``'s shard, or its gradient), in Megatron's full layout (see :func:`unshard`)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tensor = tensor.detach().contiguous()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    torch.distributed.all_gather(parts, tensor, group=parallel_state.get_tensor_model_parallel_group())
+    return unshard(name, parts, param)
+
+
+@torch.no_grad()
 def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Tensor]:
     """The full state dict (or full gradients with ``use_grad``) on every rank, as CPU tensors.
 
@@ -126,8 +141,6 @@ def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Ten
     """
     from megatron.core import parallel_state
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     local: dict[str, torch.Tensor] = {}
     for local_name, param in model.named_parameters():
         t = param.main_grad if use_grad and hasattr(param, "main_grad") else (
@@ -135,14 +148,8 @@ def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Ten
         )
         if t is None:
             t = torch.zeros_like(param)
-        t = t.detach().contiguous()
-        if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            torch.distributed.all_gather(parts, t, group=tp_group)
-        else:
-            parts = [t]
         name = full_name(model, local_name)
-        value = unshard(name, parts, param).cpu()
+        value = gather_tensor_parallel(name, param, t).cpu()
         if name in local:  # tied output copy on the same stage (PP=1): one tensor, not two
             if local_name.startswith("output_layer") and use_grad:
                 local[name] = local[name] + value

@@ -238,8 +238,6 @@ def export_release(policy, arch: qwen.QwenArch, load: str, out: str) -> None:
     tensors, one at a time; rank 0 writes the index and publishes the directory atomically."""
     from megatron.core import parallel_state
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_data_parallel_rank() == 0)
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -253,14 +251,9 @@ def export_release(policy, arch: qwen.QwenArch, load: str, out: str) -> None:
         name = sharding.full_name(policy, local_name)
         if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
             continue  # tied copy on the last stage: the first stage writes the embedding
-        t = param.detach().contiguous()
-        if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            torch.distributed.all_gather(parts, t, group=tp_group)
-        else:
-            parts = [t]
+        full = sharding.gather_tensor_parallel(name, param, param.data)
         if writer_rank:
-            tensors[name] = sharding.unshard(name, parts, param).to(getattr(torch, arch.torch_dtype)).cpu()
+            tensors[name] = full.to(getattr(torch, arch.torch_dtype)).cpu()
     weight_map = {}
     if writer_rank and tensors:
         from safetensors.torch import save_file
