@@ -1,0 +1,133 @@
+"""Per-GPU memory of an AlignDistil / DPO / SFT run, predicted from the model and the layout.
+
+All sizes in bytes, for the worst pipeline stage. Terms (see docs/scaling.md):
+
+* policy weights (bf16 or fp32), fp32 main gradients (Megatron DDP, ``grad_reduce_in_fp32``),
+  Adam state (fp32 master copy when bf16 + two moments; divided by DP with the distributed
+  optimizer), frozen models' weights (teachers / reference; bf16 with ``--bf16``);
+* activations kept for backward, per layer and in-flight micro-batch (1F1B keeps up to PP of them
+  on the first stage): norms' inputs, the QKV projections, attention scores and probabilities
+  (``a*s^2*b``, absent with flash attention), the SwiGLU intermediates; TP divides the
+  tensor-parallel part, sequence parallelism the rest; full recompute keeps only layer inputs;
+* the last stage's logits: policy + frozen models ``s*b*V/TP`` each, the loss' saved gradient
+  (one more), float32 chunk temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .loss.vocab_parallel import GPU_CHUNK_ELEMENTS
+from .models.qwen import QwenArch
+
+GIB = 2**30
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch: int = 1
+    global_batch: int = 128
+    seq_length: int = 2048
+    bf16: bool = True
+    distributed_optimizer: bool = True
+    sequence_parallel: bool = False
+    recompute: str | None = None  # None | "full"
+    frozen_models: int = 2  # AlignDistil 2, DPO 1, SFT 0
+    sequences_per_record: int = 1  # DPO 2
+    flash_attention: bool = True  # TE/flash on GPU; the CPU local spec materialises scores
+    chunk_elements: int = GPU_CHUNK_ELEMENTS
+
+
+def layer_params(arch: QwenArch) -> int:
+    h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+    qkv = h * (a * d + 2 * g * d) + (a * d + 2 * g * d if arch.qkv_bias else 0)
+    return qkv + a * d * h + 3 * h * f + 2 * h + (2 * d if arch.qk_layernorm else 0)
+
+
+def stage_params(arch: QwenArch, lay: Layout) -> int:
+    """Parameters on one GPU of the biggest pipeline stage (TP-sharded parts divided by TP)."""
+    per_layer = layer_params(arch) / lay.tp
+    layers = arch.num_layers // lay.pp * per_layer
+    emb = arch.padded_vocab_size * arch.hidden_size / lay.tp
+    first = layers + emb + (arch.hidden_size if lay.pp == 1 else 0)
+    last_out = 0 if (arch.tie_word_embeddings and lay.pp == 1) else emb
+    last = layers + last_out + arch.hidden_size
+    if lay.pp == 1:
+        return int(layers + emb + last_out + arch.hidden_size)
+    return int(max(first, last))
+
+
+def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
+    """Activations one layer keeps for backward, for one micro-batch (policy only)."""
+    e = 2 if lay.bf16 else 4
+    s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
+    h, d, a, g, f, t = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
+                        arch.ffn_hidden_size, lay.tp)
+    rep = 1 / t if lay.sequence_parallel else 1.0  # replicated-over-TP parts
+    if lay.recompute == "full":
+        return e * s * b * h * rep
+    norms = 2 * e * s * b * h * rep
+    attn = e * s * b * h * rep + e * s * b * (2 * a * d + 2 * g * d) / t
+    scores = 0 if lay.flash_attention else 2 * e * a * s * s * b / t
+    mlp = e * s * b * h * rep + 4 * e * s * b * f / t
+    return norms + attn + scores + mlp
+
+
+def plan_memory(arch: QwenArch, lay: Layout) -> dict:
+    """Bytes per GPU by term, and the total."""
+    pb = 2 if lay.bf16 else 4
+    w = stage_params(arch, lay)
+    micro_batches = max(1, lay.global_batch // (lay.micro_batch * lay.dp))
+    in_flight = min(lay.pp, micro_batches)
+    layers = arch.num_layers // lay.pp
+    s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
+    act = layers * in_flight * activation_bytes_per_layer(arch, lay)
+    if lay.recompute == "full":  # one layer's full activations exist while it is recomputed
+        act += activation_bytes_per_layer(arch, Layout(**{**asdict(lay), "recompute": None}))
+    rep = 1 / lay.tp if lay.sequence_parallel else 1.0
+    e = 2 if lay.bf16 else 4
+    p2p = (in_flight if lay.pp > 1 else 0) * (1 + lay.frozen_models) * e * s * b * arch.hidden_size * rep
+    v_local = arch.padded_vocab_size / lay.tp
+    logits = (1 + lay.frozen_models + 1) * pb * s * b * v_local + 4 * 4 * min(lay.chunk_elements, s * b * v_local)
+    terms = {
+        "policy_weights": pb * w,
+        "main_grads": 4 * w,
+        "optimizer_state": (8 + (4 if lay.bf16 else 0)) * w / (lay.dp if lay.distributed_optimizer else 1),
+        "frozen_weights": lay.frozen_models * pb * w,
+        "activations": act + p2p,
+        "logits_and_loss": logits,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def suggest(arch: QwenArch, gpu_memory_gb: float, gpus_per_node: int = 8, max_nodes: int = 32,
+            reserve_gb: float = 6.0, **layout) -> list[dict]:
+    """Layouts that fit, fewest GPUs first, then least PP and TP. ``reserve_gb``: CUDA context,
+    NCCL buffers and allocator fragmentation, left free."""
+    fits = []
+    budget = (gpu_memory_gb - reserve_gb) * GIB
+    tps = [t for t in (1, 2, 4, 8) if arch.num_query_groups % t == 0 and arch.num_attention_heads % t == 0
+           and t <= gpus_per_node]
+    pps = [p for p in range(1, arch.num_layers + 1) if arch.num_layers % p == 0 and p <= 16]
+    for nodes in range(1, max_nodes + 1):
+        world = nodes * gpus_per_node
+        for tp in tps:
+            for pp in pps:
+                if world % (tp * pp):
+                    continue
+                dp = world // (tp * pp)
+                lay = Layout(**{**layout, "tp": tp, "pp": pp, "dp": dp})
+                if lay.global_batch % (lay.micro_batch * dp):
+                    continue
+                total = plan_memory(arch, lay)["total"]
+                if total <= budget:
+                    fits.append({"nodes": nodes, "gpus": world, "tp": tp, "pp": pp, "dp": dp,
+                                 "per_gpu_gb": total / GIB})
+        if fits:
+            break
+    fits.sort(key=lambda x: (x["gpus"], x["pp"], x["tp"], x["per_gpu_gb"]))
+    return fits
