@@ -121,3 +121,20 @@ def test_bf16_follows_the_fp32_trajectory(setup, tmp_path):
     bf16 = _train(setup, tmp_path, "bf16", 2, "--bf16", "--tensor-model-parallel-size", "2", iters=3)
     assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in fp32], rel=2e-2)
     assert [m["loss"] for m in bf16] != [m["loss"] for m in fp32]  # it really ran in bf16
+
+
+def test_on_policy_runs_logs_rollouts_and_is_layout_independent(setup, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": json.loads(line)["prompt_ids"]}) + "\n"
+                               for line in open(setup["data"])))
+    onp = dict(setup, data=str(prompts))
+    extra = ["--rollout", "on-policy", "--max-new-tokens", "6", "--stop-token-ids", "7", "--lr", "3e-3"]
+    tp1 = _train(onp, tmp_path, "onp_tp1", 1, *extra, iters=4)
+    tp2 = _train(onp, tmp_path, "onp_tp2", 2, *extra, "--tensor-model-parallel-size", "2", iters=4)
+    for m in tp1:
+        assert {"rollout_s", "response_len_mean", "eos_rate", "kl", "alpha_mean"} <= set(m)
+        assert 1 <= m["response_len_mean"] <= 6 and 0 <= m["eos_rate"] <= 1
+    # same samples and the same losses at TP2: sampling is seeded per sequence, not per rank
+    assert [m["response_len_mean"] for m in tp2] == [m["response_len_mean"] for m in tp1]
+    assert [m["loss"] for m in tp2] == pytest.approx([m["loss"] for m in tp1], rel=1e-4)
+    assert tp1[-1]["loss"] < tp1[0]["loss"]

@@ -21,9 +21,9 @@ class AlignDistil(Method):
 
     def __init__(self, args):
         super().__init__(args)
-        if getattr(args, "rollout", "off-policy") != "off-policy":
-            raise ValueError("--rollout on-policy is not implemented yet (sampling under TP/PP is issue 7); "
-                             "use --rollout off-policy")
+        self.on_policy = getattr(args, "rollout", "off-policy") == "on-policy"
+        if self.on_policy:
+            self.data_kind = "prompt"  # responses come from the policy at every iteration
 
     def frozen_models(self):
         a = self.args

@@ -73,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rev-load", help="reverse-DPO teacher checkpoint")
     g.add_argument("--ref-load", help="reference model: the vanilla DPO-reward teacher (Theorem 1) "
                                       "uses it in the reverse model's place")
-    g.add_argument("--rollout", choices=["off-policy", "on-policy"], default="off-policy")
+    g.add_argument("--rollout", choices=["off-policy", "on-policy"], default="off-policy",
+                   help="on-policy: each iteration samples responses to --data-path prompts from the current policy")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
+                                                                   "(also bounded by --seq-length)")
+    g.add_argument("--temperature", type=float, default=1.0, help="on-policy sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=None,
+                   help="on-policy: ids that end a response (default: eos_token_id of the policy's config)")
     g.add_argument("--r", type=float, default=15.0, help="alpha = r * TVD + eps")
     g.add_argument("--eps", type=float, default=1e-3)
     g.add_argument("--beta0", type=float, default=0.1, help="DPO beta of the teachers; weight beta0/alpha")

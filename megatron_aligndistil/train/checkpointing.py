@@ -84,6 +84,24 @@ def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, rol
         raise ValueError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 
 
+def stop_token_ids(path: str, args) -> list[int]:
+    """``--stop-token-ids``, else the eos_token_id(s) of the checkpoint's generation/HF config."""
+    if getattr(args, "stop_token_ids", None):
+        return list(args.stop_token_ids)
+    src = weights_dir(path)
+    if os.path.exists(os.path.join(path, HF_CONFIG_COPY)):
+        src = path
+    for name in ("generation_config.json", HF_CONFIG_COPY):
+        f = os.path.join(src, name)
+        if os.path.exists(f):
+            eos = json.load(open(f)).get("eos_token_id")
+            if eos is not None:
+                return list(eos) if isinstance(eos, list) else [eos]
+    if getattr(args, "rollout", "off-policy") == "on-policy":
+        raise ValueError(f"{path}: no eos_token_id in its configs; give --stop-token-ids for on-policy rollouts")
+    return []
+
+
 def load_weights(model, path: str) -> None:
     with TensorStore(weights_dir(path)) as store:
         sharding.load_from_store(model, store)

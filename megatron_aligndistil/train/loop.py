@@ -90,8 +90,11 @@ class Trainer:
         policy_source = self.resume_dir or args.load
         self.arch = qwen.read_arch(policy_source)
         # data first: a bad record fails in seconds, before any model is built
+        on_policy = getattr(self.method, "on_policy", False)
+        self.stop_ids = checkpointing.stop_token_ids(args.load, args)
         self.data = read_jsonl(args.data_path, self.method.data_kind, self.arch.vocab_size,
-                               max_tokens=args.seq_length + 1, skip_bad=args.skip_bad_records)
+                               max_tokens=args.seq_length if on_policy else args.seq_length + 1,
+                               skip_bad=args.skip_bad_records)
         frozen = self.method.frozen_models()
         for spec in frozen:
             checkpointing.check_compatible(self.arch, policy_source, spec.path, spec.role)
@@ -170,24 +173,52 @@ class Trainer:
 
     # ---------------------------------------------------------------- one iteration
     def _local_micro_batches(self):
-        """This DP rank's micro-batches of the next global batch, padded to one length for all."""
+        """This DP rank's micro-batches of the next global batch, and rollout metrics (on-policy)."""
         a = self.args
         idx = global_batch_indices(len(self.data), self.consumed, a.global_batch_size, a.seed,
                                    shuffle=not a.no_shuffle)
-        records = [self.data.records[i] for i in idx]
-        multiple = a.tensor_model_parallel_size if a.sequence_parallel else 1
-        seq_len = padded_length([self.method.record_length(r) for r in records], multiple)
         per_rank = a.global_batch_size // self.dp_size
-        mine = records[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]
+        lo = self.dp_rank * per_rank
+        mine = [self.data.records[i] for i in idx[lo: lo + per_rank]]
+        rollout = {}
+        if getattr(self.method, "on_policy", False):
+            mine, rollout = self._rollout(mine, first_sample=self.consumed + lo)
+        multiple = a.tensor_model_parallel_size if a.sequence_parallel else 1
+        # one length for the whole pipeline replica (DP replicas may differ: no cross-DP forward)
+        seq_len = padded_length([self.method.record_length(r) for r in mine], multiple)
         mbs = a.micro_batch_size
-        return [self.method.micro_batch(mine[i: i + mbs], seq_len) for i in range(0, per_rank, mbs)], seq_len
+        return [self.method.micro_batch(mine[i: i + mbs], seq_len) for i in range(0, per_rank, mbs)], seq_len, rollout
+
+    def _rollout(self, prompts, first_sample: int):
+        """Sample responses to ``prompts`` from the current policy (paper: temperature 1, top-p 1)."""
+        from megatron.core import parallel_state
+
+        from ..generation import SamplingParams, generate
+
+        a = self.args
+        t0 = time.time()
+        longest = max(len(r["prompt_ids"]) for r in prompts)
+        params = SamplingParams(
+            max_new_tokens=max(1, min(a.max_new_tokens, a.seq_length + 1 - longest)),
+            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop_ids=tuple(self.stop_ids),
+            seed=a.seed,
+        )
+        out = generate(self.stage.policy, [r["prompt_ids"] for r in prompts], params, self.arch.vocab_size,
+                       sequence_ids=list(range(first_sample, first_sample + len(prompts))))
+        self.stage.policy.train()
+        records = [{"prompt_ids": r["prompt_ids"], "response_ids": o["response_ids"]} for r, o in zip(prompts, out)]
+        stats = torch.tensor([len(out), sum(len(o["response_ids"]) for o in out), sum(o["stopped"] for o in out)],
+                             dtype=torch.float64, device=platform.device())
+        torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        n, length, stopped = stats.cpu().tolist()
+        return records, {"rollout_s": time.time() - t0, "response_len_mean": length / n, "eos_rate": stopped / n}
 
     def train_step(self):
         """One optimizer step on the next global batch; returns the metrics of this iteration."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        batches, seq_len = self._local_micro_batches()
+        batches, seq_len, rollout = self._local_micro_batches()
         stat_names = ("loss", "sequences") + tuple(self.method.stat_names)
         vocab_size = self.arch.vocab_size
         method = self.method
@@ -238,6 +269,7 @@ class Trainer:
             "sequences": int(sums["sequences"]),
         }
         metrics.update(self.method.metrics(sums))
+        metrics.update(rollout)
         return metrics
 
     # ---------------------------------------------------------------- the loop
