@@ -5,7 +5,8 @@
 Stages, each under the run directory and skipped when already done (delete ``.done/<stage>`` to
 redo one): synthetic preference data and a tiny chat tokenizer -> a tiny random Qwen2 model ->
 conversion to Megatron -> tokenization -> SFT -> DPO and reverse-DPO teachers -> reward accuracy
-of the DPO and contrastive rewards on held-out pairs -> AlignDistil off-policy at TP2 PP2 ->
+of the DPO and contrastive rewards on held-out pairs -> AlignDistil off-policy and on-policy at
+TP2 PP2 ->
 export to HF -> generation with transformers -> plots -> summary. Every training stage is a real
 ``torchrun ... -m megatron_aligndistil.train`` launch, printed before it runs.
 """
@@ -21,8 +22,9 @@ import time
 
 REPO_TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
-FULL = {"records": 384, "heldout": 64, "sft_iters": 200, "dpo_iters": 30, "ad_iters": 30, "batch": 16}
-SHORT = {"records": 48, "heldout": 16, "sft_iters": 3, "dpo_iters": 3, "ad_iters": 3, "batch": 8}
+FULL = {"records": 384, "heldout": 64, "sft_iters": 200, "dpo_iters": 30, "ad_iters": 30, "onp_iters": 15,
+        "batch": 16}
+SHORT = {"records": 48, "heldout": 16, "sft_iters": 3, "dpo_iters": 3, "ad_iters": 3, "onp_iters": 2, "batch": 8}
 
 
 class Pipeline:
@@ -152,6 +154,13 @@ class Pipeline:
                      "--dpo-load", self.path("runs", "dpo"), "--rev-load", self.path("runs", "rev"),
                      "--r", "15", "--beta0", "0.1"], self.sizes["ad_iters"], tp="2", pp="2")
 
+    def aligndistil_on_policy(self):
+        self._train("aligndistil", self.path("runs", "aligndistil_onpolicy"), self.path("runs", "sft"),
+                    ["--rollout", "on-policy", "--data-path", self.path("data", "train_prompts.jsonl"),
+                     "--max-new-tokens", "32", "--lr", "5e-4", "--min-lr", "5e-5",
+                     "--dpo-load", self.path("runs", "dpo"), "--rev-load", self.path("runs", "rev"),
+                     "--r", "15", "--beta0", "0.1"], self.sizes["onp_iters"], tp="2", pp="2")
+
     def export(self):
         from .convert.hf import convert_megatron_to_hf
 
@@ -184,6 +193,8 @@ class Pipeline:
 
         plot_runs({"aligndistil": self.path("runs", "aligndistil", "metrics.jsonl")},
                   self.path("plots", "aligndistil.png"), "AlignDistil off-policy, TP2 PP2")
+        plot_runs({"on-policy": self.path("runs", "aligndistil_onpolicy", "metrics.jsonl")},
+                  self.path("plots", "aligndistil_onpolicy.png"), "AlignDistil on-policy, TP2 PP2")
         plot_runs({"dpo": self.path("runs", "dpo", "metrics.jsonl"), "reverse dpo": self.path("runs", "rev", "metrics.jsonl")},
                   self.path("plots", "dpo.png"), "DPO and reverse-DPO teachers")
 
@@ -192,6 +203,7 @@ class Pipeline:
 
         ev = {n: json.load(open(self.path("eval", f"{n}.json"))) for n in ("dpo_vs_sft", "rev_vs_sft")}
         ad = read_metrics(self.path("runs", "aligndistil", "metrics.jsonl"))
+        onp = read_metrics(self.path("runs", "aligndistil_onpolicy", "metrics.jsonl"))
         gens = json.load(open(self.path("generations.json")))
         out = {
             "dpo_reward_accuracy_heldout": ev["dpo_vs_sft"]["dpo_reward"]["reward_accuracy"],
@@ -200,6 +212,9 @@ class Pipeline:
             "aligndistil_loss_first": ad[0]["loss"], "aligndistil_loss_last": ad[-1]["loss"],
             "aligndistil_kl_first": ad[0]["kl"], "aligndistil_kl_last": ad[-1]["kl"],
             "aligndistil_alpha_mean": sum(m["alpha_mean"] for m in ad) / len(ad),
+            "onpolicy_kl_first": onp[0]["kl"], "onpolicy_kl_last": onp[-1]["kl"],
+            "onpolicy_rollout_share": sum(m["rollout_s"] for m in onp) / sum(m["elapsed_s"] for m in onp),
+            "onpolicy_eos_rate": onp[-1]["eos_rate"],
             "generations": gens,
         }
         with open(self.path("summary.json"), "w") as f:
@@ -224,6 +239,7 @@ def main(argv=None) -> int:
     p.stage("reverse_dpo", lambda: p.dpo(True))
     p.stage("reward_accuracy", p.evaluate)
     p.stage("aligndistil", p.aligndistil)
+    p.stage("aligndistil_on_policy", p.aligndistil_on_policy)
     p.stage("export_hf", p.export)
     p.stage("generate", p.generate)
     p.stage("plots", p.plots)
@@ -236,6 +252,8 @@ def main(argv=None) -> int:
         ("AlignDistil loss, first -> last iteration", f"{s['aligndistil_loss_first']:.4f} -> {s['aligndistil_loss_last']:.4f}"),
         ("AlignDistil KL, first -> last iteration", f"{s['aligndistil_kl_first']:.4f} -> {s['aligndistil_kl_last']:.4f}"),
         ("AlignDistil mean alpha", f"{s['aligndistil_alpha_mean']:.3f}"),
+        ("on-policy KL, first -> last iteration", f"{s['onpolicy_kl_first']:.4f} -> {s['onpolicy_kl_last']:.4f}"),
+        ("on-policy: share of time in rollouts, EOS rate", f"{s['onpolicy_rollout_share']:.2f}, {s['onpolicy_eos_rate']:.2f}"),
         ("plots", p.path("plots", "aligndistil.png") + ", " + p.path("plots", "dpo.png")),
         ("exported HF model", p.path("hf", "aligndistil")),
     ]

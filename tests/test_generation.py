@@ -59,3 +59,43 @@ def test_seeded_sampling_is_layout_and_batch_independent():
     other_seed = run_distributed(_generate, 1, args=(fields, full, prompts, dataclasses.replace(params, seed=12)),
                                  layout=Layout(1, 1))[0]
     assert other_seed != tp1
+
+
+def _generate_tool(argv):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import generate as generate_tool
+
+    return generate_tool.main(argv)
+
+
+def test_generate_tool_writes_alpacaeval_outputs_equal_to_transformers(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hf_fixtures import save_tiny_hf
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+
+    hf = save_tiny_hf(tmp_path / "hf", "qwen3", tied=True)
+    ckpt = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mc"), progress=False)
+    items = [{"instruction": "how do I sort a list?"}, {"instruction": "The quick brown fox"},
+             {"instruction": "answer honestly"}]
+    (tmp_path / "p.json").write_text(json.dumps(items))
+    out = tmp_path / "out.json"
+    argv = ["--load", ckpt, "--prompts", str(tmp_path / "p.json"), "--out", str(out), "--greedy",
+            "--max-new-tokens", "6", "--stop-token-ids", "2", "--generator", "tiny"]
+    assert run_distributed(_generate_tool, 2, args=(argv,)) == [0, 0]  # DP2 splits the prompts
+    got = json.load(open(out))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert [g["instruction"] for g in got] == [i["instruction"] for i in items]
+    for item, g in zip(items, got):
+        ids = tok.apply_chat_template([{"role": "user", "content": item["instruction"]}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ref = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0,
+                          attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+        ref = [t for t in ref if t != 2]
+        assert g == {"instruction": item["instruction"], "output": tok.decode(ref, skip_special_tokens=True),
+                     "generator": "tiny"}

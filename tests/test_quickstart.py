@@ -26,4 +26,6 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "hf" / "aligndistil")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
-    assert again.stdout.count("done already, skipped") == 11
+    assert again.stdout.count("done already, skipped") == 12
+    onp = [json.loads(line) for line in open(run / "runs" / "aligndistil_onpolicy" / "metrics.jsonl")]
+    assert len(onp) == 2 and all("rollout_s" in m for m in onp)

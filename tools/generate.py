@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Sample or greedy-decode responses from a checkpoint; write AlpacaEval's output layout.
+
+    torchrun --nproc-per-node 4 tools/generate.py -- --load runs/ad --prompts eval.jsonl \\
+        --out ad_outputs.json --tensor-model-parallel-size 2 --greedy --max-new-tokens 512
+
+--prompts: JSON list or JSONL of {"instruction": "..."} (AlpacaEval, MT-Bench first turns,
+Arena-Hard questions), or tokenized {"prompt_ids": [...]}. Text prompts get the checkpoint
+tokenizer's chat template. Output: [{"instruction", "output", "generator"}, ...] in input order.
+Any TP/PP; remaining ranks split the prompts (data parallel).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", required=True, help="converted checkpoint or run directory")
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--generator", default=None, help="name in the output (default: the --load dir name)")
+    ap.add_argument("--tokenizer", default=None, help="default: the checkpoint's tokenizer files")
+    ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    ap.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--stop-token-ids", type=int, nargs="*", default=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+
+    def run():
+        import torch
+        from megatron.core import parallel_state
+
+        from megatron_aligndistil import parallel
+        from megatron_aligndistil.generation import SamplingParams, generate
+        from megatron_aligndistil.models import qwen
+        from megatron_aligndistil.train import checkpointing
+
+        parallel.init_model_parallel(parallel.Layout(args.tensor_model_parallel_size,
+                                                     args.pipeline_model_parallel_size))
+        src = checkpointing.weights_dir(args.load)
+        arch = qwen.read_arch(src)
+        text = open(args.prompts).read().strip()
+        items = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        tok = None
+        if any("prompt_ids" not in it for it in items):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(args.tokenizer or src)
+        prompts = []
+        for i, it in enumerate(items):
+            if "prompt_ids" in it:
+                prompts.append(it["prompt_ids"])
+            elif "instruction" in it:
+                prompts.append(tok.apply_chat_template([{"role": "user", "content": it["instruction"]}],
+                                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            else:
+                raise ValueError(f"{args.prompts}: item {i} has neither 'instruction' nor 'prompt_ids'")
+        model = qwen.build_model(arch, qwen.transformer_config(arch))
+        checkpointing.load_weights(model, args.load)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                stop_ids=tuple(checkpointing.stop_token_ids(args.load, args)))
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        mine = list(range(rank, len(prompts), dp))
+        results = {}
+        for b in range(0, len(mine), args.batch_size):
+            ids = mine[b: b + args.batch_size]
+            for i, o in zip(ids, generate(model, [prompts[i] for i in ids], params, arch.vocab_size, sequence_ids=ids)):
+                results[i] = o["response_ids"]
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, results)
+        if torch.distributed.get_rank() == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            name = args.generator or os.path.basename(os.path.normpath(args.load))
+            stops = set(params.stop_ids)
+            out = []
+            for i, it in enumerate(items):
+                resp = [t for t in merged[i] if t not in stops]
+                output = tok.decode(resp, skip_special_tokens=True) if tok else resp
+                out.append({"instruction": it.get("instruction", ""), "output": output, "generator": name})
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=2, ensure_ascii=False)
+            print(f"wrote {len(out)} outputs to {args.out}")
+
+    return run_tool(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
