@@ -8,8 +8,12 @@ masks the vocab padding, and samples. Randomness is per sequence and step
 TP/PP/DP layout and batch composition. The last pipeline stage samples and broadcasts the tokens
 to the other stages.
 
-This version recomputes the prefix at every step (no KV cache yet): O(n^2) in the response
-length. Correct and layout-independent; the cached version is the next step of issue 7.
+With ``kv_cache=True`` (default) every stage keeps its layers' keys and values in Megatron's
+``StaticInferenceContext``: one prefill over the shortest prompt, then one token per step for all
+sequences, feeding prompt tokens to sequences whose prompt is still longer (Megatron's classic
+text-generation scheme). ``kv_cache=False`` recomputes the prefix each step (the reference the
+tests compare against). Both sample identical tokens: sequence i's k-th token always uses the
+generator seeded by (seed, id_i, k).
 """
 
 from __future__ import annotations
@@ -48,9 +52,61 @@ def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.T
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs.cpu(), generators)])
 
 
+def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None, inference_context=None):
+    """Forward-only schedule over ``tokens [n, seq_len]``. Returns, on the last stage, the float32
+    full-vocab logits ``[n, V]`` (padding -inf) of row i at position ``rows_at[i]`` (default: the
+    last position); None on other stages. Only those rows are gathered over TP (with a cache,
+    Megatron gathers the decode step's logits itself)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    picked = {}
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def forward_step(data_iter, m):
+        next(data_iter)
+        kwargs = {}
+        if inference_context is not None:
+            kwargs = {"inference_context": inference_context, "runtime_gather_output": True}
+        out = m(tokens, positions, None, **kwargs)
+
+        def collect(logits):
+            if rows_at is None:
+                rows = logits[:, -1]
+            else:
+                rows = logits[torch.arange(n, device=logits.device), rows_at.to(logits.device)]
+            rows = rows.float().contiguous()
+            if tp > 1 and inference_context is None:
+                parts = [torch.empty_like(rows) for _ in range(tp)]
+                torch.distributed.all_gather(parts, rows, group=tp_group)
+                rows = torch.cat(parts, -1)
+            rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
+            picked["logits"] = rows
+            return torch.zeros((), device=logits.device), {}
+
+        return out, collect
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([0]), model=[model], num_microbatches=1,
+        seq_length=seq_len, micro_batch_size=n, forward_only=True,
+    )
+    return picked.get("logits")
+
+
+def _broadcast_from_last_stage(new: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    new = new.to(platform.device())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(new, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return new.cpu()
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
-             sequence_ids: list[int] | None = None) -> list[dict]:
+             sequence_ids: list[int] | None = None, kv_cache: bool = True) -> list[dict]:
     """Sample a response for each prompt. ``model``: this rank's pipeline stage (a GPTModel, or
     anything whose last stage returns logits ``[b, s, V/TP]``). ``sequence_ids``: global indices
     seeding each sequence's randomness (default 0..n-1). Collective over the TP and PP groups.
@@ -58,67 +114,71 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
     Returns ``[{"response_ids": [...], "stopped": bool}]`` on every rank.
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dev = platform.device()
     n = len(prompts)
     ids = sequence_ids if sequence_ids is not None else list(range(n))
-    lengths = torch.tensor([len(p) for p in prompts])
-    total = int(lengths.max()) + params.max_new_tokens
+    plen = torch.tensor([len(p) for p in prompts])
+    total = int(plen.max()) + params.max_new_tokens
     tokens = torch.zeros(n, total, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
+    made = torch.zeros(n, dtype=torch.long)  # tokens generated so far, per sequence
     done = torch.zeros(n, dtype=torch.bool)
     stopped = torch.zeros(n, dtype=torch.bool)
     stop = torch.tensor(list(params.stop_ids) or [-1])
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     last_stage = parallel_state.is_pipeline_last_stage()
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
     model.eval()
-    for step in range(params.max_new_tokens):
-        cur = int(lengths.max())
-        batch = tokens[:, :cur].to(dev)
-        positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
-        picked = {}
 
-        def forward_step(data_iter, m):
-            next(data_iter)
-            out = m(batch, positions, None)
-
-            def collect(logits):
-                rows = logits[torch.arange(n, device=logits.device), (lengths - 1).to(logits.device)]
-                rows = rows.float().contiguous()
-                if tp > 1:
-                    parts = [torch.empty_like(rows) for _ in range(tp)]
-                    torch.distributed.all_gather(parts, rows, group=tp_group)
-                    rows = torch.cat(parts, -1)
-                rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
-                picked["logits"] = rows
-                return torch.zeros((), device=logits.device), {}
-
-            return out, collect
-
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([0]), model=[model], num_microbatches=1,
-            seq_length=cur, micro_batch_size=n, forward_only=True,
-        )
+    def choose(logits):
+        """The next token of every sequence, sampled on the last stage and broadcast."""
         new = torch.zeros(n, dtype=torch.long)
         if last_stage:
-            gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + sid * 7_919 + step) for sid in ids]
-            new = _select(picked["logits"].cpu(), params, gens).long()
-        new = new.to(dev)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.broadcast(new, src=last_rank, group=pp_group)
-        new = new.cpu()
-        active = ~done
-        tokens[active, lengths[active]] = new[active]
-        hit = active & torch.isin(new, stop)
-        lengths[active] += 1
-        stopped |= hit
-        done |= hit
-        if bool(done.all()):
-            break
-    return [{"response_ids": tokens[i, len(prompts[i]): int(lengths[i])].tolist(), "stopped": bool(stopped[i])}
+            gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + sid * 7_919 + int(k))
+                    for sid, k in zip(ids, made)]
+            new = _select(logits.cpu(), params, gens).long()
+        return _broadcast_from_last_stage(new)
+
+    def accept(new, rows, where):
+        """Write sampled tokens of ``rows`` at positions ``where``; update stop bookkeeping."""
+        tokens[rows, where[rows]] = new[rows]
+        made[rows] += 1
+        hit = rows & torch.isin(new, stop)
+        stopped.logical_or_(hit)
+        done.logical_or_(hit | (made >= params.max_new_tokens))
+
+    if not kv_cache:
+        lengths = plen.clone()
+        while not bool(done.all()):
+            cur = int(lengths.max())
+            batch = tokens[:, :cur].to(dev)
+            positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
+            # each row's next-token logits sit at its own last position: gather those rows' logits
+            logits = _run_forward(model, batch, positions, n, cur, vocab_size, rows_at=lengths - 1)
+            new = choose(logits)
+            rows = ~done
+            accept(new, rows, lengths)
+            lengths[rows] += 1
+        end = lengths
+    else:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        ctx = StaticInferenceContext(n, total)
+        start = int(plen.min())
+        logits = _run_forward(model, tokens[:, :start].to(dev),
+                              torch.arange(start, device=dev).unsqueeze(0).expand(n, -1), n, start,
+                              vocab_size, inference_context=ctx)
+        ctx.sequence_len_offset += start
+        end = plen.clone()
+        for t in range(start, total):
+            generating = (plen <= t) & ~done  # rows whose position t is a sampled token
+            new = choose(logits)
+            accept(new, generating, torch.full((n,), t))
+            end[generating] = t + 1
+            if bool(done.all()) or t + 1 == total:
+                break
+            logits = _run_forward(model, tokens[:, t:t + 1].to(dev), torch.full((n, 1), t, device=dev), n, 1,
+                                  vocab_size, inference_context=ctx)
+            ctx.sequence_len_offset += 1
+    return [{"response_ids": tokens[i, len(prompts[i]): int(end[i])].tolist(), "stopped": bool(stopped[i])}
             for i in range(n)]

@@ -12,14 +12,14 @@ from megatron_aligndistil.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 
-def _generate(arch_fields, full, prompts, params, ids=None):
+def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True):
     from megatron_aligndistil.generation import generate
     from megatron_aligndistil.models import qwen, sharding
 
     arch = QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
     sharding.load_full_state_dict(model, full)
-    return generate(model, prompts, params, arch.vocab_size, sequence_ids=ids)
+    return generate(model, prompts, params, arch.vocab_size, sequence_ids=ids, kv_cache=kv_cache)
 
 
 def _setup():
@@ -37,7 +37,7 @@ def test_greedy_matches_transformers_at_tp2_pp2():
     hf, arch, full, prompts = _setup()
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     out = run_distributed(_generate, 4, args=(dataclasses.asdict(arch), full, prompts, params),
-                          layout=Layout(tp=2, pp=2))
+                          layout=Layout(tp=2, pp=2))  # with the KV cache
     for p, res in zip(prompts, out[0]):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
@@ -56,6 +56,8 @@ def test_seeded_sampling_is_layout_and_batch_independent():
     assert tp1 == tp2
     alone = run_distributed(_generate, 1, args=(fields, full, prompts[1:2], params, [1]), layout=Layout(1, 1))[0]
     assert alone[0] == tp1[1]  # sequence 1's sample does not depend on its batch mates
+    uncached = run_distributed(_generate, 2, args=(fields, full, prompts, params, None, False), layout=Layout(tp=2))[0]
+    assert uncached == tp1  # the KV cache changes nothing but the cost
     other_seed = run_distributed(_generate, 1, args=(fields, full, prompts, dataclasses.replace(params, seed=12)),
                                  layout=Layout(1, 1))[0]
     assert other_seed != tp1
