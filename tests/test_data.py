@@ -70,3 +70,18 @@ def test_plot_metrics_writes_a_png(tmp_path):
     out = tmp_path / "curves.png"
     assert plot_metrics.main([str(path), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_flag_errors_name_the_flags(capsys):
+    from megatron_aligndistil.train.arguments import parse_args
+
+    base = ["aligndistil", "--load", "a", "--dpo-load", "b", "--rev-load", "c", "--data-path", "d", "--save", "e",
+            "--global-batch-size", "8", "--seq-length", "16", "--lr", "1e-5"]
+    assert parse_args(["--"] + base).r == 15.0  # torchrun style, with the separator
+    for extra, message in ((["--micro-batch-size", "3"], "not a multiple of --micro-batch-size 3"),
+                           (["--rollout", "on-policy", "--rollout-batch-size", "16"], "--rollout-batch-size 16"),
+                           (["--ref-load", "x"], "exactly one of --rev-load"),
+                           (["--sequence-parallel"], "--sequence-parallel needs")):
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)
+        assert message in capsys.readouterr().err

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "uses it in the reverse model's place")
     g.add_argument("--rollout", choices=["off-policy", "on-policy"], default="off-policy",
                    help="on-policy: each iteration samples responses to --data-path prompts from the current policy")
+    g.add_argument("--rollout-batch-size", type=int, default=None,
+                   help="on-policy: responses sampled per iteration (default and, for now, required: "
+                        "--global-batch-size; one optimizer step per rollout as in the paper)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
                                                                    "(also bounded by --seq-length)")
     g.add_argument("--temperature", type=float, default=1.0, help="on-policy sampling temperature")
@@ -122,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             errors.append("--dpo-load is required (the DPO teacher)")
         if bool(args.rev_load) == bool(args.ref_load):
             errors.append("give exactly one of --rev-load (AlignDistil) or --ref-load (vanilla DPO teacher)")
+        if args.rollout_batch_size not in (None, args.global_batch_size):
+            errors.append(f"--rollout-batch-size {args.rollout_batch_size} must equal --global-batch-size "
+                          f"{args.global_batch_size} (one optimizer step per rollout batch)")
         if args.ref_load and args.constant_alpha is None:
             errors.append("--ref-load (vanilla DPO teacher) needs --constant-alpha (= beta0/beta - 1)")
     if not 0 <= args.lr_warmup_fraction < 1:
