@@ -98,3 +98,16 @@ def test_platform_is_the_only_cuda_routing_module():
     ]
     assert offenders == []
     assert patch.search((PACKAGE / "platform.py").read_text())
+
+
+def test_te_parameter_names_map_to_the_checkpoint_names():
+    from megatron_aligndistil.models.qwen import use_transformer_engine
+    from megatron_aligndistil.models.sharding import canonical_name
+
+    assert canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
+        "decoder.layers.3.input_layernorm.weight"
+    assert canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    assert canonical_name("decoder.layers.0.mlp.linear_fc1.weight") == "decoder.layers.0.mlp.linear_fc1.weight"
+    if not torch.cuda.is_available():
+        assert use_transformer_engine() is False  # CPU: always the local spec

@@ -185,8 +185,23 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
     )
 
 
+def use_transformer_engine() -> bool:
+    """TransformerEngine layers when CUDA and TE are present, unless ALIGNDISTIL_TRANSFORMER_IMPL=local.
+
+    The TE spec fuses the norms into the next linear layer (names translated by
+    ``sharding.canonical_name``), runs fused attention and supports FP8. Not exercised on this
+    project's CPU machines: the local spec below is what the tests cover.
+    """
+    if os.environ.get("ALIGNDISTIL_TRANSFORMER_IMPL", "auto") == "local" or not torch.cuda.is_available():
+        return False
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
 def layer_spec(arch: QwenArch, config):
-    """Block spec: Megatron's local (or TransformerEngine, on GPU) layers with HF-exact RMSNorm."""
+    """Block spec: TransformerEngine layers on GPUs with TE, else Megatron's local layers with an
+    HF-exact RMSNorm (the CPU path and the tested one)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -195,6 +210,13 @@ def layer_spec(arch: QwenArch, config):
 
     from .norm import RMSNorm
 
+    n = get_num_layers_to_build(config)
+    if use_transformer_engine():
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        te_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        return TransformerBlockSubmodules(layer_specs=[te_spec] * n, layer_norm=TENorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
@@ -202,7 +224,6 @@ def layer_spec(arch: QwenArch, config):
     if arch.qk_layernorm:
         sub.self_attention.submodules.q_layernorm = RMSNorm
         sub.self_attention.submodules.k_layernorm = RMSNorm
-    n = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 

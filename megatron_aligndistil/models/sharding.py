@@ -72,9 +72,25 @@ def unshard(name: str, parts: list[torch.Tensor], param: torch.Tensor) -> torch.
     return torch.cat(parts, dim=dim)
 
 
+# TransformerEngine's spec fuses each norm into the following linear layer; checkpoints and the
+# HF mapping use the local spec's names, so TE names are translated to them.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The local-spec name of a parameter name from either layer spec."""
+    for te, local in _TE_ALIASES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
 def full_name(model, local_name: str) -> str:
     """Global name of a local parameter; a tied output-layer copy maps to the embedding."""
-    name = to_global_name(local_name, layer_offset(model))
+    name = canonical_name(to_global_name(local_name, layer_offset(model)))
     if name == OUTPUT and getattr(model, "share_embeddings_and_output_weights", False):
         return EMBEDDING
     return name
