@@ -124,7 +124,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     made = torch.zeros(n, dtype=torch.long)  # tokens generated so far, per sequence
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.full((n,), params.max_new_tokens <= 0, dtype=torch.bool)
     stopped = torch.zeros(n, dtype=torch.bool)
     stop = torch.tensor(list(params.stop_ids) or [-1])
     last_stage = parallel_state.is_pipeline_last_stage()
