@@ -167,6 +167,21 @@ def test_tensor_parallel_all_variants(tp):
     check(cases, per_rank)
 
 
+def run_cases_compiled(cases):
+    from megatron_aligndistil.loss.vocab_parallel import compile_failures
+
+    return run_cases(cases, chunk_size=None, compile=True), compile_failures()
+
+
+def test_tensor_parallel_compiled_kernels():
+    """TP > 1 with compilation: the step-major path with each step's fused kernel (the GPU default)."""
+    cases = [make_case("default"), make_case("forward_kl", mask=True, seed=2),
+             make_case("constant_alpha", dtype=torch.bfloat16), make_case("default", vocab_size=70, seed=1)]
+    per_rank = run_distributed(run_cases_compiled, 2, args=(cases,), layout=Layout(tp=2))
+    assert all(failures == [] for _, failures in per_rank)  # no silent eager fallback
+    check(cases, [res for res, _ in per_rank])
+
+
 def test_chunking_does_not_change_results():
     case = make_case("default", shape=(4, 7))
     a, b = run_cases([case], chunk_size=1)[0], run_cases([case], chunk_size=1000)[0]
@@ -181,6 +196,16 @@ def test_gradient_reaches_policy_only_and_kl_is_differentiable():
     out.kl.sum().backward()
     assert zp.grad is not None and zd.grad is None and zr.grad is None
     assert not out.alpha.requires_grad and not out.tvd.requires_grad
+
+
+def test_flushed_exp_is_exp_except_subnormals():
+    from megatron_aligndistil.loss.vocab_parallel import flushed_exp
+
+    x = torch.tensor([0.0, -10.0, -87.0, -87.5, -100.0, -torch.inf, 3.0, torch.nan])
+    y = flushed_exp(x)
+    assert torch.equal(y[[0, 1, 2, 6]], torch.exp(x[[0, 1, 2, 6]]))  # bit-exact above the floor
+    assert torch.all(y[[3, 4, 5]] == 0)  # would be subnormal (or is exp(-inf)): exactly 0
+    assert torch.isnan(y[7])  # a NaN is never hidden
 
 
 def test_alpha_is_finite_when_teachers_agree():

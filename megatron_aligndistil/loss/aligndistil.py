@@ -22,7 +22,13 @@ Memory: the only tensor kept for backward is that gradient, ``[N, V_local]`` in 
 logits' dtype (the size of the policy shard); backward scales it in place and returns it, so a
 graph through this loss can be backpropagated once (``retain_graph`` reuse is not supported).
 Teacher logits are not referenced after forward.
-Tokens are processed in chunks, so float32 temporaries are a few ``[chunk, V_local]`` tensors.
+Tokens are processed in chunks, so float32 temporaries are a few ``[chunk, V_local]`` tensors
+(none when compiled: each chunk kernel is fused). With several TP ranks each step runs over all
+chunks before its collective (step-major); with one rank each chunk runs all four steps while it
+is in cache (chunk-major).
+
+Exps whose result would be a float32 subnormal are flushed to 0 (``flushed_exp``), as on GPUs:
+extrapolated teacher logits span hundreds of nats, and subnormal arithmetic is ~20x slower on CPUs.
 
 Masking: vocab entries at or beyond ``vocab_size`` (Megatron's TP padding) are excluded from
 every softmax. An entry that is -inf in either teacher is excluded from the teacher; -inf in the
@@ -42,6 +48,7 @@ from .vocab_parallel import (
     chunks,
     combine_lse,
     compiled,
+    flushed_exp,
     local_logsumexp,
     shard_info,
     use_compile,
@@ -64,14 +71,17 @@ class AlignDistilOutput:
 
 
 def teacher_logits(z_dpo: torch.Tensor, z_rev: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """z* = z_dpo + alpha (z_dpo - z_rev); entries masked (-inf) in either teacher stay -inf."""
-    z = torch.lerp(z_dpo, z_rev, -alpha)  # = z_dpo - alpha (z_rev - z_dpo), one fused op
-    return torch.nan_to_num(z, nan=-_INF, posinf=-_INF, neginf=-_INF)
+    """z* = z_dpo + alpha (z_dpo - z_rev); entries masked (-inf) in either teacher stay -inf.
+
+    Masks are comparisons (not isnan/nan_to_num), which Inductor vectorises; a NaN input stays NaN.
+    """
+    z = z_dpo + alpha * (z_dpo - z_rev)
+    return torch.where((z_dpo == -_INF) | (z_rev == -_INF), -_INF, z)
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """0 * (-inf) products of masked entries (NaN) -> 0; keeps real infinities."""
-    return torch.nan_to_num(x, nan=0.0, posinf=_INF, neginf=-_INF)
+def _weighted(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """p * d, and 0 where p == 0 (masked or underflowed entries: no 0 * inf = NaN)."""
+    return torch.where(p > 0, p * d, 0.0)
 
 
 # --- per-chunk kernels: pure functions of float32 [c, v] chunks, fused by torch.compile ------
@@ -95,11 +105,11 @@ def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool):
     """
     z_pol = z_pol.float()
     z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
-    lse_star = local_logsumexp(z_star)
+    lse_star = local_logsumexp(z_star, flush=True)
     if reverse:
-        part = _finite_or_zero(torch.exp(z_pol - lse_pol) * (z_pol - z_star)).sum(-1)
+        part = _weighted(torch.exp(z_pol - lse_pol), z_pol - z_star).sum(-1)
     else:
-        part = _finite_or_zero(torch.exp(z_star - lse_star[:, None]) * (z_star - z_pol)).sum(-1)
+        part = _weighted(flushed_exp(z_star - lse_star[:, None]), z_star - z_pol).sum(-1)
     return torch.stack([lse_star, part], -1)
 
 
@@ -109,8 +119,8 @@ def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: 
     z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
     p = torch.exp(z_pol - lse_pol)
     if reverse:
-        return _finite_or_zero(p * (z_pol - z_star - total))
-    return p - torch.exp(z_star - lse_star)
+        return _weighted(p, z_pol - z_star - total)
+    return p - flushed_exp(z_star - lse_star)
 
 
 _KERNELS = {
@@ -118,9 +128,9 @@ _KERNELS = {
 }
 
 
-def kernels(fused: bool) -> dict:
-    """The chunk kernels, eager or fused (compiled once per process, lazily)."""
-    return {name: compiled(fn) for name, fn in _KERNELS.items()} if fused else _KERNELS
+def kernels(fused: bool, variant=None) -> dict:
+    """The chunk kernels, eager or fused (compiled once per process and ``variant``, lazily)."""
+    return {name: compiled(fn, variant) for name, fn in _KERNELS.items()} if fused else _KERNELS
 
 
 @dataclass(frozen=True)
@@ -135,64 +145,101 @@ class _Settings:
     compile: bool
 
 
+def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
+    """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy."""
+    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse))
+
+
+_KERNELS["grad_into"] = _grad_into_kernel
+
+
+def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool = True):
+    """Steps 1-4 for the rows ``[n, V_local]`` given, with one set of three collectives.
+
+    ``k``: the chunk kernels; ``chunked=False`` runs each step on all rows at once.
+    Writes dKL/dz_pol into ``grad`` (or skips it if None). Returns kl, alpha, tvd ``[n]`` float32.
+    """
+    shard, v = s.shard, s.shard.valid
+    n = policy.shape[0]
+    f32 = dict(dtype=torch.float32, device=policy.device)
+    if not v:  # this rank's shard is all padding
+        spans = []
+    elif chunked:
+        spans = list(chunks(n, shard.size, s.chunk_size, streaming=s.compile))
+    else:
+        spans = [(0, n)]
+    reverse = s.direction == "reverse"
+
+    # 1. log-normalisers of policy, dpo and rev
+    lse_local = torch.full((n, 3), -_INF, **f32)
+    for b, e in spans:
+        lse_local[b:e] = k["lse3"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v])
+    lse = combine_lse(all_gather_rows(lse_local, shard))  # [n, 3]
+    lse_pol, lse_dpo, lse_rev = (x.unsqueeze(-1) for x in lse.unbind(-1))  # [n, 1] each
+
+    # 2. TVD of the two teachers -> alpha
+    tvd = torch.zeros(n, **f32)
+    for b, e in spans:
+        tvd[b:e] = k["tvd"](dpo[b:e, :v], rev[b:e, :v], lse_dpo[b:e], lse_rev[b:e])
+    all_reduce_sum(tvd, shard)
+    if s.tvd_half:
+        tvd.mul_(0.5)
+    if s.constant_alpha is not None:
+        alpha = torch.full_like(tvd, float(s.constant_alpha))
+    else:
+        alpha = tvd * s.r + s.eps
+    alpha_col = alpha.unsqueeze(-1)
+
+    # 3. teacher log-normaliser and the KL partial sum
+    partial = torch.zeros(n, 2, **f32)  # [local lse of z*, local KL partial]
+    partial[:, 0] = -_INF
+    for b, e in spans:
+        partial[b:e] = k["kl_partial"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
+                                       lse_pol[b:e], reverse)
+    gathered = all_gather_rows(partial, shard)  # [W, n, 2]
+    lse_star = combine_lse(gathered[..., 0])
+    if reverse:
+        total = gathered[..., 1].sum(0)  # S = sum_v p (z_pol - z*)
+        kl = total - lse_pol.squeeze(-1) + lse_star
+    else:
+        share = torch.exp(gathered[..., 0] - lse_star)  # each rank's share of the teacher mass
+        total = _weighted(share, gathered[..., 1]).sum(0)
+        kl = total - lse_star + lse_pol.squeeze(-1)
+
+    # 4. the gradient, written into the buffer kept for backward
+    if grad is not None:
+        grad[:, v:] = 0  # padding entries get no gradient
+        lse_star_col, total_col = lse_star.unsqueeze(-1), total.unsqueeze(-1)
+        for b, e in spans:
+            k["grad_into"](grad[b:e, :v], policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
+                           lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse)
+    return kl, alpha, tvd
+
+
 class _AlignDistilKL(torch.autograd.Function):
     """(policy, dpo, rev) ``[N, V_local]`` -> (kl, alpha, tvd) ``[N]`` float32; grad to policy only."""
 
     @staticmethod
     def forward(ctx, policy, dpo, rev, s: _Settings):
-        shard, v = s.shard, s.shard.valid
-        n = policy.shape[0]
-        f32 = dict(dtype=torch.float32, device=policy.device)
-        spans = list(chunks(n, shard.size, s.chunk_size)) if v else []  # v = 0: all padding here
-
-        k = kernels(s.compile)
-        reverse = s.direction == "reverse"
-
-        # 1. log-normalisers of policy, dpo and rev
-        lse_local = torch.full((n, 3), -_INF, **f32)
-        for b, e in spans:
-            lse_local[b:e] = k["lse3"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v])
-        lse = combine_lse(all_gather_rows(lse_local, shard))  # [N, 3]
-        lse_pol, lse_dpo, lse_rev = (x.unsqueeze(-1) for x in lse.unbind(-1))  # [N, 1] each
-
-        # 2. TVD of the two teachers -> alpha
-        tvd = torch.zeros(n, **f32)
-        for b, e in spans:
-            tvd[b:e] = k["tvd"](dpo[b:e, :v], rev[b:e, :v], lse_dpo[b:e], lse_rev[b:e])
-        all_reduce_sum(tvd, shard)
-        if s.tvd_half:
-            tvd.mul_(0.5)
-        if s.constant_alpha is not None:
-            alpha = torch.full_like(tvd, float(s.constant_alpha))
+        grad = torch.empty_like(policy) if ctx.needs_input_grad[0] else None
+        if s.shard.collectives():
+            # step-major: each step runs over all chunks before its collective (3 in total)
+            step_kernels = kernels(s.compile, (s.direction, policy.dtype))
+            kl, alpha, tvd = _forward_rows(policy, dpo, rev, grad, s, step_kernels)
         else:
-            alpha = tvd * s.r + s.eps
-        alpha_col = alpha.unsqueeze(-1)
-
-        # 3. teacher log-normaliser and the KL partial sum
-        partial = torch.zeros(n, 2, **f32)  # [local lse of z*, local KL partial]
-        partial[:, 0] = -_INF
-        for b, e in spans:
-            partial[b:e] = k["kl_partial"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
-                                           lse_pol[b:e], reverse)
-        gathered = all_gather_rows(partial, shard)  # [W, N, 2]
-        lse_star = combine_lse(gathered[..., 0])
-        if reverse:
-            total = gathered[..., 1].sum(0)  # S = sum_v p (z_pol - z*)
-            kl = total - lse_pol.squeeze(-1) + lse_star
-        else:
-            share = torch.exp(gathered[..., 0] - lse_star)  # each rank's share of the teacher mass
-            total = _finite_or_zero(share * gathered[..., 1]).sum(0)
-            kl = total - lse_star + lse_pol.squeeze(-1)
-
-        # 4. the gradient, kept for backward (the only saved tensor)
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty_like(policy)
-            grad[:, v:] = 0  # padding entries get no gradient
-            lse_star_col, total_col = lse_star.unsqueeze(-1), total.unsqueeze(-1)
-            for b, e in spans:
-                grad[b:e, :v] = k["grad"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
-                                          lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse)
-            ctx.save_for_backward(grad)
+            # one rank, no collectives: chunk-major, so a chunk's three logit rows stay in cache
+            # through all four steps instead of being streamed from memory four times; compiled,
+            # the four steps of a chunk are one fused kernel
+            n = policy.shape[0]
+            kl, alpha, tvd = (torch.empty(n, dtype=torch.float32, device=policy.device) for _ in range(3))
+            run = compiled(_forward_rows, (s, grad is None)) if s.compile else _forward_rows
+            for b, e in chunks(n, s.shard.size, s.chunk_size):
+                rows = slice(b, e)
+                kl[rows], alpha[rows], tvd[rows] = run(
+                    policy[rows], dpo[rows], rev[rows], None if grad is None else grad[rows], s, _KERNELS,
+                    False)
+        if grad is not None:
+            ctx.save_for_backward(grad)  # the only saved tensor
         ctx.mark_non_differentiable(alpha, tvd)
         return kl, alpha, tvd
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .vocab_parallel import Shard, all_gather_rows, chunks, combine_lse, local_logsumexp, shard_info
+from .vocab_parallel import Shard, all_gather_rows, chunks, combine_lse, flushed_exp, local_logsumexp, shard_info
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
@@ -37,7 +37,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             # d log p(y) / dz = onehot(y) - softmax(z); kept in the logits' dtype
             grad = torch.zeros_like(logits)
             for b, e in spans:
-                g = -torch.exp(logits[b:e, :v].float() - lse[b:e, None])
+                g = -flushed_exp(logits[b:e, :v].float() - lse[b:e, None])
                 grad[b:e, :v] = g.to(grad.dtype)
             rows_here = torch.nonzero(here, as_tuple=True)[0]
             grad[rows_here, local_idx[rows_here]] += 1

@@ -8,6 +8,7 @@ sit at the end of the global vocab, so on every rank the valid entries are a pre
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ import torch.distributed as dist
 # GPUs want big chunks (few kernel launches); CPUs want cache-sized ones (no page faults).
 GPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32
 CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32
+# A fused (compiled) kernel that streams rows and keeps no [chunk, V_local] temporary: bigger
+# chunks only save calls (measured best on CPU for the step-major loss; docs/loss.md).
+CPU_STREAMING_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,33 @@ def combine_lse(local_lse: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(local_lse, dim=0)
 
 
-def chunks(n_tokens: int, local_vocab: int, chunk_size: int | None):
-    """Token ranges ``(begin, end)`` so one float32 temporary stays within the chunk budget."""
+def chunks(n_tokens: int, local_vocab: int, chunk_size: int | None, streaming: bool = False):
+    """Token ranges ``(begin, end)`` so one float32 temporary stays within the chunk budget.
+
+    ``streaming``: the per-chunk work is a fused kernel without chunk-sized temporaries.
+    """
     if chunk_size is None:
-        budget = GPU_CHUNK_ELEMENTS if torch.cuda.is_available() else CPU_CHUNK_ELEMENTS
+        if torch.cuda.is_available():
+            budget = GPU_CHUNK_ELEMENTS
+        else:
+            budget = CPU_STREAMING_CHUNK_ELEMENTS if streaming else CPU_CHUNK_ELEMENTS
         chunk_size = max(1, budget // max(1, local_vocab))
     for begin in range(0, n_tokens, chunk_size):
         yield begin, min(n_tokens, begin + chunk_size)
 
 
-def local_logsumexp(z: torch.Tensor) -> torch.Tensor:
+# exp(x) for x below this is under float32's smallest normal number (e^-87.34): such results are
+# flushed to exactly 0, as GPUs do, because CPU arithmetic on subnormal floats is ~20x slower
+# (extrapolated teacher logits z* span hundreds of nats, so most of their exps would be subnormal).
+EXP_FLUSH_BELOW = -87.0
+
+
+def flushed_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x), with 0 wherever it would be a float32 subnormal (error < 1.2e-38 per entry)."""
+    return torch.exp(torch.where(x < EXP_FLUSH_BELOW, float("-inf"), x))
+
+
+def local_logsumexp(z: torch.Tensor, flush: bool = False) -> torch.Tensor:
     """log-sum-exp over the last dim; -inf for an empty or fully masked (all -inf) row.
 
     Written with elementwise ops so torch.compile fuses it into the loss kernels.
@@ -106,7 +127,7 @@ def local_logsumexp(z: torch.Tensor) -> torch.Tensor:
         return z.new_full(z.shape[:-1], float("-inf"))
     m = z.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (z - m).exp().sum(-1).log() + m.squeeze(-1)
+    return (flushed_exp(z - m) if flush else torch.exp(z - m)).sum(-1).log() + m.squeeze(-1)
 
 
 def use_compile() -> bool:
@@ -123,14 +144,23 @@ def use_compile() -> bool:
     return torch.cuda.is_available()
 
 
-_COMPILED: dict = {}  # eager kernel -> its compiled runner
+_COMPILED: dict = {}  # (eager kernel, variant) -> its compiled runner
 _FAILED: set = set()  # eager kernels whose compilation failed (they run eager from then on)
 
 
-def compiled(fn):
-    """``torch.compile(fn, dynamic=True)``, made once per process; eager if compiling fails."""
-    if fn not in _COMPILED:
-        fast = torch.compile(fn, dynamic=True)
+def compiled(fn, variant=None):
+    """``torch.compile(fn, dynamic=True)``, made once per process and variant; eager if compiling fails.
+
+    ``variant`` (hashable: the Python-level settings ``fn`` branches on) gets its own copy of
+    ``fn``'s code object, so each variant has its own Dynamo cache: a process that runs several
+    loss variants never exhausts Dynamo's recompile limit and silently falls back to eager.
+    """
+    if (fn, variant) not in _COMPILED:
+        target = fn
+        if variant is not None:
+            target = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                        fn.__defaults__, fn.__closure__)
+        fast = torch.compile(target, dynamic=True)
 
         def run(*args):
             if fn in _FAILED:
@@ -144,8 +174,8 @@ def compiled(fn):
                 _FAILED.add(fn)
                 return fn(*args)
 
-        _COMPILED[fn] = run
-    return _COMPILED[fn]
+        _COMPILED[(fn, variant)] = run
+    return _COMPILED[(fn, variant)]
 
 
 def compile_failures() -> list[str]:
