@@ -4,7 +4,8 @@ All sizes in bytes, for the worst pipeline stage. Terms (see docs/scaling.md):
 
 * policy weights (bf16 or fp32), fp32 main gradients (Megatron DDP, ``grad_reduce_in_fp32``),
   Adam state (fp32 master copy when bf16 + two moments; divided by DP with the distributed
-  optimizer), frozen models' weights (teachers / reference; bf16 with ``--bf16``);
+  optimizer), frozen models' weights (teachers / reference; bf16 with ``--bf16``; with
+  ``--offload-frozen-models`` only the two largest streamed blocks, the rest in host memory);
 * activations kept for backward, per layer and in-flight micro-batch (1F1B keeps up to PP of them
   on the first stage): norms' inputs, the QKV projections, attention scores and probabilities
   (``a*s^2*b``, absent with flash attention), the SwiGLU intermediates; TP divides the
@@ -39,6 +40,7 @@ class Layout:
     sequences_per_record: int = 1  # DPO 2
     flash_attention: bool = True  # TE/flash on GPU; the CPU local spec materialises scores
     chunk_elements: int = GPU_CHUNK_ELEMENTS
+    offload_frozen: bool = False  # --offload-frozen-models: frozen weights streamed from host memory
 
 
 def layer_params(arch: QwenArch) -> int:
@@ -58,6 +60,12 @@ def stage_params(arch: QwenArch, lay: Layout) -> int:
     if lay.pp == 1:
         return int(layers + emb + last_out + arch.hidden_size)
     return int(max(first, last))
+
+
+def largest_block_params(arch: QwenArch, lay: Layout) -> int:
+    """Parameters of the biggest block streamed by ``--offload-frozen-models`` (a layer, or the
+    embedding / output layer), on one GPU."""
+    return int(max(layer_params(arch), arch.padded_vocab_size * arch.hidden_size) / lay.tp)
 
 
 def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
@@ -92,16 +100,24 @@ def plan_memory(arch: QwenArch, lay: Layout) -> dict:
     p2p = (in_flight if lay.pp > 1 else 0) * (1 + lay.frozen_models) * e * s * b * arch.hidden_size * rep
     v_local = arch.padded_vocab_size / lay.tp
     logits = (1 + lay.frozen_models + 1) * pb * s * b * v_local + 4 * 4 * min(lay.chunk_elements, s * b * v_local)
+    frozen = lay.frozen_models * pb * w
+    if lay.offload_frozen and lay.frozen_models:  # current block + the one being prefetched
+        frozen = 2 * pb * largest_block_params(arch, lay)
     terms = {
         "policy_weights": pb * w,
         "main_grads": 4 * w,
         "optimizer_state": (8 + (4 if lay.bf16 else 0)) * w / (lay.dp if lay.distributed_optimizer else 1),
-        "frozen_weights": lay.frozen_models * pb * w,
+        "frozen_weights": frozen,
         "activations": act + p2p,
         "logits_and_loss": logits,
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+def host_bytes_per_gpu(arch: QwenArch, lay: Layout) -> int:
+    """Pinned host memory per GPU for offloaded frozen weights (0 without offloading)."""
+    return lay.frozen_models * (2 if lay.bf16 else 4) * stage_params(arch, lay) if lay.offload_frozen else 0
 
 
 def suggest(arch: QwenArch, gpu_memory_gb: float, gpus_per_node: int = 8, max_nodes: int = 32,

@@ -56,6 +56,9 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         "dp2": _train(setup, tmp_path, "dp2", 2, "--use-distributed-optimizer"),
         "tp2_sp_recompute": _train(setup, tmp_path, "tp2sp", 2, "--tensor-model-parallel-size", "2",
                                    "--sequence-parallel", "--recompute-granularity", "full"),
+        # teachers' weights streamed from host memory, on both pipeline stages
+        "pp2_offload": _train(setup, tmp_path, "pp2off", 2, "--pipeline-model-parallel-size", "2",
+                              "--offload-frozen-models"),
     }
     for name, metrics in runs.items():
         assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5], name
@@ -65,7 +68,7 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         assert metrics[0]["loss"] == pytest.approx(ref_loss, rel=1e-4), name
     base = [m["loss"] for m in runs["tp1pp1"]]
     assert base[-1] < base[0]  # it learns
-    for name in ("tp2pp2", "dp2", "tp2_sp_recompute"):
+    for name in ("tp2pp2", "dp2", "tp2_sp_recompute", "pp2_offload"):
         assert [m["loss"] for m in runs[name]] == pytest.approx(base, rel=1e-4), name
         assert [m["tokens"] for m in runs[name]] == [m["tokens"] for m in runs["tp1pp1"]]
 

@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--recompute-granularity", choices=["full"], default=None)
+    ap.add_argument("--offload-frozen-models", action="store_true",
+                    help="frozen models' weights in host memory, streamed per layer (as the trainer flag)")
     ap.add_argument("--no-flash-attention", action="store_true", help="count a*s^2 attention scores")
     ap.add_argument("--suggest", action="store_true", help="list the smallest layouts that fit")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
@@ -38,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from megatron_aligndistil.memory import GIB, Layout, plan_memory, suggest
+    from megatron_aligndistil.memory import GIB, Layout, host_bytes_per_gpu, plan_memory, suggest
     from megatron_aligndistil.train.plan import resolve_arch
 
     arch = resolve_arch(args.hf_config)
@@ -47,7 +49,7 @@ def main(argv=None):
                   bf16=not args.fp32, distributed_optimizer=not args.no_distributed_optimizer,
                   sequence_parallel=args.sequence_parallel, recompute=args.recompute_granularity,
                   frozen_models=frozen, sequences_per_record=2 if args.method == "dpo" else 1,
-                  flash_attention=not args.no_flash_attention)
+                  flash_attention=not args.no_flash_attention, offload_frozen=args.offload_frozen_models)
     if args.suggest:
         fits = suggest(arch, args.gpu_memory_gb, args.gpus_per_node, **common)
         if args.json:
@@ -64,12 +66,15 @@ def main(argv=None):
     arch.check_layout(tp, pp)
     lay = Layout(tp=tp, pp=pp, dp=args.world_size // (tp * pp), **common)
     terms = plan_memory(arch, lay)
+    host = host_bytes_per_gpu(arch, lay)
     if args.json:
-        print(json.dumps({k: v / GIB for k, v in terms.items()}))
+        print(json.dumps({**{k: v / GIB for k, v in terms.items()}, "host_pinned_per_gpu": host / GIB}))
     else:
         print(f"per-GPU memory, worst pipeline stage, TP{tp} PP{pp} DP{lay.dp} ({args.method}):")
         for k, v in terms.items():
             print(f"  {k:<16} {v / GIB:8.2f} GiB")
+        if host:
+            print(f"  (+ {host / GIB:.2f} GiB of pinned host memory per GPU for the offloaded frozen weights)")
     return 0
 
 

@@ -39,6 +39,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 policy with fp32 master weights; bf16 frozen models")
+    g.add_argument("--offload-frozen-models", action="store_true",
+                   help="keep the teachers' / reference's weights in pinned host memory and stream them to the "
+                        "GPU one layer ahead of their forward (saves their GPU memory, costs host-link traffic "
+                        "per micro-batch; docs/scaling.md)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", required=True, help="tokenized JSONL (SPEC section 3)")

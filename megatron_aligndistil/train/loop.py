@@ -139,6 +139,10 @@ class Trainer:
             use_distributed_optimizer=self.args.use_distributed_optimizer,
         )
         model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        if self.args.offload_frozen_models:  # after Float16Module cast them to bf16
+            from ..models.offload import offload_frozen_models
+
+            self.frozen_streamers = offload_frozen_models(frozen_models)
         self.config.no_sync_func = model.no_sync
         from megatron.core.distributed import finalize_model_grads
 

@@ -50,6 +50,7 @@ def make_plan(args, world_size: int) -> dict:
         "sequences_per_p2p_tensor": args.micro_batch_size * per_record * (1 + frozen),
         "sequence_parallel": args.sequence_parallel, "recompute": args.recompute_granularity,
         "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
+        "frozen_models_offloaded": args.offload_frozen_models,
         "seq_length": args.seq_length,
     }
 
