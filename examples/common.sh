@@ -7,6 +7,7 @@
 #   DATA      tokenized data prefix             (default data/uf, from tools/preprocess_data.py)
 #   RUNS      output root                       (default runs/<model>)
 #   DRY_RUN=1 check flags against the model and print the parallel plan; allocates nothing
+#   OFFLOAD=1 keep the teachers'/reference's weights in host memory (--offload-frozen-models)
 set -euo pipefail
 
 NNODES=${NNODES:-${DEFAULT_NNODES:-1}}
@@ -24,6 +25,7 @@ launch() {
                 --global-batch-size 128 --micro-batch-size "$MBS" --seq-length 2048
                 --lr-warmup-fraction 0.1 --bf16 --use-distributed-optimizer
                 --save-interval 200 "${EXTRA[@]}")
+  if [ "${OFFLOAD:-0}" = 1 ]; then common+=(--offload-frozen-models); fi
   local args
   case "$method" in
     dpo)     args=(dpo --load "$base" --data-path "$data"_pairs.jsonl --save "$runs"/dpo --dpo-beta 0.1 --lr 1e-6) ;;

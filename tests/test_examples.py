@@ -29,3 +29,11 @@ def test_recipes_pass_dry_run(recipe):
 def test_dry_run_refuses_a_layout_that_does_not_fit():
     r = _dry("qwen2.5-72b", "aligndistil", NNODES="1")  # 8 GPUs cannot hold TP8 x PP4
     assert r.returncode == 2 and "not divisible by TP 8 x PP 4" in r.stderr
+
+
+def test_single_node_32b_recipe_offloads_the_teachers():
+    r = _dry("qwen2.5-32b", "aligndistil", NNODES="1")
+    assert r.returncode == 0, r.stderr[-1500:]
+    plan = dict(line.split(None, 1) for line in r.stdout.splitlines()[1:] if line.strip())
+    assert plan["frozen_models_offloaded"].strip() == "True" and plan["pipeline_parallel"].strip() == "1"
+    assert float(plan["planned_gb_per_gpu"]) < 80 - 6  # fits an 80 GB GPU with the planner's reserve

@@ -69,3 +69,19 @@ def test_suggestions_respect_kv_groups_and_fit():
     assert fits[0]["gpus"] == 8
     small_gpu = suggest(arch, 24, sequence_parallel=True, recompute="full")
     assert small_gpu and all(f["per_gpu_gb"] <= 24 - 6 for f in small_gpu)  # minus the 6 GB reserve
+
+
+def test_offloaded_teachers_leave_two_blocks_on_the_gpu_and_fit_32b_on_one_node():
+    from megatron_aligndistil.memory import host_bytes_per_gpu, largest_block_params
+
+    arch = QwenArch.from_hf_config(json.load(open(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
+        "qwen2.5-32b-instruct.json"))))
+    lay = Layout(tp=8, pp=1, dp=1, sequence_parallel=True, recompute="full")
+    off = Layout(**{**lay.__dict__, "offload_frozen": True})
+    resident, streamed = plan_memory(arch, lay), plan_memory(arch, off)
+    assert streamed["frozen_weights"] == 2 * 2 * largest_block_params(arch, off)
+    assert resident["total"] - streamed["total"] == resident["frozen_weights"] - streamed["frozen_weights"]
+    assert host_bytes_per_gpu(arch, off) == resident["frozen_weights"] and host_bytes_per_gpu(arch, lay) == 0
+    assert suggest(arch, 80, sequence_parallel=True, recompute="full")[0]["nodes"] == 2
+    assert suggest(arch, 80, sequence_parallel=True, recompute="full", offload_frozen=True)[0]["nodes"] == 1

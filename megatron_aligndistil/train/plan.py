@@ -39,6 +39,7 @@ def make_plan(args, world_size: int) -> dict:
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     frozen = {"aligndistil": 2, "dpo": 1, "sft": 0}[args.method]
     per_record = 2 if args.method == "dpo" else 1
+    memory = planned_memory(args, arch, tp, pp, dp, frozen, per_record)
     return {
         "method": args.method, "model_type": arch.model_type, "layers": arch.num_layers,
         "hidden": arch.hidden_size, "heads": arch.num_attention_heads, "kv_groups": arch.num_query_groups,
@@ -52,7 +53,25 @@ def make_plan(args, world_size: int) -> dict:
         "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
         "frozen_models_offloaded": args.offload_frozen_models,
         "seq_length": args.seq_length,
+        **memory,
     }
+
+
+def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int, per_record: int) -> dict:
+    """The memory planner's per-GPU prediction for these flags (GB; docs/scaling.md)."""
+    from .. import memory
+
+    lay = memory.Layout(
+        tp=tp, pp=pp, dp=dp, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
+        seq_length=args.seq_length, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,
+        sequence_parallel=args.sequence_parallel,
+        recompute="full" if args.recompute_granularity == "full" else None,
+        frozen_models=frozen, sequences_per_record=per_record, offload_frozen=args.offload_frozen_models,
+    )
+    out = {"planned_gb_per_gpu": round(memory.plan_memory(arch, lay)["total"] / memory.GIB, 1)}
+    if args.offload_frozen_models:
+        out["planned_host_pinned_gb_per_gpu"] = round(memory.host_bytes_per_gpu(arch, lay) / memory.GIB, 1)
+    return out
 
 
 def print_plan(plan: dict) -> None:

@@ -1,0 +1,76 @@
+"""Issue 8: frozen models streamed from host memory give the same logits, with at most two blocks
+of their weights resident; the trainer with --offload-frozen-models follows the same trajectory."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.testing import run_distributed
+
+from conftest import tiny_arch
+
+
+def _offloaded_logits(arch_fields, tp):
+    """One rank: a frozen stage's output before and after offloading, and the residency record."""
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.models.offload import FrozenWeightStreamer
+
+    torch.manual_seed(0)
+    arch = qwen.QwenArch(**arch_fields)
+    model = qwen.build_model(arch, qwen.transformer_config(arch))
+    model.requires_grad_(False)
+    model.eval()
+    for p in model.parameters():  # non-trivial norms too
+        p.data.normal_(0, 0.2)
+    tokens = torch.randint(0, arch.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(9).unsqueeze(0).expand_as(tokens)
+
+    def run():
+        if not model.pre_process:  # a later pipeline stage: a fixed input activation
+            g = torch.Generator().manual_seed(2)
+            model.set_input_tensor(torch.randn(9, 2, arch.hidden_size, generator=g))
+        with torch.no_grad():
+            return model(tokens, positions, None)
+
+    before = run()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    streamer = FrozenWeightStreamer(model)
+    blocks = sorted(streamer.block_bytes, reverse=True)
+    idle = sum(p.numel() for p in model.parameters())
+    after, again = run(), run()
+    streamer.remove()
+    restored = run()
+    from megatron_aligndistil import memory
+
+    planned = 2 * 4 * memory.largest_block_params(arch, memory.Layout(tp=tp, bf16=False))
+    return {
+        "planned": planned,
+        "same": torch.equal(before, after) and torch.equal(before, again) and torch.equal(before, restored),
+        "idle_elements": idle, "resident_after": streamer.resident_bytes,
+        "peak": streamer.peak_resident_bytes, "two_largest_blocks": sum(blocks[:2]), "total": total,
+    }
+
+
+@pytest.mark.parametrize("tied,layout,world", [
+    (True, Layout(tp=1, pp=1), 1),  # embedding weight reused by the output layer
+    (False, Layout(tp=2, pp=2), 4),  # first and last pipeline stages, vocab-parallel shards
+])
+def test_streamed_frozen_model_gives_identical_output_with_two_blocks_resident(tied, layout, world):
+    arch = tiny_arch(tied=tied, vocab_size=1001)
+    results = run_distributed(_offloaded_logits, world, args=(dataclasses.asdict(arch), layout.tp),
+                              layout=layout)
+    for rank, r in enumerate(results):
+        assert r["same"], rank  # bit-identical outputs before, during and after offloading
+        assert r["idle_elements"] == 0, rank  # no weight on the device between forwards
+        assert r["resident_after"] == 0, rank
+        assert 0 < r["peak"] <= r["two_largest_blocks"] < r["total"], (rank, r)
+        assert r["peak"] <= r["planned"], (rank, r)  # the memory planner's frozen_weights term
+
+
+def test_refuses_a_model_that_trains():
+    from megatron_aligndistil.models.offload import FrozenWeightStreamer
+
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenWeightStreamer(torch.nn.Linear(2, 2))
