@@ -40,6 +40,19 @@ def _offloaded_logits(arch_fields, tp):
     blocks = sorted(streamer.block_bytes, reverse=True)
     idle = sum(p.numel() for p in model.parameters())
     after, again = run(), run()
+
+    def fail(*_):
+        raise RuntimeError("injected")
+
+    hook = streamer.blocks[1][0].register_forward_pre_hook(fail)  # a forward that dies midway
+    try:
+        run()
+    except RuntimeError:
+        pass
+    hook.remove()
+    recovered = run()
+    resident_after = streamer.resident_bytes
+    idle += sum(p.numel() for p in model.parameters())
     streamer.remove()
     restored = run()
     from megatron_aligndistil import memory
@@ -47,8 +60,8 @@ def _offloaded_logits(arch_fields, tp):
     planned = 2 * 4 * memory.largest_block_params(arch, memory.Layout(tp=tp, bf16=False))
     return {
         "planned": planned,
-        "same": torch.equal(before, after) and torch.equal(before, again) and torch.equal(before, restored),
-        "idle_elements": idle, "resident_after": streamer.resident_bytes,
+        "same": all(torch.equal(before, x) for x in (after, again, recovered, restored)),
+        "idle_elements": idle, "resident_after": resident_after,
         "peak": streamer.peak_resident_bytes, "two_largest_blocks": sum(blocks[:2]), "total": total,
     }
 

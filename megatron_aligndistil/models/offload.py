@@ -101,6 +101,9 @@ class FrozenWeightStreamer:
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
     def _enter(self, i: int) -> None:
+        if i == 0:  # a new forward: drop blocks a forward that raised midway left on the device
+            for j in list(self._ready):
+                self._exit(j)
         self._load(i)
         event = self._ready[i]
         if event is not None:
