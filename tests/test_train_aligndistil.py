@@ -118,6 +118,31 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
         check_compatible(arch, setup["policy"], str(other), "dpo")
 
 
+def test_nan_in_the_gradients_stops_before_the_optimizer_step(setup, tmp_path):
+    """A policy whose logits are NaN: one clear line naming the iteration, exit 2, no checkpoint."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_policy"
+    shutil.copytree(setup["policy"], broken)
+    for f in broken.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name in tensors:
+            if name.endswith("final_layernorm.weight"):
+                tensors[name] = torch.full_like(tensors[name], float("nan"))
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    save = tmp_path / "run"
+    argv = aligndistil_argv(dict(setup, policy=str(broken)), str(save), iters=2)
+    r = subprocess.run([sys.executable, "-m", "megatron_aligndistil.train", *argv], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "iteration 1: non-finite gradients" in r.stderr and "NaN" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (save / "metrics.jsonl").exists() or not (save / "metrics.jsonl").read_text().strip()
+
+
 def test_bf16_follows_the_fp32_trajectory(setup, tmp_path):
     """bf16 policy (fp32 master weights) and bf16 teachers: same path on CPU as on GPU."""
     fp32 = _train(setup, tmp_path, "fp32", 1, iters=3)

@@ -12,6 +12,7 @@ whatever the TP/PP/DP/micro-batch layout. The logged loss is reduced the same wa
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -63,6 +64,16 @@ class Method:
     def metrics(self, sums: dict) -> dict:
         """metrics.jsonl fields from global sums of ``stat_names`` (plus loss, sequences)."""
         return {}
+
+
+class TrainingDiverged(ValueError):
+    """Non-finite gradients: raised before the optimizer step, so weights and checkpoints stay intact."""
+
+    def __init__(self, iteration: int, detail: str):
+        super().__init__(
+            f"iteration {iteration}: non-finite gradients ({detail.strip()}); stopped before the optimizer "
+            "step, so the weights and the last checkpoint are intact. Check the data and the --load / "
+            "teacher checkpoints for NaN, or lower --lr, then resume from the last checkpoint.")
 
 
 class Trainer:
@@ -137,6 +148,7 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.args.use_distributed_optimizer,
+            check_for_nan_in_grad=True,  # as Megatron-LM's --check-for-nan-in-loss-and-grad (default on)
         )
         model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
         if self.args.offload_frozen_models:  # after Float16Module cast them to bf16
@@ -247,15 +259,20 @@ class Trainer:
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=seq_len,
-            micro_batch_size=self.args.micro_batch_size * self.method.sequences_per_record * self.stage.num_models,
-            forward_only=False,
-        )
+        try:
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=seq_len,
+                micro_batch_size=self.args.micro_batch_size * self.method.sequences_per_record * self.stage.num_models,
+                forward_only=False,
+            )
+        except RuntimeError as exc:  # Megatron's DDP check (check_for_nan_in_grad) found NaN / Inf
+            if "found NaN" in str(exc) or "found Inf" in str(exc):
+                raise TrainingDiverged(self.iteration + 1, str(exc)) from exc
+            raise
         ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise RuntimeError(f"iteration {self.iteration + 1}: optimizer step failed (non-finite gradients)")
+        if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}")
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed += self.args.global_batch_size
