@@ -126,7 +126,7 @@ def local_logsumexp(z: torch.Tensor, flush: bool = False) -> torch.Tensor:
     if z.shape[-1] == 0:
         return z.new_full(z.shape[:-1], float("-inf"))
     m = z.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(m == float("-inf"), 0.0, m)  # all-masked row; a comparison (isfinite is scalar in Inductor)
     return (flushed_exp(z - m) if flush else torch.exp(z - m)).sum(-1).log() + m.squeeze(-1)
 
 
