@@ -123,8 +123,13 @@ def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: 
     return p - flushed_exp(z_star - lse_star)
 
 
+def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
+    """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy."""
+    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse))
+
+
 _KERNELS = {
-    "lse3": _lse3_kernel, "tvd": _tvd_kernel, "kl_partial": _kl_partial_kernel, "grad": _grad_kernel,
+    "lse3": _lse3_kernel, "tvd": _tvd_kernel, "kl_partial": _kl_partial_kernel, "grad_into": _grad_into_kernel,
 }
 
 
@@ -143,14 +148,6 @@ class _Settings:
     direction: str
     chunk_size: int | None
     compile: bool
-
-
-def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
-    """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy."""
-    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse))
-
-
-_KERNELS["grad_into"] = _grad_into_kernel
 
 
 def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool = True):

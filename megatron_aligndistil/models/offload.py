@@ -31,9 +31,7 @@ def _blocks(model) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
     blocks.extend(model.decoder.layers)
     if getattr(model.decoder, "final_layernorm", None) is not None:
         blocks.append(model.decoder.final_layernorm)
-    out = []
-    for block in blocks:
-        out.append((block, list(block.parameters())))
+    out = [(block, list(block.parameters())) for block in blocks]
     if getattr(model, "post_process", False):
         params = list(model.output_layer.parameters())
         if model.share_embeddings_and_output_weights:

@@ -151,6 +151,7 @@ class Trainer:
             check_for_nan_in_grad=True,  # as Megatron-LM's --check-for-nan-in-loss-and-grad (default on)
         )
         model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        self.frozen_streamers = []  # --offload-frozen-models: one per frozen model
         if self.args.offload_frozen_models:  # after Float16Module cast them to bf16
             from ..models.offload import offload_frozen_models
 
