@@ -67,13 +67,14 @@ class Method:
 
 
 class TrainingDiverged(ValueError):
-    """Non-finite gradients: raised before the optimizer step, so weights and checkpoints stay intact."""
+    """Non-finite gradients. ``before_step``: found before the optimizer step (weights intact)."""
 
-    def __init__(self, iteration: int, detail: str):
+    def __init__(self, iteration: int, detail: str, before_step: bool = True):
+        state = ("stopped before the optimizer step, so the weights and the last checkpoint are intact"
+                 if before_step else "the in-memory weights may be damaged; the last checkpoint is intact")
         super().__init__(
-            f"iteration {iteration}: non-finite gradients ({detail.strip()}); stopped before the optimizer "
-            "step, so the weights and the last checkpoint are intact. Check the data and the --load / "
-            "teacher checkpoints for NaN, or lower --lr, then resume from the last checkpoint.")
+            f"iteration {iteration}: non-finite gradients ({detail.strip()}); {state}. Check the data and the "
+            "--load / teacher checkpoints for NaN, or lower --lr, then resume from the last checkpoint.")
 
 
 class Trainer:
@@ -273,7 +274,7 @@ class Trainer:
             raise
         ok, grad_norm, _ = self.optimizer.step()
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
-            raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}")
+            raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed += self.args.global_batch_size
