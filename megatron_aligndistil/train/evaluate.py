@@ -25,9 +25,9 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
                     skip_bad: bool = False) -> dict:
     """Collective over all ranks (any TP/PP; the rest is DP). Returns the same dict on every rank."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..models.lockstep import LockstepStage
+    from .schedule import forward_only
 
     parallel.init_model_parallel(parallel.Layout(tp, pp))
     arch = qwen.read_arch(checkpointing.weights_dir(model_path))
@@ -47,29 +47,16 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
     sums = torch.zeros(4, dtype=torch.float64)  # pairs, correct, chosen reward, rejected reward
     for i in range(0, len(mine), micro_batch_size):
         records = mine[i: i + micro_batch_size]
-        seq_len = max(method.record_length(r) for r in records)
-        batch = method.micro_batch(records, seq_len)
+        batch = method.micro_batch(records, max(method.record_length(r) for r in records))
 
-        def forward_step(data_iter, model, batch=batch):
-            next(data_iter)
-            out = model(batch.tokens.to(platform.device()), batch.positions.to(platform.device()), None)
-            if not parallel_state.is_pipeline_last_stage():
-                return out, None
+        def score(logits, batch=batch):
+            _, n, stats = method.loss(logits, batch, arch.vocab_size)
+            return torch.tensor([n, float(stats["correct"]), float(stats["chosen_reward"]),
+                                 float(stats["rejected_reward"])], dtype=torch.float64)
 
-            def loss_func(policy_out):
-                _, n, stats = method.loss([policy_out] + out[1:], batch, arch.vocab_size)
-                return torch.zeros(()), {"stats": torch.tensor([n, float(stats["correct"]),
-                                                                float(stats["chosen_reward"]),
-                                                                float(stats["rejected_reward"])])}
-
-            return out[0], loss_func
-
-        res = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([0]), model=[stage], num_microbatches=1,
-            seq_length=seq_len, micro_batch_size=len(records) * 2 * stage.num_models, forward_only=True,
-        )
-        if res and parallel_state.get_tensor_model_parallel_rank() == 0:
-            sums += res[0]["stats"].double()
+        got = forward_only(stage, batch, score, micro_batch_size=len(records) * 2 * stage.num_models)
+        if got is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            sums += got
     sums = sums.to(platform.device())
     torch.distributed.all_reduce(sums)
     n, correct, chosen, rejected = sums.cpu().tolist()

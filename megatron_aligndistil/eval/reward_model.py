@@ -1,0 +1,58 @@
+"""Judging with a Hugging Face sequence-classification reward model: scores and win rates.
+
+For real data there is no exact rule: a reward model (e.g. a Skywork / ArmoRM-style
+``AutoModelForSequenceClassification`` with one output) scores each (prompt, response) rendered
+with its own chat template, and a policy's *win rate* against a baseline is the share of
+(prompt, sample) slots where the policy's response scores higher (ties count one half), with a
+95% interval over prompts. Runs on one process (rank 0 in a launch), GPU when present.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .stats import mean_ci, per_cluster_means
+
+
+class RewardModelJudge:
+    def __init__(self, path: str, batch_size: int = 16, device: str | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model needs one output (num_labels 1), "
+                             f"this one has {self.model.config.num_labels}")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    def _render(self, prompt: str, response: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return f"{prompt}\n{response}"
+
+    @torch.no_grad()
+    def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One scalar reward per (prompt, response)."""
+        out = []
+        self.tokenizer.padding_side = "right"
+        for b in range(0, len(prompts), self.batch_size):
+            texts = [self._render(p, r) for p, r in zip(prompts[b: b + self.batch_size],
+                                                        responses[b: b + self.batch_size])]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            out += self.model(**enc).logits[:, 0].float().cpu().tolist()
+        return out
+
+
+def win_rate(policy_scores: list[float], baseline_scores: list[float], prompt_index: list[int]) -> dict:
+    """Share of slots where the policy's score beats the baseline's (ties 0.5), with a 95% interval
+    over prompts: ``{"mean", "lo", "hi", "n"}``."""
+    if len(policy_scores) != len(baseline_scores) or len(policy_scores) != len(prompt_index):
+        raise ValueError("win_rate: policy, baseline and prompt index lists differ in length")
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, baseline_scores)]
+    return mean_ci(per_cluster_means(wins, prompt_index))

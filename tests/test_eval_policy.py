@@ -1,0 +1,126 @@
+"""Issue 14: the policy evaluator (tools/eval_policy.py) and the reward-model judge.
+
+The evaluator gives identical greedy (and seeded sampled) outputs from a Megatron checkpoint at
+TP2 PP2 and from its HF export, equal to transformers' greedy decoding; KL of a model from
+itself is 0; the reward-model judge and win rates on a tiny random reward model.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from megatron_aligndistil.eval.world import corpus
+from megatron_aligndistil.testing import run_distributed
+
+PROMPTS = ["Describe the red fox.", "Say owl three times.", "Which word is last: cat, red, owl?",
+           "Put fox before blue.", "Describe the blue duck."]
+
+
+def _tool(argv):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import eval_policy
+
+    return eval_policy.main(argv)
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    """A tiny random Qwen2 with the gold world's tokenizer: converted checkpoint + its HF export."""
+    from hf_fixtures import tiny_hf_model
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_aligndistil.data.synthetic import train_tokenizer
+
+    root = tmp_path_factory.mktemp("evalpolicy")
+    tok = train_tokenizer(corpus(), vocab_size=400)
+    model = tiny_hf_model("qwen2", tied=True, vocab_size=448, seed=3)
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(root / "hf_src")
+    tok.save_pretrained(root / "hf_src")
+    mcore = convert_hf_to_megatron(str(root / "hf_src"), str(root / "mcore"), progress=False)
+    export = convert_megatron_to_hf(mcore, str(root / "hf_export"), progress=False)
+    other = tiny_hf_model("qwen2", tied=True, vocab_size=448, seed=4)  # a different "DPO model"
+    other.config.eos_token_id = tok.eos_token_id
+    other.save_pretrained(root / "hf_other")
+    tok.save_pretrained(root / "hf_other")
+    with open(root / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"instruction": p, "family": "x"}) + "\n" for p in PROMPTS)
+    return {"root": root, "mcore": mcore, "hf": export, "other": str(root / "hf_other"), "prompts": str(root / "prompts.jsonl"), "tok": tok}
+
+
+def test_megatron_tp2_pp2_and_hf_export_give_identical_outputs(world_model):
+    from transformers import AutoModelForCausalLM
+
+    m = world_model
+    out = str(m["root"] / "eval.json")
+    argv = ["--", f"--policy=mcore={m['mcore']}", f"--policy=hf={m['hf']}", "--prompts", m["prompts"],
+            "--ref-load", m["hf"], "--dpo-load", m["other"], "--samples-per-prompt", "3", "--max-new-tokens", "6",
+            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--out", out,
+            "--plot", str(m["root"] / "eval.png")]
+    assert run_distributed(_tool, 4, args=(argv,), timeout=400) == [0, 0, 0, 0]
+    res = {p["name"]: p for p in json.load(open(out))["policies"]}
+    assert res["mcore"]["greedy_outputs"] == res["hf"]["greedy_outputs"]
+    assert res["mcore"]["sample_outputs"] == res["hf"]["sample_outputs"]  # same seeds, same weights
+    for r in res.values():  # the same weights as the reference: KL exactly 0 up to float error
+        assert abs(r["kl_from_ref"]) < 1e-4
+        assert r["prompts"] == len(PROMPTS) and len(r["per_prompt_gold"]) == len(PROMPTS)
+        assert r["gold"]["lo"] <= r["gold_rate"] <= r["gold"]["hi"]
+    # transformers' own greedy decoding of the HF export gives the same texts
+    tok = m["tok"]
+    hf = AutoModelForCausalLM.from_pretrained(m["hf"], dtype=torch.float32).eval()
+    for prompt, text in zip(PROMPTS, res["hf"]["greedy_outputs"]):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        gen = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.eos_token_id)
+        assert tok.decode([t for t in gen[0, ids.shape[1]:].tolist() if t != tok.eos_token_id],
+                          skip_special_tokens=True) == text
+    # KL from another model: mean over samples of log pi(y|x) - log other(y|x), from transformers
+    other = AutoModelForCausalLM.from_pretrained(m["other"], dtype=torch.float32).eval()
+    diffs = []
+    for k, resp in enumerate(res["hf"]["sample_response_ids"]):
+        ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[k // 3]}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+        x = torch.tensor([ids + resp])
+        with torch.no_grad():
+            lp = [torch.log_softmax(mdl(x).logits[0, len(ids) - 1: -1].double(), -1)
+                  .gather(-1, torch.tensor(resp)[:, None]).sum() for mdl in (hf, other)]
+        diffs.append(float(lp[0] - lp[1]))
+    assert res["hf"]["kl_from_dpo"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3)
+    assert max(abs(d) for d in diffs) > 0.1 and abs(res["hf"]["kl_from_dpo"]) > 0.01  # not a trivial zero
+    assert (m["root"] / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reward_model_judge_and_win_rates(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from megatron_aligndistil.data.synthetic import train_tokenizer
+    from megatron_aligndistil.eval.report import add_win_rates
+    from megatron_aligndistil.eval.reward_model import RewardModelJudge, win_rate
+
+    tok = train_tokenizer(corpus(), vocab_size=400)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=448, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    Qwen2ForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"), batch_size=2)
+    responses = ["The red fox runs.", "owl owl owl.", "The last word is owl.", "fox then blue.", "no"]
+    scores = judge.scores(PROMPTS, responses)
+    assert scores == judge.scores(PROMPTS, responses)  # deterministic, batch-size independent below
+    assert scores == pytest.approx(RewardModelJudge(str(tmp_path / "rm"), batch_size=5).scores(PROMPTS, responses),
+                                   abs=1e-5)
+    assert len(set(scores)) > 1  # the reward depends on the text
+    idx = list(range(len(PROMPTS)))
+    assert win_rate(scores, scores, idx)["mean"] == 0.5  # ties count one half
+    assert win_rate([s + 1 for s in scores], scores, idx)["mean"] == 1.0
+    results = [{"name": "a", "samples_per_prompt": 1, "sample_outputs": responses},
+               {"name": "b", "samples_per_prompt": 1, "sample_outputs": responses[::-1]}]
+    add_win_rates(results, [{"instruction": p} for p in PROMPTS], str(tmp_path / "rm"), "a")
+    assert results[0]["win"]["mean"] == 0.5 and 0 <= results[1]["win"]["mean"] <= 1
+    expected = win_rate(judge.scores(PROMPTS, responses[::-1]), scores, idx)["mean"]
+    assert results[1]["win"]["mean"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="differ in length"):
+        win_rate([1.0], [1.0, 2.0], [0])
