@@ -4,7 +4,8 @@ import torch
 
 
 def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="beta_t",
-                      direction="reverse", constant_alpha=None, tvd_half=True, vocab_size=None):
+                      direction="reverse", constant_alpha=None, tvd_half=True, vocab_size=None,
+                      plausibility_threshold=None):
     """Full-vocab logits ``[..., V]`` -> dict of per-token float64 tensors (loss, kl, alpha, tvd)."""
     v = vocab_size or zp.shape[-1]
     zp, zd, zr = (z[..., :v].double() for z in (zp, zd, zr))
@@ -13,7 +14,10 @@ def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="
     tvd = (p_dpo - p_rev).abs().sum(-1) * (0.5 if tvd_half else 1.0)
     alpha = torch.full_like(tvd, constant_alpha) if constant_alpha is not None else r * tvd + eps
     a = alpha.detach().unsqueeze(-1)
-    z_star = torch.where(teacher_mask, torch.full_like(zd, -torch.inf), zd + a * (zd - zr))  # Eq. 17
+    step = zd - zr
+    if plausibility_threshold is not None:  # never raise a token with p_dpo < tau
+        step = torch.where(p_dpo < plausibility_threshold, step.clamp(max=0), step)
+    z_star = torch.where(teacher_mask, torch.full_like(zd, -torch.inf), zd + a * step)  # Eq. 17
     log_pol, log_star = torch.log_softmax(zp, -1), torch.log_softmax(z_star, -1)
     if direction == "reverse":  # KL(pi_theta || pi*)
         p = log_pol.exp()

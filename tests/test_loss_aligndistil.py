@@ -22,6 +22,8 @@ VARIANTS = {
     "weight_constant": {"token_weight": "constant", "beta0": 0.2},
     "vanilla_dpo_teacher": {"constant_alpha": -0.5, "token_weight": "constant"},  # w = 0.5
     "forward_constant": {"direction": "forward", "constant_alpha": 2.0, "token_weight": "none"},
+    "plausibility_guard": {"plausibility_threshold": 0.02},
+    "guard_forward_constant": {"plausibility_threshold": 0.05, "direction": "forward", "constant_alpha": 1.0},
 }
 
 
@@ -48,6 +50,7 @@ def all_cases():
     cases += [make_case("default", dtype=torch.bfloat16), make_case("forward_kl", dtype=torch.bfloat16)]
     cases += [make_case("default", vocab_size=90, seed=1)]  # the last of 4 ranks holds only padding
     cases += [make_case("default", mask=True, seed=2), make_case("forward_kl", mask=True, seed=2)]
+    cases += [make_case("plausibility_guard", mask=True, seed=2), make_case("plausibility_guard", dtype=torch.bfloat16)]
     cases += [make_case("default", scale=1e4, seed=3), make_case("forward_kl", scale=1e4, seed=3)]
     return cases
 
@@ -176,10 +179,25 @@ def run_cases_compiled(cases):
 def test_tensor_parallel_compiled_kernels():
     """TP > 1 with compilation: the step-major path with each step's fused kernel (the GPU default)."""
     cases = [make_case("default"), make_case("forward_kl", mask=True, seed=2),
-             make_case("constant_alpha", dtype=torch.bfloat16), make_case("default", vocab_size=70, seed=1)]
+             make_case("constant_alpha", dtype=torch.bfloat16), make_case("default", vocab_size=70, seed=1),
+             make_case("plausibility_guard", mask=True, seed=2)]
     per_rank = run_distributed(run_cases_compiled, 2, args=(cases,), layout=Layout(tp=2))
     assert all(failures == [] for _, failures in per_rank)  # no silent eager fallback
     check(cases, [res for res, _ in per_rank])
+
+
+def test_plausibility_guard_never_raises_an_implausible_token():
+    """Hand-checked: tokens below tau under the DPO model are lowered as usual, never raised."""
+    from megatron_aligndistil.loss.aligndistil import teacher_logits
+
+    z_dpo = torch.tensor([[4.0, 0.0, -3.0, -3.0, -torch.inf]])
+    z_rev = torch.tensor([[3.0, 1.0, -5.0, -1.0, 0.0]])
+    floor = torch.logsumexp(z_dpo, -1, keepdim=True) + torch.log(torch.tensor(0.01))  # p_dpo < 0.01
+    # p_dpo = [0.98, 0.018, 0.0009, 0.0009, 0]: tokens 2 and 3 are implausible
+    plain = teacher_logits(z_dpo, z_rev, torch.tensor([[2.0]]))
+    guarded = teacher_logits(z_dpo, z_rev, torch.tensor([[2.0]]), floor)
+    assert plain.tolist() == [[6.0, -2.0, 1.0, -7.0, -torch.inf]]
+    assert guarded.tolist() == [[6.0, -2.0, -3.0, -7.0, -torch.inf]]  # token 2 not boosted, token 3 lowered
 
 
 def test_chunking_does_not_change_results():
@@ -217,6 +235,8 @@ def test_alpha_is_finite_when_teachers_agree():
 
 def test_bad_arguments_are_named():
     z = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="plausibility_threshold"):
+        vocab_parallel_aligndistil(*make_case("default")["logits"], plausibility_threshold=1.5)
     with pytest.raises(ValueError, match="same shape"):
         vocab_parallel_aligndistil(z, z, torch.randn(2, 9))
     with pytest.raises(ValueError, match="token_weight"):

@@ -5,6 +5,9 @@ For each token with logits z over the vocabulary (paper, arXiv 2503.02832)::
     TVD   = 1/2 sum_v |softmax(z_dpo) - softmax(z_rev)|      (tvd_half=False: without the 1/2)
     alpha = r * TVD + eps                                    (or a constant)
     z*    = z_dpo + alpha * (z_dpo - z_rev)                  (Eq. 17; no gradient)
+            plausibility guard (optional, threshold tau): where p_dpo(v) < tau the step
+            alpha * (z_dpo - z_rev) is clamped at 0: extrapolation may lower a token the DPO
+            model finds implausible but never raise it (docs/alignment.md for the evidence)
     KL    = KL(softmax(z_pol) || softmax(z*))                (reverse, default) or KL(teacher || policy)
     loss  = weight * KL,  weight = beta0 / alpha | 1 | beta0
 
@@ -37,6 +40,7 @@ policy gets probability 0 (and gradient 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,12 +74,19 @@ class AlignDistilOutput:
     weight: torch.Tensor  # token weight (no gradient)
 
 
-def teacher_logits(z_dpo: torch.Tensor, z_rev: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def teacher_logits(z_dpo: torch.Tensor, z_rev: torch.Tensor, alpha: torch.Tensor,
+                   floor: torch.Tensor | None = None) -> torch.Tensor:
     """z* = z_dpo + alpha (z_dpo - z_rev); entries masked (-inf) in either teacher stay -inf.
 
+    ``floor`` (``[c, 1]``, the plausibility guard): where ``z_dpo < floor`` (``p_dpo < tau`` with
+    ``floor = lse_dpo + log tau``) the step ``z_dpo - z_rev`` is clamped at 0, so extrapolation
+    never raises a token the DPO model finds implausible (it may still lower it).
     Masks are comparisons (not isnan/nan_to_num), which Inductor vectorises; a NaN input stays NaN.
     """
-    z = z_dpo + alpha * (z_dpo - z_rev)
+    step = z_dpo - z_rev
+    if floor is not None:
+        step = torch.where(z_dpo < floor, torch.clamp(step, max=0.0), step)
+    z = z_dpo + alpha * step
     return torch.where((z_dpo == -_INF) | (z_rev == -_INF), -_INF, z)
 
 
@@ -97,14 +108,14 @@ def _tvd_kernel(z_dpo, z_rev, lse_dpo, lse_rev):
     return (torch.exp(z_dpo.float() - lse_dpo) - torch.exp(z_rev.float() - lse_rev)).abs().sum(-1)
 
 
-def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool):
+def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool, floor=None):
     """``[c, 2]``: local lse of z*, and the local KL partial sum.
 
     reverse: sum_v p (z_pol - z*) with the global policy normaliser;
     forward: sum_v q (z* - z_pol) with q the *locally* normalised teacher (re-weighted later).
     """
     z_pol = z_pol.float()
-    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
+    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha, floor)
     lse_star = local_logsumexp(z_star, flush=True)
     if reverse:
         part = _weighted(torch.exp(z_pol - lse_pol), z_pol - z_star).sum(-1)
@@ -113,19 +124,19 @@ def _kl_partial_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, reverse: bool):
     return torch.stack([lse_star, part], -1)
 
 
-def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
+def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool, floor=None):
     """dKL/dz_pol ``[c, v]`` float32: reverse p (z_pol - z* - S); forward p - softmax(z*)."""
     z_pol = z_pol.float()
-    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha)
+    z_star = teacher_logits(z_dpo.float(), z_rev.float(), alpha, floor)
     p = torch.exp(z_pol - lse_pol)
     if reverse:
         return _weighted(p, z_pol - z_star - total)
     return p - flushed_exp(z_star - lse_star)
 
 
-def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool):
+def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool, floor=None):
     """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy."""
-    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse))
+    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse, floor))
 
 
 _KERNELS = {
@@ -145,6 +156,7 @@ class _Settings:
     eps: float
     constant_alpha: float | None
     tvd_half: bool
+    plausibility_threshold: float | None
     direction: str
     chunk_size: int | None
     compile: bool
@@ -186,13 +198,15 @@ def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool =
     else:
         alpha = tvd * s.r + s.eps
     alpha_col = alpha.unsqueeze(-1)
+    # the plausibility guard's per-row logit floor, from the DPO normaliser of step 1 (no collective)
+    floor = None if s.plausibility_threshold is None else lse_dpo + math.log(s.plausibility_threshold)
 
     # 3. teacher log-normaliser and the KL partial sum
     partial = torch.zeros(n, 2, **f32)  # [local lse of z*, local KL partial]
     partial[:, 0] = -_INF
     for b, e in spans:
         partial[b:e] = k["kl_partial"](policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
-                                       lse_pol[b:e], reverse)
+                                       lse_pol[b:e], reverse, None if floor is None else floor[b:e])
     gathered = all_gather_rows(partial, shard)  # [W, n, 2]
     lse_star = combine_lse(gathered[..., 0])
     if reverse:
@@ -209,7 +223,8 @@ def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool =
         lse_star_col, total_col = lse_star.unsqueeze(-1), total.unsqueeze(-1)
         for b, e in spans:
             k["grad_into"](grad[b:e, :v], policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
-                           lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse)
+                           lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse,
+                           None if floor is None else floor[b:e])
     return kl, alpha, tvd
 
 
@@ -221,7 +236,7 @@ class _AlignDistilKL(torch.autograd.Function):
         grad = torch.empty_like(policy) if ctx.needs_input_grad[0] else None
         if s.shard.collectives():
             # step-major: each step runs over all chunks before its collective (3 in total)
-            step_kernels = kernels(s.compile, (s.direction, policy.dtype))
+            step_kernels = kernels(s.compile, (s.direction, policy.dtype, s.plausibility_threshold is None))
             kl, alpha, tvd = _forward_rows(policy, dpo, rev, grad, s, step_kernels)
         else:
             # one rank, no collectives: chunk-major, so a chunk's three logit rows stay in cache
@@ -262,6 +277,7 @@ def vocab_parallel_aligndistil(
     direction: str = "reverse",
     constant_alpha: float | None = None,
     tvd_half: bool = True,
+    plausibility_threshold: float | None = None,
     vocab_size: int | None = None,
     group=None,
     chunk_size: int | None = None,
@@ -272,6 +288,8 @@ def vocab_parallel_aligndistil(
     ``group`` is the TP group (None: Megatron's, if initialised, else one process).
     ``chunk_size`` is tokens per chunk (None: a per-device default, see ``vocab_parallel.chunks``).
     ``compile``: fuse the per-chunk kernels with ``torch.compile`` (None: ``use_compile()``).
+    ``plausibility_threshold`` (tau in (0, 1), None: off): extrapolation never raises a token
+    whose DPO probability is below tau (see ``teacher_logits``); no extra collective.
     Returns float32 tensors of the leading shape; backward reaches ``policy_logits`` only.
     """
     if token_weight not in TOKEN_WEIGHTS:
@@ -291,10 +309,13 @@ def vocab_parallel_aligndistil(
             f"token_weight='beta_t' divides by alpha; constant_alpha={constant_alpha} must be > 0 "
             "(use token_weight='constant' for interpolating teachers such as the vanilla DPO one)"
         )
+    if plausibility_threshold is not None and not 0 < plausibility_threshold < 1:
+        raise ValueError(f"plausibility_threshold must be in (0, 1) or None, got {plausibility_threshold}")
     lead, v_local = policy_logits.shape[:-1], policy_logits.shape[-1]
     settings = _Settings(
         shard=shard_info(v_local, vocab_size, group), r=float(r), eps=float(eps),
         constant_alpha=constant_alpha, tvd_half=tvd_half, direction=direction,
+        plausibility_threshold=None if plausibility_threshold is None else float(plausibility_threshold),
         chunk_size=chunk_size, compile=use_compile() if compile is None else bool(compile),
     )
     flat = [t.reshape(-1, v_local) for t in (policy_logits, dpo_logits.detach(), rev_logits.detach())]

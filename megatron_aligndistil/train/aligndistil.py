@@ -43,7 +43,8 @@ class AlignDistil(Method):
         out = vocab_parallel_aligndistil(
             policy, dpo, rev, r=a.r, eps=a.eps, beta0=a.beta0, token_weight=a.token_weight,
             direction=a.kl_direction, constant_alpha=a.constant_alpha,
-            tvd_half=not a.tvd_without_half, vocab_size=vocab_size,
+            tvd_half=not a.tvd_without_half, plausibility_threshold=a.plausibility_threshold,
+            vocab_size=vocab_size,
         )
         tokens_per_seq = mask.sum(-1)
         per_seq = (out.loss * mask).sum(-1) / tokens_per_seq

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--constant-alpha", type=float, default=None, help="fixed alpha instead of r*TVD+eps")
     g.add_argument("--tvd-without-half", action="store_true",
                    help="TVD = sum |p_dpo - p_rev| (the released code's), so r means 2r of the paper")
+    g.add_argument("--plausibility-threshold", type=float, default=None, metavar="TAU",
+                   help="never let extrapolation raise a token whose DPO probability is below TAU (it may "
+                        "still lower it); not in the paper, see docs/alignment.md. Default: off")
 
     s = sub.add_parser("sft", help="supervised fine-tuning on response tokens (the step-time baseline)")
     _common(s)
@@ -132,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.rollout_batch_size not in (None, args.global_batch_size):
             errors.append(f"--rollout-batch-size {args.rollout_batch_size} must equal --global-batch-size "
                           f"{args.global_batch_size} (one optimizer step per rollout batch)")
+        if args.plausibility_threshold is not None and not 0 < args.plausibility_threshold < 1:
+            errors.append(f"--plausibility-threshold {args.plausibility_threshold} must be in (0, 1)")
         if args.ref_load and args.constant_alpha is None:
             errors.append("--ref-load (vanilla DPO teacher) needs --constant-alpha (= beta0/beta - 1)")
     if not 0 <= args.lr_warmup_fraction < 1:
