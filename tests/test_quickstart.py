@@ -1,4 +1,5 @@
-"""Issue 9: a shortened run of the README's quickstart pipeline, end to end, then a re-run that
+"""Issues 9 and 14: a shortened run of the README's quickstart pipeline on the gold world, end to
+end (gold rate with intervals for SFT, DPO, AlignDistil off- and on-policy), then a re-run that
 skips every finished stage."""
 
 import json
@@ -13,19 +14,28 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "megatron_aligndistil.quickstart", "--short", "--run-dir", str(run)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[quickstart] summary" in r.stdout and "DPO reward accuracy" in r.stdout
-    summary = json.load(open(run / "summary.json"))
-    for key in ("dpo_reward_accuracy_heldout", "contrastive_reward_accuracy_heldout", "aligndistil_loss_first"):
-        assert 0 <= summary[key] <= 1 or key == "aligndistil_loss_first"
-    for png in ("aligndistil.png", "dpo.png"):
+    assert "[quickstart] summary" in r.stdout and "gold rate, AlignDistil on-policy" in r.stdout
+    res = json.load(open(run / "results.json"))
+    assert [row["row"] for row in res["rows"]] == ["sft", "dpo", "ad_off", "ad_on"]
+    for row in res["rows"]:
+        g = row["gold"]
+        assert 0 <= g["lo"] <= g["mean"] <= g["hi"] <= 1 and g["n"] > 50  # clusters = held-out prompts
+        assert row["kl_from_ref"] == row["kl_from_ref"] and 0 <= row["eos_rate"] <= 1
+    assert abs(next(r for r in res["rows"] if r["row"] == "sft")["kl_from_ref"]) < 1e-4  # SFT vs itself
+    for k in ("dpo_reward", "contrastive_reward"):
+        assert 0 <= res["reward_accuracy"][k]["mean"] <= 1
+    for png in ("aligndistil.png", "dpo.png", "gold_rate.png"):
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    ad = [json.loads(line) for line in open(run / "runs" / "aligndistil" / "metrics.jsonl")]
+    ad = [json.loads(line) for line in open(run / "seed1" / "ad_off" / "metrics.jsonl")]
     assert [m["iteration"] for m in ad] == [1, 2, 3] and all("alpha_mean" in m for m in ad)
+    args = json.load(open(run / "seed1" / "ad_off" / "args.json"))
+    assert args["tensor_model_parallel_size"] == 2 and args["pipeline_model_parallel_size"] == 2
+    assert args["plausibility_threshold"] == 0.1
+    onp = [json.loads(line) for line in open(run / "seed1" / "ad_on" / "metrics.jsonl")]
+    assert len(onp) == 3 and all("rollout_s" in m for m in onp)
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run / "hf" / "aligndistil")
+    AutoModelForCausalLM.from_pretrained(run / "hf" / "ad_off")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
     assert again.stdout.count("done already, skipped") == 12
-    onp = [json.loads(line) for line in open(run / "runs" / "aligndistil_onpolicy" / "metrics.jsonl")]
-    assert len(onp) == 2 and all("rollout_s" in m for m in onp)
