@@ -72,7 +72,13 @@ def _is_cuda_device(value) -> bool:
 
 
 class _CpuStream:
-    """Stand-in for ``torch.cuda.Stream`` on CPU: every call is a no-op (CPU work is in order)."""
+    """Stand-in for ``torch.cuda.Stream`` on CPU: every call is a no-op (CPU work is in order).
+
+    Installed as the class itself (not a factory function), so code that uses it in annotations,
+    e.g. transformers' ``torch.cuda.Stream | None``, still imports after the shims are in."""
+
+    def __init__(self, *_a, **_k):
+        pass
 
     def wait_stream(self, *_a, **_k):
         return None
@@ -171,7 +177,7 @@ def install_cpu_shims() -> bool:
     stream = _CpuStream()
     cuda.current_stream = lambda *a, **k: stream
     cuda.default_stream = lambda *a, **k: stream
-    cuda.Stream = lambda *a, **k: _CpuStream()
+    cuda.Stream = _CpuStream
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = _cpu_get_rng_state
     cuda.set_rng_state = _cpu_set_rng_state

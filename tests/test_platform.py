@@ -39,6 +39,11 @@ def _shim_checks():
     out["inside_function"] = str(AllocatesInside.apply(torch.zeros(2, requires_grad=True)).device)
     torch.cuda.synchronize()
     torch.cuda.current_stream().wait_stream(torch.cuda.current_stream())
+    # torch.cuda.Stream stays a class: annotations like transformers' "torch.cuda.Stream | None"
+    # must still import after the shims (the reward-model judge loads transformers in-process)
+    side = torch.cuda.Stream(device="cuda", priority=-1)
+    out["stream_is_class"] = isinstance(side, torch.cuda.Stream) and (torch.cuda.Stream | None) is not None
+    from transformers.generation.continuous_batching import utils as cb_utils  # noqa: F401
     # RNG tracker: forked region has its own reproducible stream; default stream resumes after it
     tracker = tensor_parallel.get_cuda_rng_tracker()
     torch.manual_seed(7)
@@ -65,7 +70,7 @@ def test_cpu_shims_route_cuda_calls_to_cpu():
         assert r["inside_function"] == "cpu"
         assert r["type_name"] == "torch.cuda.FloatTensor"
         assert r["type_convert"] == torch.float64
-        assert r["default_stream_untouched"] and r["fork_advances"]
+        assert r["default_stream_untouched"] and r["fork_advances"] and r["stream_is_class"]
     # the model-parallel RNG stream differs between TP ranks (Megatron's seed + 2718 + tp_rank)
     assert not torch.equal(r0["seed_with_tracker"], r1["seed_with_tracker"])
 
