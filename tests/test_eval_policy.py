@@ -26,6 +26,16 @@ def _tool(argv):
     return eval_policy.main(argv)
 
 
+def _save_tiny_reward_model(path, tok):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=448, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    Qwen2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def world_model(tmp_path_factory):
     """A tiny random Qwen2 with the gold world's tokenizer: converted checkpoint + its HF export."""
@@ -45,6 +55,7 @@ def world_model(tmp_path_factory):
     other.config.eos_token_id = tok.eos_token_id
     other.save_pretrained(root / "hf_other")
     tok.save_pretrained(root / "hf_other")
+    _save_tiny_reward_model(root / "rm", tok)
     with open(root / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"instruction": p, "family": "x"}) + "\n" for p in PROMPTS)
     return {"root": root, "mcore": mcore, "hf": export, "other": str(root / "hf_other"), "prompts": str(root / "prompts.jsonl"), "tok": tok}
@@ -58,11 +69,14 @@ def test_megatron_tp2_pp2_and_hf_export_give_identical_outputs(world_model):
     argv = ["--", f"--policy=mcore={m['mcore']}", f"--policy=hf={m['hf']}", "--prompts", m["prompts"],
             "--ref-load", m["hf"], "--dpo-load", m["other"], "--samples-per-prompt", "3", "--max-new-tokens", "6",
             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--out", out,
-            "--plot", str(m["root"] / "eval.png")]
+            "--plot", str(m["root"] / "eval.png"), "--reward-model", str(m["root"] / "rm"), "--baseline", "mcore"]
     assert run_distributed(_tool, 4, args=(argv,), timeout=400) == [0, 0, 0, 0]
     res = {p["name"]: p for p in json.load(open(out))["policies"]}
     assert res["mcore"]["greedy_outputs"] == res["hf"]["greedy_outputs"]
     assert res["mcore"]["sample_outputs"] == res["hf"]["sample_outputs"]  # same seeds, same weights
+    # reward-model judge through the CLI: identical samples tie everywhere -> win rate exactly 0.5
+    assert res["mcore"]["win"]["mean"] == res["hf"]["win"]["mean"] == 0.5
+    assert res["mcore"]["reward_mean"] == pytest.approx(res["hf"]["reward_mean"])
     for r in res.values():  # the same weights as the reference: KL exactly 0 up to float error
         assert abs(r["kl_from_ref"]) < 1e-4
         assert r["prompts"] == len(PROMPTS) and len(r["per_prompt_gold"]) == len(PROMPTS)
@@ -93,19 +107,23 @@ def test_megatron_tp2_pp2_and_hf_export_give_identical_outputs(world_model):
     assert (m["root"] / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_reward_model_judge_and_win_rates(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+def test_non_world_prompts_are_refused_before_any_model_is_built(world_model, tmp_path):
+    bad = tmp_path / "real.jsonl"
+    bad.write_text(json.dumps({"instruction": "Describe the red fox."}) + "\n"
+                   + json.dumps({"instruction": "Write a poem about GPUs."}) + "\n")
+    argv = [f"--policy=a={world_model['mcore']}", "--prompts", str(bad)]
+    assert run_distributed(_tool, 1, args=(argv,), timeout=200) == [2]
+    assert run_distributed(_tool, 1, args=(argv + ["--judge", "none", "--samples-per-prompt", "1",
+                                                   "--max-new-tokens", "2"],), timeout=200) == [0]
 
+
+def test_reward_model_judge_and_win_rates(tmp_path):
     from megatron_aligndistil.data.synthetic import train_tokenizer
     from megatron_aligndistil.eval.report import add_win_rates
     from megatron_aligndistil.eval.reward_model import RewardModelJudge, win_rate
 
     tok = train_tokenizer(corpus(), vocab_size=400)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=448, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    Qwen2ForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    _save_tiny_reward_model(tmp_path / "rm", tok)
     judge = RewardModelJudge(str(tmp_path / "rm"), batch_size=2)
     responses = ["The red fox runs.", "owl owl owl.", "The last word is owl.", "fox then blue.", "no"]
     scores = judge.scores(PROMPTS, responses)

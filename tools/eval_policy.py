@@ -13,7 +13,7 @@
         --tensor-model-parallel-size 2 --max-new-tokens 1024 --out eval.json
 
 --policy NAME=PATH (repeatable): converted checkpoint, run directory (its release/) or an HF
-directory (converted on the fly). --prompts: JSON list or JSONL of {"instruction": ...}. Any
+directory (converted on the fly, next to --out). --prompts: JSON list or JSONL of {"instruction": ...}. Any
 TP/PP; the remaining ranks split the prompts. Writes JSON (--out), prints a table, draws a PNG.
 """
 
@@ -70,8 +70,6 @@ def main(argv=None):
         ap.error(f"--chat-template-kwargs: invalid JSON ({exc.msg})")
 
     def run():
-        import tempfile
-
         import torch
 
         from megatron_aligndistil.eval import report
@@ -84,7 +82,14 @@ def main(argv=None):
                                 batch_size=args.batch_size, greedy=not args.no_greedy,
                                 chat_template_kwargs=template_kwargs)
         judge = world_judge if args.judge == "world" else (lambda prompt, response: 0.0)
-        scratch = tempfile.mkdtemp(prefix="eval_policy_") if args.out is None else os.path.dirname(os.path.abspath(args.out))
+        if args.judge == "world":  # fail before any model is built, not after generating
+            from megatron_aligndistil.eval.world import family_of
+
+            for i, it in enumerate(items):
+                if family_of(it["instruction"]) is None:
+                    raise ValueError(f"{args.prompts}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world "
+                                     "prompt; for real data use --judge none and/or --reward-model")
+        scratch = None if args.out is None else os.path.dirname(os.path.abspath(args.out))
         evaluator = PolicyEvaluator(items, judge, settings, tokenizer_path=policies[0][1], ref_load=args.ref_load,
                                     dpo_load=args.dpo_load, tp=args.tensor_model_parallel_size,
                                     pp=args.pipeline_model_parallel_size, scratch=scratch)

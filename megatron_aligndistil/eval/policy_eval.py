@@ -101,12 +101,18 @@ class PolicyEvaluator:
 
     def __init__(self, items: list[dict], judge, settings: EvalSettings, tokenizer_path: str,
                  ref_load: str | None = None, dpo_load: str | None = None, tp: int = 1, pp: int = 1,
-                 scratch: str = "/tmp"):
+                 scratch: str | None = None):
+        """``scratch``: where HF checkpoints are converted (None: a temporary directory made by
+        rank 0 and shared with every rank, which must see the same filesystem)."""
         from transformers import AutoTokenizer
 
-        from ..models import qwen
-
         parallel.init_model_parallel(parallel.Layout(tp, pp), seed=settings.seed)
+        if scratch is None:
+            import tempfile
+
+            box = [tempfile.mkdtemp(prefix="eval_policy_") if torch.distributed.get_rank() == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            scratch = box[0]
         self.items, self.judge, self.settings, self.scratch = items, judge, settings, scratch
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer_path, scratch))
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
@@ -116,7 +122,6 @@ class PolicyEvaluator:
         for name, path in (("ref", ref_load), ("dpo", dpo_load)):
             if path:
                 self.references[name] = self._build(resolve_checkpoint(path, scratch))
-        del qwen
 
     def _build(self, path: str):
         from ..models import qwen
@@ -231,8 +236,8 @@ class PolicyEvaluator:
             result["sample_outputs"] = texts
             result["sample_response_ids"] = [samples[j]["response_ids"] for j in jobs]
             if self.references:
-                logp = self._sequence_logprobs(model, [(self.prompts[i], samples[j]["response_ids"])
-                                                       for j, (i, _) in zip(jobs, jobs)])
+                logp = self._sequence_logprobs(model, [(self.prompts[i], samples[(i, k)]["response_ids"])
+                                                       for i, k in jobs])
                 for row, ref_name in enumerate(self.references, start=1):
                     diff = (logp[0] - logp[row]).tolist()
                     result[f"kl_from_{ref_name}"] = sum(diff) / len(diff)
