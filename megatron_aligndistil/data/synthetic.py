@@ -1,6 +1,8 @@
 """Small, deterministic, real-looking preference data and a tiny chat tokenizer (no download).
 
-Used by the quickstart and the tests. Records follow the UltraFeedback-binarized layout:
+``train_tokenizer`` serves the quickstart and the alignment benchmark (on the gold world of
+``eval/world.py``); ``preference_records`` is the tests' small fixture data (preprocessing, tiny
+tokenizers). Records follow the UltraFeedback-binarized layout:
 ``{"prompt": str, "chosen": [messages], "rejected": [messages]}`` with user/assistant turns. The
 chosen answer is correct and helpful, the rejected one wrong or curt, so a DPO model can learn a
 real preference in a few CPU minutes.
