@@ -79,6 +79,7 @@ def run_jobs(jobs: list[Job], done_dir: str, workers: int = 1, prefix: str = "pi
     for name in sorted(done):
         say(f"{name}: done already, skipped", prefix)
     pending = [j for j in jobs if j.name not in done]
+    total = len(pending)
     timings: dict[str, float] = {}
 
     def run(job: Job):
@@ -88,6 +89,7 @@ def run_jobs(jobs: list[Job], done_dir: str, workers: int = 1, prefix: str = "pi
         timings[job.name] = time.time() - t0
         with open(os.path.join(done_dir, job.name), "w") as f:
             f.write(f"{timings[job.name]:.1f}\n")
+        say(f"{job.name}: done in {timings[job.name]:.0f} s ({len(timings)}/{total} stages)", prefix)
         return job.name
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

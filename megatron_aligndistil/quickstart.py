@@ -32,6 +32,8 @@ SHORT = replace(QUICKSTART, sft_records=64, pair_records=32, batch=8, sft_iters=
 
 
 class Quickstart(reproduce.Reproduction):
+    prefix = "quickstart"
+
     def export(self):
         from .convert.hf import convert_megatron_to_hf
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     qs = Quickstart(args.run_dir, SHORT if args.short else QUICKSTART)
     t0 = time.time()
-    run_jobs(qs.jobs(), qs.path(".done"), workers=qs.s.workers, prefix="quickstart")
+    run_jobs(qs.jobs(), qs.path(".done"), workers=qs.s.workers, prefix=qs.prefix)
     res = qs.results()
     qs.write_results(res, time.time() - t0)
     print("\n[quickstart] summary (run dir: %s, %.0f s)" % (qs.run, time.time() - t0))

@@ -79,6 +79,8 @@ def row_label(row: str) -> str:
 
 
 class Reproduction:
+    prefix = PREFIX  # of the lines it prints
+
     def __init__(self, run_dir: str, s: Settings):
         self.run, self.s = os.path.abspath(run_dir), s
 
@@ -86,7 +88,7 @@ class Reproduction:
         return os.path.join(self.run, *parts)
 
     def _launch(self, args, name, script=None, nproc=1):
-        launch(args, self.path("logs", f"{name}.log"), nproc=nproc, script=script, prefix=PREFIX)
+        launch(args, self.path("logs", f"{name}.log"), nproc=nproc, script=script, prefix=self.prefix)
 
     # ----------------------------------------------------------------- shared data
     def make_data(self):
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     with open(rep.path("settings.json"), "w") as f:
         json.dump(asdict(s), f, indent=1)
     t0 = time.time()
-    run_jobs(rep.jobs(), rep.path(".done"), workers=s.workers, prefix=PREFIX)
+    run_jobs(rep.jobs(), rep.path(".done"), workers=s.workers, prefix=rep.prefix)
     text = rep.write_results(rep.results(), time.time() - t0)
     say(f"results ({time.time() - t0:.0f} s; {rep.path('results.md')}):\n\n{text}", PREFIX)
     return 0
