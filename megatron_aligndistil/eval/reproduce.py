@@ -54,6 +54,7 @@ class Settings:
     extra_ad_flags: tuple = ()
     ad_tp: int = 1  # layout of the AlignDistil runs (the quickstart shows TP2 PP2)
     ad_pp: int = 1
+    on_policy_pp: int | None = None  # pipeline size of on-policy runs (None: ad_pp)
 
     def iters(self, records: int, epochs: float) -> int:
         return max(1, round(records * epochs / self.batch))
@@ -157,8 +158,9 @@ class Reproduction:
             flags += ["--rev-load", os.path.join(d, "rev")]
         if on_policy:
             flags += ["--rollout", "on-policy", "--max-new-tokens", str(s.max_new_tokens)]
+        pp = s.on_policy_pp if on_policy and s.on_policy_pp is not None else s.ad_pp
         self._train(seed, name, "aligndistil", os.path.join(d, "sft"), self.path("data", "tok", data),
-                    s.iters(s.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=s.ad_tp, pp=s.ad_pp)
+                    s.iters(s.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=s.ad_tp, pp=pp)
 
     def reward_accuracy(self, seed):
         d = self.path(f"seed{seed}")
