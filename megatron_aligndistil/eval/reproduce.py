@@ -54,7 +54,7 @@ class Settings:
     extra_ad_flags: tuple = ()
     ad_tp: int = 1  # layout of the AlignDistil runs (the quickstart shows TP2 PP2)
     ad_pp: int = 1
-    on_policy_pp: int | None = None  # pipeline size of on-policy runs (None: ad_pp)
+    on_policy_layout: tuple | None = None  # (TP, PP) of on-policy runs (None: ad_tp, ad_pp)
 
     def iters(self, records: int, epochs: float) -> int:
         return max(1, round(records * epochs / self.batch))
@@ -158,9 +158,9 @@ class Reproduction:
             flags += ["--rev-load", os.path.join(d, "rev")]
         if on_policy:
             flags += ["--rollout", "on-policy", "--max-new-tokens", str(s.max_new_tokens)]
-        pp = s.on_policy_pp if on_policy and s.on_policy_pp is not None else s.ad_pp
+        tp, pp = s.on_policy_layout if on_policy and s.on_policy_layout else (s.ad_tp, s.ad_pp)
         self._train(seed, name, "aligndistil", os.path.join(d, "sft"), self.path("data", "tok", data),
-                    s.iters(s.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=s.ad_tp, pp=pp)
+                    s.iters(s.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=tp, pp=pp)
 
     def reward_accuracy(self, seed):
         d = self.path(f"seed{seed}")
