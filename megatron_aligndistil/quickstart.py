@@ -27,7 +27,8 @@ from .pipeline import Job, run_jobs
 # r 5 with the plausibility guard: the setting the benchmark recommends on this world (docs/alignment.md).
 # Shorter than the benchmark (SFT 448 iterations, AlignDistil 2 epochs, 4 samples per held-out prompt)
 # to stay within 6 minutes from a fresh clone. Off-policy at TP2 PP2 (4 processes); on-policy at TP1:
-# on 2 cores, TP/PP sampling is communication-bound (docs/training.md); the tests cover it at TP2 PP2.
+# on 2 cores TP/PP sampling is communication-bound (docs/training.md); the tests cover on-policy
+# training at TP2 and sampling at TP2 PP2.
 QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "ad_on"), ad_tp=2, ad_pp=2,
                      on_policy_layout=(1, 1), samples_per_prompt=4, r=5.0, sft_iters=448, ad_epochs=2.0)
 SHORT = replace(QUICKSTART, sft_records=64, pair_records=32, batch=8, sft_iters=3, ad_epochs=0.75, samples_per_prompt=1,
