@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from ..pipeline import REPO_TOOLS, Job, launch, run_jobs, say
 from .stats import fmt_ci, mean_ci
