@@ -93,7 +93,8 @@ def main(argv=None):
     rows += [(f"adaptive r {r}", contrastive(r=r)) for r in args.r]
     for tau in args.thresholds:
         rows += [(f"constant alpha 1.0, guard {tau}", contrastive(alpha=1.0, tau=tau)),
-                 (f"adaptive r 15, guard {tau}", contrastive(r=15.0, tau=tau))]
+                 (f"adaptive r 15, guard {tau}", contrastive(r=15.0, tau=tau)),
+                 (f"adaptive r 5, guard {tau}", contrastive(r=5.0, tau=tau))]
     results = {}
     for label, teacher in rows:
         results[label] = gold_rate(teacher)
