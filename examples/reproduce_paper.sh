@@ -4,8 +4,8 @@
 # contrastive reward accuracy, AlignDistil off- and on-policy (with and without the plausibility
 # guard), constant alpha 1.0 / 1.5 / 2.0, and the vanilla teacher; 3 seeds, gold rate +- 95% CI.
 #
-#   bash examples/reproduce_paper.sh           # full: about 30 minutes on 2 cores
-#   bash examples/reproduce_paper.sh --quick   # one seed, fewer rows: about 8 minutes
+#   bash examples/reproduce_paper.sh           # full: about 22 minutes on 2 cores
+#   bash examples/reproduce_paper.sh --quick   # one seed, fewer rows: about 6-8 minutes
 #
 # Results: runs/paper/results.md (table), results.json, plots/gold_rate.png; docs/alignment.md.
 # Extra flags go to python -m megatron_aligndistil.eval.reproduce (--run-dir, --seeds, --set K=V).

@@ -39,3 +39,12 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
     assert again.stdout.count("done already, skipped") == 12
+    # decoding straight from the teacher: alpha 0 is the DPO model itself, same seeded samples
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "teacher_decoding.py")
+    td = subprocess.run([sys.executable, tool, "--run-dir", str(run), "--samples-per-prompt", "1", "--max-new-tokens",
+                         "4", "--constant-alphas", "0", "1", "--r", "5", "--thresholds", "0.1"],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert td.returncode == 0, td.stderr[-3000:]
+    gold = json.load(open(run / "teacher_decoding_seed1.json"))["gold"]
+    assert gold["constant alpha 0.0"] == gold["DPO (alpha 0)"]
+    assert all(0 <= g <= 1 for g in gold.values()) and "adaptive r 5, guard 0.1" in gold
