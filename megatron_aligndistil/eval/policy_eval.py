@@ -117,7 +117,6 @@ class PolicyEvaluator:
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer_path, scratch))
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
         self.arch = None
-        self.config = None
         self.references = {}  # name -> frozen GPTModel (KL estimates)
         for name, path in (("ref", ref_load), ("dpo", dpo_load)):
             if path:
@@ -129,7 +128,7 @@ class PolicyEvaluator:
 
         arch = qwen.read_arch(path)
         if self.arch is None:
-            self.arch, self.config = arch, qwen.transformer_config(arch)
+            self.arch = arch
         elif arch.vocab_size != self.arch.vocab_size:
             raise ValueError(f"{path}: vocab_size {arch.vocab_size} differs from the other models' "
                              f"{self.arch.vocab_size}")

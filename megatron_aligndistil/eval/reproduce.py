@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from ..pipeline import REPO_TOOLS, Job, launch, run_jobs, say
+from ..train.metrics import read_metrics
 from .stats import fmt_ci, mean_ci
 
 PREFIX = "reproduce"
@@ -241,7 +242,7 @@ class Reproduction:
         train_stats = {}
         for row in s.rows:
             if row.startswith("ad_"):
-                ms = [_read_metrics(self.path(f"seed{sd}", row, "metrics.jsonl")) for sd in s.seeds]
+                ms = [read_metrics(self.path(f"seed{sd}", row, "metrics.jsonl")) for sd in s.seeds]
                 train_stats[row] = {k: sum(sum(m[k] for m in run) / len(run) for run in ms) / len(ms)
                                     for k in ("alpha_mean", "tvd_mean", "kl")}
         return {"settings": asdict(s), "rows": rows, "reward_accuracy": reward_acc, "train_stats": train_stats}
@@ -255,10 +256,6 @@ class Reproduction:
             f.write(text)
         plot_results(res, self.path("plots", "gold_rate.png"))
         return text
-
-
-def _read_metrics(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
 
 
 def markdown(res: dict) -> str:
