@@ -27,6 +27,8 @@ def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="
         kl = torch.where(q > 0, q * (log_star - log_pol), torch.zeros_like(q)).sum(-1)
     if token_weight == "beta_t":
         weight = beta0 / alpha
+    elif token_weight == "vanilla":  # beta = beta0 / w with alpha = w - 1 (Eq. 11)
+        weight = beta0 / (1 + alpha)
     elif token_weight == "constant":
         weight = torch.full_like(alpha, beta0)
     else:

@@ -78,10 +78,35 @@ def test_flag_errors_name_the_flags(capsys):
     base = ["aligndistil", "--load", "a", "--dpo-load", "b", "--rev-load", "c", "--data-path", "d", "--save", "e",
             "--global-batch-size", "8", "--seq-length", "16", "--lr", "1e-5"]
     assert parse_args(["--"] + base).r == 15.0  # torchrun style, with the separator
+    assert parse_args(base + ["--tvd-scale", "5"]).r == 5.0  # the torchrun-safe name, no separator needed
+    assert parse_args(base).token_weight == "beta_t"
+    vanilla = [a if a != "--rev-load" else "--ref-load" for a in base] + ["--constant-alpha", "1"]
+    assert parse_args(vanilla).token_weight == "vanilla"  # beta0 / (1 + alpha) = beta0 / w (Eq. 11)
     for extra, message in ((["--micro-batch-size", "3"], "not a multiple of --micro-batch-size 3"),
                            (["--rollout", "on-policy", "--rollout-batch-size", "16"], "--rollout-batch-size 16"),
                            (["--ref-load", "x"], "exactly one of --rev-load"),
-                           (["--sequence-parallel"], "--sequence-parallel needs")):
+                           (["--sequence-parallel"], "--sequence-parallel needs"),
+                           # every numeric flag is range-checked, naming the flag (issue 15)
+                           (["--r", "-15"], "--tvd-scale (--r) -15.0 is out of range [0, inf)"),
+                           (["--eps", "0"], "--eps 0.0 is out of range (0, inf)"),
+                           (["--beta0", "0"], "--beta0 0.0 is out of range"),
+                           (["--train-iters", "0"], "--train-iters 0 is out of range [1, inf)"),
+                           (["--train-iters", "-1"], "--train-iters -1 is out of range"),
+                           (["--save-interval", "0"], "--save-interval 0 is out of range"),
+                           (["--micro-batch-size", "0"], "--micro-batch-size 0 is out of range"),
+                           (["--micro-batch-size", "-2"], "--micro-batch-size -2 is out of range"),
+                           (["--global-batch-size", "0"], "--global-batch-size 0 is out of range"),
+                           (["--min-lr", "1e-4"], "--min-lr 0.0001 must not exceed --lr 1e-05"),
+                           (["--lr", "nan"], "--lr nan is out of range"),
+                           (["--temperature", "-1"], "--temperature -1.0 is out of range"),
+                           (["--top-p", "0"], "--top-p 0.0 is out of range (0, 1]"),
+                           (["--constant-alpha", "0"], "--constant-alpha 0.0 must be > 0 with --token-weight beta_t")):
         with pytest.raises(SystemExit):
             parse_args(base + extra)
+        assert message in capsys.readouterr().err
+    dpo = ["dpo"] + base[base.index("--data-path"):] + ["--load", "a"]
+    for argv, message in ((vanilla[:-1] + ["-1"], "--constant-alpha -1.0 must be > -1 with --token-weight vanilla"),
+                          (dpo + ["--dpo-beta", "0"], "--dpo-beta 0.0 is out of range (0, inf)")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
         assert message in capsys.readouterr().err

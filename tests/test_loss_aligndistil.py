@@ -20,7 +20,7 @@ VARIANTS = {
     "released_tvd": {"tvd_half": False, "r": 7.5},
     "weight_none": {"token_weight": "none"},
     "weight_constant": {"token_weight": "constant", "beta0": 0.2},
-    "vanilla_dpo_teacher": {"constant_alpha": -0.5, "token_weight": "constant"},  # w = 0.5
+    "vanilla_dpo_teacher": {"constant_alpha": -0.5, "token_weight": "vanilla"},  # w = 0.5, weight 2 beta0
     "forward_constant": {"direction": "forward", "constant_alpha": 2.0, "token_weight": "none"},
     "plausibility_guard": {"plausibility_threshold": 0.02},
     "guard_forward_constant": {"plausibility_threshold": 0.05, "direction": "forward", "constant_alpha": 1.0},
@@ -247,6 +247,20 @@ def test_bad_arguments_are_named():
         vocab_parallel_aligndistil(z, z, z, constant_alpha=-0.5)
     with pytest.raises(ValueError, match="vocab_size"):
         vocab_parallel_aligndistil(z, z, z, vocab_size=9)
+    with pytest.raises(ValueError, match="eps > 0"):  # alpha 0 where the teachers agree: infinite beta_t
+        vocab_parallel_aligndistil(z, z, z, eps=0.0)
+    with pytest.raises(ValueError, match="r >= 0"):  # wrong-direction extrapolation
+        vocab_parallel_aligndistil(z, z, z, r=-15.0)
+    with pytest.raises(ValueError, match="must be > -1"):
+        vocab_parallel_aligndistil(z, z, z, constant_alpha=-1.0, token_weight="vanilla")
+
+
+def test_vanilla_token_weight_is_beta_over_w():
+    """The vanilla DPO-reward teacher: alpha = w - 1, weight beta0 / w (Eq. 11), by hand."""
+    z = torch.randn(4, 16)
+    for w in (0.5, 2.0):
+        out = vocab_parallel_aligndistil(z, z + 1, z, constant_alpha=w - 1, token_weight="vanilla", beta0=0.1)
+        assert torch.allclose(out.weight, torch.full((4,), 0.1 / w))
 
 
 # --- log-probabilities (for DPO) -------------------------------------------------------------
@@ -286,3 +300,21 @@ def test_logprobs_match_dense(tp, dtype):
         torch.testing.assert_close(logp.double(), ref.detach(), **tol)
     torch.testing.assert_close(grad[..., :vocab_size], ref_in.grad, **tol)
     assert torch.all(grad[..., vocab_size:] == 0)
+
+
+def test_bf16_logprob_gradient_is_exact_for_confident_tokens():
+    """p(target) in [0.95, 0.9997]: the target entry's gradient upstream * (1 - p) must keep bf16's
+    relative precision (2^-8), not be formed by cancellation after rounding p to bf16."""
+    n, v = 6, 64  # (beyond p ~ 0.9999 float32 itself, as in Megatron, limits 1 - p)
+    logits = torch.zeros(n, v)
+    target = torch.arange(n)
+    margins = torch.tensor([3.0, 5.0, 6.0, 7.0, 7.5, 8.0])  # 1 - p from 5e-2 down to 3.4e-4
+    logits[target, target] = margins + torch.log(torch.tensor(float(v - 1)))
+    z = logits.to(torch.bfloat16).requires_grad_(True)
+    vocab_parallel_logprobs(z, target).sum().backward()
+    ref_in = z.detach().double().requires_grad_(True)
+    torch.log_softmax(ref_in, -1).gather(-1, target[:, None]).sum().backward()
+    got, want = z.grad.double()[target, target], ref_in.grad[target, target]
+    assert torch.all(want > 0)
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(z.grad.double(), ref_in.grad, rtol=2 ** -7, atol=1e-6)

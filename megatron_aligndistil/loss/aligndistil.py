@@ -9,7 +9,11 @@ For each token with logits z over the vocabulary (paper, arXiv 2503.02832)::
             alpha * (z_dpo - z_rev) is clamped at 0: extrapolation may lower a token the DPO
             model finds implausible but never raise it (docs/alignment.md for the evidence)
     KL    = KL(softmax(z_pol) || softmax(z*))                (reverse, default) or KL(teacher || policy)
-    loss  = weight * KL,  weight = beta0 / alpha | 1 | beta0
+    loss  = weight * KL,  weight = beta0 / alpha (beta_t) | beta0 / (1 + alpha) (vanilla) | 1 | beta0
+
+The vanilla DPO-reward teacher (Theorem 1, Eq. 11) is the same formula with the reference model
+in the reverse model's place and constant alpha = w - 1 (w = beta0 / beta): its token weight is
+beta = beta0 / w = beta0 / (1 + alpha).
 
 The vocabulary is never gathered. Forward issues exactly three collectives on the TP group,
 whatever the number of tokens (none with one rank):
@@ -58,7 +62,7 @@ from .vocab_parallel import (
     use_compile,
 )
 
-TOKEN_WEIGHTS = ("beta_t", "none", "constant")
+TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
 DIRECTIONS = ("reverse", "forward")
 _INF = float("inf")
 
@@ -302,13 +306,16 @@ def vocab_parallel_aligndistil(
             f"shard): got {tuple(policy_logits.shape)}, {tuple(dpo_logits.shape)}, "
             f"{tuple(rev_logits.shape)}"
         )
-    if constant_alpha is None and not r > 0 and eps <= 0:
-        raise ValueError("alpha = r * TVD + eps must be positive: give r > 0 or eps > 0")
+    if constant_alpha is None and (r < 0 or eps <= 0):
+        raise ValueError(f"alpha = r * TVD + eps needs r >= 0 and eps > 0 (alpha > 0 where the teachers agree); "
+                         f"got r={r}, eps={eps}")
     if token_weight == "beta_t" and constant_alpha is not None and constant_alpha <= 0:
         raise ValueError(
             f"token_weight='beta_t' divides by alpha; constant_alpha={constant_alpha} must be > 0 "
-            "(use token_weight='constant' for interpolating teachers such as the vanilla DPO one)"
+            "(use token_weight='vanilla' or 'constant' for interpolating teachers such as the vanilla DPO one)"
         )
+    if token_weight == "vanilla" and constant_alpha is not None and constant_alpha <= -1:
+        raise ValueError(f"token_weight='vanilla' divides by 1 + alpha; constant_alpha={constant_alpha} must be > -1")
     if plausibility_threshold is not None and not 0 < plausibility_threshold < 1:
         raise ValueError(f"plausibility_threshold must be in (0, 1) or None, got {plausibility_threshold}")
     lead, v_local = policy_logits.shape[:-1], policy_logits.shape[-1]
@@ -322,6 +329,8 @@ def vocab_parallel_aligndistil(
     kl, alpha, tvd = _AlignDistilKL.apply(*flat, settings)
     if token_weight == "beta_t":
         weight = beta0 / alpha
+    elif token_weight == "vanilla":
+        weight = beta0 / (1.0 + alpha)
     elif token_weight == "constant":
         weight = torch.full_like(alpha, float(beta0))
     else:

@@ -30,7 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("optimizer (AdamW)")
     g.add_argument("--lr", type=float, required=True)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float, default=0.0,
+                   help="lr at the end of the decay (Megatron's default 0; the paper's DPO code, OpenRLHF's "
+                        "schedule, decays to 0.1 x --lr)")
     g.add_argument("--lr-warmup-fraction", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -52,14 +54,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--load", required=True, help="policy: converted checkpoint or a training checkpoint dir")
     g.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
-    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="iterations between checkpoints (default: only at the end and at --exit-interval)")
     g.add_argument("--no-export", action="store_true",
                    help="skip writing the final policy as a converted checkpoint in <save>/release")
-    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-interval", type=int, default=1,
+                   help="iterations between console log lines (metrics.jsonl and TensorBoard get every one)")
     g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop after this many iterations of this run (for tests and job chaining)")
+                   help="save a checkpoint and stop after this many iterations of this run (job chaining: "
+                        "relaunch the same command to continue)")
     g.add_argument("--dry-run", action="store_true", help="check flags against the model, print the parallel plan, exit")
     g.add_argument("--world-size", type=int, default=None, help="dry run only: ranks (default: torchrun's WORLD_SIZE)")
     g.add_argument("--model-config", default=None, help="dry run only: HF config.json when --load is not on this machine")
@@ -84,15 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "--global-batch-size; one optimizer step per rollout as in the paper)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
                                                                    "(also bounded by --seq-length)")
-    g.add_argument("--temperature", type=float, default=1.0, help="on-policy sampling temperature")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="on-policy sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="on-policy nucleus sampling mass, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=0, help="on-policy top-k (0: off)")
     g.add_argument("--stop-token-ids", type=int, nargs="*", default=None,
                    help="on-policy: ids that end a response (default: eos_token_id of the policy's config)")
-    g.add_argument("--r", type=float, default=15.0, help="alpha = r * TVD + eps")
-    g.add_argument("--eps", type=float, default=1e-3)
+    g.add_argument("--tvd-scale", "--r", dest="r", type=float, default=15.0,
+                   help="r of alpha = r * TVD + eps (the paper's r; with the paper's 1/2 in the TVD, see "
+                        "--tvd-without-half). --tvd-scale works under torchrun without a '--' separator")
+    g.add_argument("--eps", type=float, default=1e-3, help="eps of alpha = r * TVD + eps (> 0)")
     g.add_argument("--beta0", type=float, default=0.1, help="DPO beta of the teachers; weight beta0/alpha")
-    g.add_argument("--token-weight", choices=["beta_t", "none", "constant"], default="beta_t")
+    g.add_argument("--token-weight", choices=["beta_t", "vanilla", "none", "constant"], default=None,
+                   help="beta_t: beta0/alpha (default with --rev-load); vanilla: beta0/(1+alpha), the paper's "
+                        "beta = beta0/w of the vanilla DPO-reward teacher (default with --ref-load); none: 1; "
+                        "constant: beta0")
     g.add_argument("--kl-direction", choices=["reverse", "forward"], default="reverse")
     g.add_argument("--constant-alpha", type=float, default=None, help="fixed alpha instead of r*TVD+eps")
     g.add_argument("--tvd-without-half", action="store_true",
@@ -114,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse flags. Under torchrun put ``--`` before the method (``-m megatron_aligndistil.train --
-    aligndistil --r 15 ...``): torchrun's own parser rejects ``--r`` as an ambiguous abbreviation."""
+    """Parse flags. ``--tvd-scale`` is the torchrun-safe name of the paper's ``--r``: torchrun's own
+    parser rejects ``--r`` as an ambiguous abbreviation unless ``--`` separates the method
+    (``-m megatron_aligndistil.train -- aligndistil --r 15 ...``); both forms work."""
     import sys
 
     parser = build_parser()
@@ -123,8 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = parser.parse_args(argv)
-    errors = []
-    if args.global_batch_size % args.micro_batch_size:
+    errors = _range_errors(args)
+    if not errors and args.global_batch_size % args.micro_batch_size:
         errors.append(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                       f"--micro-batch-size {args.micro_batch_size}")
     if args.method == "aligndistil":
@@ -139,10 +151,73 @@ def parse_args(argv=None) -> argparse.Namespace:
             errors.append(f"--plausibility-threshold {args.plausibility_threshold} must be in (0, 1)")
         if args.ref_load and args.constant_alpha is None:
             errors.append("--ref-load (vanilla DPO teacher) needs --constant-alpha (= beta0/beta - 1)")
+        if args.token_weight is None:
+            args.token_weight = "vanilla" if args.ref_load else "beta_t"
+        if args.constant_alpha is not None:
+            if args.token_weight == "beta_t" and args.constant_alpha <= 0:
+                errors.append(f"--constant-alpha {args.constant_alpha} must be > 0 with --token-weight beta_t "
+                              "(the weight is beta0/alpha)")
+            if args.token_weight == "vanilla" and args.constant_alpha <= -1:
+                errors.append(f"--constant-alpha {args.constant_alpha} must be > -1 with --token-weight vanilla "
+                              "(the weight is beta0/(1+alpha))")
     if not 0 <= args.lr_warmup_fraction < 1:
-        errors.append("--lr-warmup-fraction must be in [0, 1)")
+        errors.append(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
+    if args.min_lr > args.lr:
+        errors.append(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if errors:
         parser.error("; ".join(errors))
     return args
+
+
+# flag -> (lower bound, lower inclusive, upper bound, upper inclusive, applies only when given)
+# Checked for every method that has the flag; a None value (flag not given) is never checked.
+_RANGES = {
+    "tensor_model_parallel_size": (1, True, None, None),
+    "pipeline_model_parallel_size": (1, True, None, None),
+    "recompute_num_layers": (1, True, None, None),
+    "micro_batch_size": (1, True, None, None),
+    "global_batch_size": (1, True, None, None),
+    "train_iters": (1, True, None, None),
+    "seq_length": (2, True, None, None),
+    "lr": (0, False, None, None),
+    "min_lr": (0, True, None, None),
+    "weight_decay": (0, True, None, None),
+    "adam_beta1": (0, True, 1, False),
+    "adam_beta2": (0, True, 1, False),
+    "adam_eps": (0, False, None, None),
+    "clip_grad": (0, True, None, None),
+    "save_interval": (1, True, None, None),
+    "log_interval": (1, True, None, None),
+    "exit_interval": (1, True, None, None),
+    "world_size": (1, True, None, None),
+    # AlignDistil
+    "rollout_batch_size": (1, True, None, None),
+    "max_new_tokens": (1, True, None, None),
+    "temperature": (0, True, None, None),
+    "top_p": (0, False, 1, True),
+    "top_k": (0, True, None, None),
+    "r": (0, True, None, None),
+    "eps": (0, False, None, None),
+    "beta0": (0, False, None, None),
+    # DPO
+    "dpo_beta": (0, False, None, None),
+}
+
+
+def _range_errors(args) -> list[str]:
+    """One message per numeric flag outside its range, naming the flag and the allowed range."""
+    errors = []
+    for dest, (lo, lo_inc, hi, hi_inc) in _RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        bad = value != value or value in (float("inf"), float("-inf")) or (lo is not None and (value < lo if lo_inc else value <= lo)) or \
+              (hi is not None and (value > hi if hi_inc else value >= hi))
+        if bad:
+            left = f"[{lo}" if lo_inc else f"({lo}"
+            right = "inf)" if hi is None else (f"{hi}]" if hi_inc else f"{hi})")
+            flag = "--" + ("tvd-scale (--r)" if dest == "r" else dest.replace("_", "-"))
+            errors.append(f"{flag} {value} is out of range {left}, {right}")
+    return errors
