@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import platform
+from .cli_errors import UserError
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Layout:
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.tp * self.pp
         if world_size % mp:
-            raise ValueError(
+            raise UserError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {self.tp}"
                 f" x --pipeline-model-parallel-size {self.pp} = {mp}"
             )

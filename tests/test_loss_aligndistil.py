@@ -318,3 +318,40 @@ def test_bf16_logprob_gradient_is_exact_for_confident_tokens():
     assert torch.all(want > 0)
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
     torch.testing.assert_close(z.grad.double(), ref_in.grad, rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("token_weight", ["beta_t", "vanilla"])
+def test_masked_positions_contribute_exactly_zero_whatever_their_values(token_weight):
+    """A teacher row of NaN and one of all -inf at masked (padding) positions: the masked sum and
+    every gradient equal those of clean logits, bit for bit (no NaN * 0 = NaN leaking through)."""
+    from megatron_aligndistil.data.batching import masked
+
+    g = torch.Generator().manual_seed(7)
+    clean = [torch.randn(2, 5, 40, generator=g) for _ in range(3)]
+    mask = torch.ones(2, 5)
+    mask[0, 4] = mask[1, 0] = 0
+    dirty = [z.clone() for z in clean]
+    dirty[1][0, 4] = float("nan")  # DPO teacher row of NaN
+    dirty[2][1, 0] = -float("inf")  # reverse teacher row with no finite entry
+    dirty[0][1, 0, 3] = float("inf")  # and a policy entry of +inf, all at masked positions
+    results = []
+    for logits in (clean, dirty):
+        zp = logits[0].clone().requires_grad_(True)
+        kw = {"constant_alpha": 0.5} if token_weight == "vanilla" else {}
+        out = vocab_parallel_aligndistil(zp, logits[1], logits[2], token_weight=token_weight, **kw)
+        total = masked(out.loss, mask).sum() + masked(out.kl, mask).sum()
+        total.backward()
+        results.append((out, total, zp.grad))
+    (_, clean_total, clean_grad), (dirty_out, dirty_total, dirty_grad) = results
+    assert not torch.isfinite(dirty_out.kl[0, 4]) and not torch.isfinite(dirty_out.kl[1, 0])  # really dirty
+    assert torch.equal(dirty_total, clean_total)
+    assert torch.equal(dirty_grad[mask > 0], clean_grad[mask > 0])
+    assert torch.all(dirty_grad[mask == 0] == 0)
+    # the same for the log-probs of DPO / SFT
+    target = torch.randint(0, 40, (2, 5), generator=g)
+    grads = []
+    for logits in (clean, dirty):
+        z = logits[1].clone().requires_grad_(True)
+        masked(vocab_parallel_logprobs(z, target), mask).sum().backward()
+        grads.append(z.grad)
+    assert torch.equal(grads[0][mask > 0], grads[1][mask > 0]) and torch.all(grads[1][mask == 0] == 0)

@@ -12,7 +12,7 @@ from loss_reference import dense_aligndistil
 from megatron_aligndistil.data.batching import global_batch_indices
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import aligndistil_argv, make_aligndistil_setup, run_train
+from train_fixtures import aligndistil_argv, launch_train, make_aligndistil_setup, run_train
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +118,15 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
         check_compatible(arch, setup["policy"], str(other), "dpo")
 
 
-def test_nan_in_the_gradients_stops_before_the_optimizer_step(setup, tmp_path):
-    """A policy whose logits are NaN: one clear line naming the iteration, exit 2, no checkpoint."""
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("role,flag,layout", [("policy", "--load", []),
+                                               ("dpo", "--dpo-load", ["--tensor-model-parallel-size", "2"])])
+def test_nan_logits_stop_before_the_optimizer_step_naming_the_model(setup, tmp_path, role, flag, layout):
+    """A model whose logits are NaN: one clear line naming the iteration and that model, exit 2, no
+    checkpoint, printed once even with two ranks (issue 15 items 4 and 15)."""
     from safetensors.torch import load_file, save_file
 
-    broken = tmp_path / "nan_policy"
-    shutil.copytree(setup["policy"], broken)
+    broken = tmp_path / f"nan_{role}"
+    shutil.copytree(setup[role], broken)
     for f in broken.glob("*.safetensors"):
         tensors = load_file(str(f))
         for name in tensors:
@@ -134,13 +134,15 @@ def test_nan_in_the_gradients_stops_before_the_optimizer_step(setup, tmp_path):
                 tensors[name] = torch.full_like(tensors[name], float("nan"))
         save_file(tensors, str(f), metadata={"format": "pt"})
     save = tmp_path / "run"
-    argv = aligndistil_argv(dict(setup, policy=str(broken)), str(save), iters=2)
-    r = subprocess.run([sys.executable, "-m", "megatron_aligndistil.train", *argv], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "iteration 1: non-finite gradients" in r.stderr and "NaN" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    argv = aligndistil_argv(dict(setup, **{role: str(broken)}), str(save), *layout, iters=2)
+    r = launch_train(argv, nproc=2 if layout else 1)
+    assert r.returncode == (1 if layout else 2), r.stderr[-2000:]  # torchrun exits 1 when a rank exits 2
+    assert f"iteration 1: non-finite loss (NaN/inf logits at response positions from: {role} ({flag} {broken}))" \
+        in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("error:") == 1, r.stderr[-3000:]
+    assert "megatron_aligndistil/" not in r.stderr.split("error:")[0]  # no traceback of ours (torchrun adds its own)
     assert not (save / "metrics.jsonl").exists() or not (save / "metrics.jsonl").read_text().strip()
+    assert not (save / "latest_checkpointed_iteration.txt").exists()
 
 
 def test_bf16_follows_the_fp32_trajectory(setup, tmp_path):

@@ -64,3 +64,20 @@ def dpo_argv(setup, save, *extra, iters=4):
     return ["dpo", "--load", setup["policy"], "--data-path", setup["pairs"], "--save", save,
             "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "16", "--lr", "2e-3",
             "--train-iters", str(iters), "--no-progress", "--dpo-beta", "0.1", *extra]
+
+
+def launch_train(argv, nproc=1, timeout=300):
+    """The trainer as a user runs it: ``python -m megatron_aligndistil.train`` (one process) or
+    ``torchrun --nproc-per-node N -m megatron_aligndistil.train`` (N > 1). Returns the
+    CompletedProcess; a user error exits 2 (torchrun itself then exits 1)."""
+    import subprocess
+    import sys
+
+    from megatron_aligndistil.parallel import free_port
+
+    cmd = [sys.executable, "-m", "megatron_aligndistil.train", *argv]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "-m", "megatron_aligndistil.train", *argv]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

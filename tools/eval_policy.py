@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
 
 
 def main(argv=None):
@@ -87,7 +87,7 @@ def main(argv=None):
 
             for i, it in enumerate(items):
                 if family_of(it["instruction"]) is None:
-                    raise ValueError(f"{args.prompts}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world "
+                    raise UserError(f"{args.prompts}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world "
                                      "prompt; for real data use --judge none and/or --reward-model")
         scratch = None if args.out is None else os.path.dirname(os.path.abspath(args.out))
         evaluator = PolicyEvaluator(items, judge, settings, tokenizer_path=policies[0][1], ref_load=args.ref_load,

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
 
 
 def main(argv=None):
@@ -68,7 +68,7 @@ def main(argv=None):
                 prompts.append(tok.apply_chat_template([{"role": "user", "content": it["instruction"]}],
                                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
             else:
-                raise ValueError(f"{args.prompts}: item {i} has neither 'instruction' nor 'prompt_ids'")
+                raise UserError(f"{args.prompts}: item {i} has neither 'instruction' nor 'prompt_ids'")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
 
 
 def main(argv=None):
@@ -37,12 +37,12 @@ def main(argv=None):
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         if not tokenizer.chat_template:
-            raise ValueError(f"--tokenizer {args.tokenizer} has no chat template")
+            raise UserError(f"--tokenizer {args.tokenizer} has no chat template")
         try:
             report = preprocess(load_records(args.input, args.split), tokenizer, args.output_prefix,
                                 args.max_prompt_length, args.max_length, strict=args.strict)
         except RecordError as exc:
-            raise ValueError(f"{args.input}: {exc}") from None
+            raise UserError(f"{args.input}: {exc}") from None
         print(json.dumps(report.summary(), indent=2))
 
     return run_tool(run)

@@ -16,12 +16,14 @@ from contextlib import ExitStack
 
 import torch
 
+from ..cli_errors import UserError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # HF's default shard size
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, or lacks a tensor (named in the message)."""
 
 

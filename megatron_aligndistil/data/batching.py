@@ -52,6 +52,12 @@ def padded_length(lengths, multiple: int = 1) -> int:
     return -(-longest // multiple) * multiple
 
 
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` > 0, else exactly 0 (not ``values * mask``: NaN * 0 is NaN, so a
+    padding position's value, whatever it is, never reaches a sum)."""
+    return torch.where(mask > 0, values, torch.zeros_like(values))
+
+
 def make_micro_batch(pairs, seq_len: int, pad_id: int = 0) -> MicroBatch:
     """``pairs``: list of (prompt_ids, response_ids). Inputs are prompt+response minus the last
     token, right-padded to ``seq_len``; the mask marks targets inside the response."""

@@ -16,8 +16,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..cli_errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError):
     pass
 
 

@@ -11,6 +11,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..cli_errors import UserError
+
 KINDS = {
     "distill": ("prompt_ids", "response_ids"),
     "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
@@ -18,7 +20,7 @@ KINDS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A record is malformed; the message names the file, the line and the field."""
 
 

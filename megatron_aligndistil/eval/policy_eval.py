@@ -26,6 +26,7 @@ import torch
 
 from .. import parallel, platform
 from .stats import mean_ci, per_cluster_means
+from ..cli_errors import UserError
 
 
 @dataclass
@@ -55,13 +56,13 @@ def load_prompts(path: str) -> list[dict]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+                raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
             where.append(f"{path}:{n}")
     for item, loc in zip(items, where):
         if not isinstance(item, dict) or not isinstance(item.get("instruction"), str) or not item["instruction"]:
-            raise ValueError(f"{loc}: needs a non-empty string field 'instruction'")
+            raise UserError(f"{loc}: needs a non-empty string field 'instruction'")
     if not items:
-        raise ValueError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return items
 
 
@@ -130,11 +131,11 @@ class PolicyEvaluator:
         if self.arch is None:
             self.arch = arch
         elif arch.vocab_size != self.arch.vocab_size:
-            raise ValueError(f"{path}: vocab_size {arch.vocab_size} differs from the other models' "
+            raise UserError(f"{path}: vocab_size {arch.vocab_size} differs from the other models' "
                              f"{self.arch.vocab_size}")
         for i, p in enumerate(self.prompts):
             if p and max(p) >= arch.vocab_size:
-                raise ValueError(f"prompt {i}: token id {max(p)} is outside {path}'s vocabulary ({arch.vocab_size})")
+                raise UserError(f"prompt {i}: token id {max(p)} is outside {path}'s vocabulary ({arch.vocab_size})")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, path)
         return model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .stats import mean_ci, per_cluster_means
+from ..cli_errors import UserError
 
 
 class RewardModelJudge:
@@ -21,7 +22,7 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"{path}: a reward model needs one output (num_labels 1), "
+            raise UserError(f"{path}: a reward model needs one output (num_labels 1), "
                              f"this one has {self.model.config.num_labels}")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -40,6 +40,11 @@ extrapolated teacher logits span hundreds of nats, and subnormal arithmetic is ~
 Masking: vocab entries at or beyond ``vocab_size`` (Megatron's TP padding) are excluded from
 every softmax. An entry that is -inf in either teacher is excluded from the teacher; -inf in the
 policy gets probability 0 (and gradient 0).
+
+Non-finite tokens: a token whose KL is NaN or inf (e.g. a teacher row of NaN, or all -inf) keeps
+its non-finite loss and KL, but its gradient is exactly 0 and its weight 0 where alpha is NaN:
+masking such a token out (``torch.where(mask, loss, 0)``) removes it entirely, values and
+gradients; the trainer stops on a non-finite loss at an unmasked token.
 """
 
 from __future__ import annotations
@@ -138,9 +143,12 @@ def _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: 
     return p - flushed_exp(z_star - lse_star)
 
 
-def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse: bool, floor=None):
-    """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy."""
-    out.copy_(_grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse, floor))
+def _grad_into_kernel(out, z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, finite, reverse: bool,
+                      floor=None):
+    """Writes ``_grad_kernel`` into ``out`` (a view of the saved gradient): no chunk-sized copy.
+    Rows whose KL is not finite (``finite`` ``[c, 1]`` False) get a zero gradient."""
+    out.copy_(torch.where(finite, _grad_kernel(z_pol, z_dpo, z_rev, alpha, lse_pol, lse_star, total, reverse,
+                                               floor), 0.0))
 
 
 _KERNELS = {
@@ -225,9 +233,10 @@ def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool =
     if grad is not None:
         grad[:, v:] = 0  # padding entries get no gradient
         lse_star_col, total_col = lse_star.unsqueeze(-1), total.unsqueeze(-1)
+        finite = (kl.abs() < _INF).unsqueeze(-1)  # False for NaN and +-inf (a comparison: Inductor-friendly)
         for b, e in spans:
             k["grad_into"](grad[b:e, :v], policy[b:e, :v], dpo[b:e, :v], rev[b:e, :v], alpha_col[b:e],
-                           lse_pol[b:e], lse_star_col[b:e], total_col[b:e], reverse,
+                           lse_pol[b:e], lse_star_col[b:e], total_col[b:e], finite[b:e], reverse,
                            None if floor is None else floor[b:e])
     return kl, alpha, tvd
 
@@ -335,6 +344,9 @@ def vocab_parallel_aligndistil(
         weight = torch.full_like(alpha, float(beta0))
     else:
         weight = torch.ones_like(alpha)
+    # a token whose teachers give a NaN alpha gets weight 0, so its (zero) gradient stays finite
+    # when callers mask it out; its loss and KL stay NaN, visible to the caller
+    weight = torch.where(alpha.abs() < _INF, weight, torch.zeros_like(weight))
     loss = weight * kl
     return AlignDistilOutput(
         loss=loss.reshape(lead), kl=kl.reshape(lead), alpha=alpha.reshape(lead),

@@ -37,12 +37,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             # d log p(y) / dz = onehot(y) - softmax(z), formed in float32 and then stored in the
             # logits' dtype: adding the 1 after a bf16 cast would form 1 - p by cancellation
             # (0 or a multiple of 2^-8 for p >= 0.996, exactly the confident tokens)
+            # a row whose log p is not finite (NaN / inf logits) gets a zero gradient, so a caller
+            # that masks it out gets exactly nothing from it
+            finite = (logp.abs() < float("inf"))[:, None]
             grad = torch.zeros_like(logits)
             for b, e in spans:
                 g = -flushed_exp(logits[b:e, :v].float() - lse[b:e, None])
-                rows = torch.nonzero(here[b:e], as_tuple=True)[0]
-                g[rows, local_idx[b:e][rows]] += 1
-                grad[b:e, :v] = g.to(grad.dtype)
+                g.scatter_add_(1, local_idx[b:e, None], here[b:e, None].float())
+                grad[b:e, :v] = torch.where(finite[b:e], g, 0.0).to(grad.dtype)
             ctx.save_for_backward(grad)
         return logp
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cli_errors import UserError
+
 # The Megatron vocab is padded to a multiple of this so that one checkpoint has the same padded
 # shape at every TP size a Qwen dense model admits (TP divides the KV heads, at most 8):
 # lcm(128 * tp for tp in 1, 2, 4, 8) = 1024. Padding rows are zero and masked in every softmax.
@@ -23,7 +25,7 @@ VOCAB_PAD_MULTIPLE = 1024
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(UserError):
     """The HF config describes a model this package does not support (named in the message)."""
 
 
@@ -115,21 +117,21 @@ class QwenArch:
     def check_layout(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the flag when TP/PP cannot split this model."""
         if self.num_attention_heads % tp:
-            raise ValueError(
+            raise UserError(
                 f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "
                 f"{self.num_attention_heads}"
             )
         if self.num_query_groups % tp:
-            raise ValueError(
+            raise UserError(
                 f"--tensor-model-parallel-size {tp} does not divide the {self.num_query_groups} "
                 f"KV groups (num_key_value_heads); use a TP that divides it"
             )
         if self.num_layers % pp:
-            raise ValueError(
+            raise UserError(
                 f"--pipeline-model-parallel-size {pp} does not divide num_hidden_layers {self.num_layers}"
             )
         if self.padded_vocab_size % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the padded vocab")
+            raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocab")
 
 
 ARCH_FILE = "qwen_arch.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import torch
+from ..cli_errors import UserError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -103,14 +104,14 @@ def _load(model, has, full_shape, read, source: str, strict: bool) -> None:
         name = full_name(model, local_name)
         if not has(name):
             if strict:
-                raise KeyError(f"{source}: tensor {name!r} (for parameter {local_name}) is missing")
+                raise UserError(f"{source}: tensor {name!r} (for parameter {local_name}) is missing")
             continue
         shape = full_shape(name)
         ranges = shard_ranges(name, shape, param, tp_rank, tp)
         parts = [read(name, dim, a, b) for dim, a, b in ranges]
         part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
         if part.shape != param.shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: tensor {name!r}: shard shape {tuple(part.shape)} does not match the "
                 f"model's {tuple(param.shape)} (full {tuple(shape)}, TP {tp})"
             )

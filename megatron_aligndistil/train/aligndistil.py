@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.batching import make_micro_batch
+from ..data.batching import make_micro_batch, masked
 from ..loss import vocab_parallel_aligndistil
 from .loop import FrozenSpec, Method
 
@@ -47,9 +47,9 @@ class AlignDistil(Method):
             vocab_size=vocab_size,
         )
         tokens_per_seq = mask.sum(-1)
-        per_seq = (out.loss * mask).sum(-1) / tokens_per_seq
-        stats = {"tokens": tokens_per_seq.sum(), "kl": (out.kl * mask).sum(),
-                 "alpha": (out.alpha * mask).sum(), "tvd": (out.tvd * mask).sum()}
+        per_seq = masked(out.loss, mask).sum(-1) / tokens_per_seq
+        stats = {"tokens": tokens_per_seq.sum(), "kl": masked(out.kl, mask).sum(),
+                 "alpha": masked(out.alpha, mask).sum(), "tvd": masked(out.tvd, mask).sum()}
         return per_seq.sum(), batch.num_sequences, stats
 
     def metrics(self, sums):

@@ -24,6 +24,7 @@ import torch
 from ..convert.hf import HF_CONFIG_COPY, SIDE_FILES
 from ..convert.io import TensorStore
 from ..models import qwen, sharding
+from ..cli_errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -72,16 +73,16 @@ def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, rol
     other = qwen.read_arch(other_dir)
     flag = {"dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}.get(role, role)
     if other.vocab_size != arch.vocab_size:
-        raise ValueError(f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
+        raise UserError(f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
                          f"{arch.vocab_size}; the models must share one vocabulary")
     if other != arch:
         diff = {k: (getattr(arch, k), getattr(other, k)) for k in arch.__dataclass_fields__
                 if getattr(arch, k) != getattr(other, k) and k != "torch_dtype"}
         if diff:
-            raise ValueError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
+            raise UserError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
     mine, theirs = _tokenizer_digest(weights_dir(policy_path)), _tokenizer_digest(other_dir)
     if mine and theirs and mine != theirs:
-        raise ValueError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
+        raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 
 
 def stop_token_ids(path: str, args) -> list[int]:
@@ -98,7 +99,7 @@ def stop_token_ids(path: str, args) -> list[int]:
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [eos]
     if getattr(args, "rollout", "off-policy") == "on-policy":
-        raise ValueError(f"{path}: no eos_token_id in its configs; give --stop-token-ids for on-policy rollouts")
+        raise UserError(f"{path}: no eos_token_id in its configs; give --stop-token-ids for on-policy rollouts")
     return []
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import make_micro_batch
+from ..data.batching import make_micro_batch, masked
 from ..loss import vocab_parallel_logprobs
 from .loop import FrozenSpec, Method
 
@@ -43,9 +43,9 @@ class DPO(Method):
         policy, ref = logits
         labels = batch.labels.to(policy.device)
         mask = batch.loss_mask.to(policy.device)
-        seq_logp = (vocab_parallel_logprobs(policy, labels, vocab_size=vocab_size) * mask).sum(-1)
+        seq_logp = masked(vocab_parallel_logprobs(policy, labels, vocab_size=vocab_size), mask).sum(-1)
         with torch.no_grad():
-            ref_logp = (vocab_parallel_logprobs(ref, labels, vocab_size=vocab_size) * mask).sum(-1)
+            ref_logp = masked(vocab_parallel_logprobs(ref, labels, vocab_size=vocab_size), mask).sum(-1)
         n = batch.num_sequences // 2
         beta = self.args.dpo_beta
         rewards = beta * (seq_logp - ref_logp)  # [2n]: chosen then rejected

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cli_errors import UserError
+
 from .. import parallel, platform
 from ..data.batching import global_batch_indices, padded_length
 from ..data.records import read_jsonl
@@ -66,15 +68,43 @@ class Method:
         return {}
 
 
-class TrainingDiverged(ValueError):
-    """Non-finite gradients. ``before_step``: found before the optimizer step (weights intact)."""
+class TrainingDiverged(UserError):
+    """Non-finite loss or gradients. ``before_step``: found before the optimizer step (weights intact)."""
 
-    def __init__(self, iteration: int, detail: str, before_step: bool = True):
+    def __init__(self, iteration: int, detail: str, before_step: bool = True, what: str = "non-finite gradients"):
         state = ("stopped before the optimizer step, so the weights and the last checkpoint are intact"
                  if before_step else "the in-memory weights may be damaged; the last checkpoint is intact")
         super().__init__(
-            f"iteration {iteration}: non-finite gradients ({detail.strip()}); {state}. Check the data and the "
+            f"iteration {iteration}: {what} ({detail.strip()}); {state}. Check the data and the "
             "--load / teacher checkpoints for NaN, or lower --lr, then resume from the last checkpoint.")
+
+
+# the flag that loads each model role, for messages
+ROLE_FLAGS = {"policy": "--load", "dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}
+
+
+def score_micro_batch(method: Method, logits: list, batch, vocab_size: int):
+    """The loss of one micro-batch and its statistics, on the logits' device.
+
+    Returns ``(loss, n_examples, stats, bad)``: ``loss`` (0-dim, differentiable) is the method's
+    summed loss, or 0 with zero gradient if it is not finite (the caller stops the run before the
+    optimizer step); ``n_examples`` a 0-dim int tensor (Megatron's ``num_tokens``); ``stats`` the
+    float32 vector [loss, examples, *method.stat_names]; ``bad`` float32 ``[len(logits)]``: per
+    model, the response positions whose logits hold NaN or inf (counted only when the loss is not
+    finite, as this needs a pass over the logits).
+    """
+    loss_sum, n_seq, stats = method.loss(logits, batch, vocab_size)
+    dev = loss_sum.device
+    finite = torch.isfinite(loss_sum)
+    bad = torch.zeros(len(logits), dtype=torch.float32, device=dev)
+    if dev.type != "meta" and not bool(finite):  # one host sync per micro-batch (Megatron checks its loss too)
+        rows = batch.loss_mask.to(dev).reshape(-1) > 0
+        for i, z in enumerate(logits):
+            bad[i] = (~torch.isfinite(z.reshape(-1, z.shape[-1])[rows])).any(-1).sum()
+    vec = torch.stack([loss_sum.detach().float(), torch.tensor(float(n_seq), device=dev)]
+                      + [stats[k].detach().float().to(dev) for k in method.stat_names])
+    loss = torch.where(finite, loss_sum, torch.zeros_like(loss_sum))  # zero gradient if not finite
+    return loss, torch.tensor(n_seq, dtype=torch.int, device=dev), vec, bad
 
 
 class Trainer:
@@ -94,7 +124,7 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         per_step = args.micro_batch_size * self.dp_size
         if args.global_batch_size % per_step:
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                              f"--micro-batch-size {args.micro_batch_size} x data-parallel size {self.dp_size}")
         self.num_microbatches = args.global_batch_size // per_step
 
@@ -108,6 +138,8 @@ class Trainer:
                                max_tokens=args.seq_length if on_policy else args.seq_length + 1,
                                skip_bad=args.skip_bad_records)
         frozen = self.method.frozen_models()
+        self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
+        self.roles = [role for role, _ in self.role_paths]
         for spec in frozen:
             checkpointing.check_compatible(self.arch, policy_source, spec.path, spec.role)
         self.config = qwen.transformer_config(
@@ -160,7 +192,14 @@ class Trainer:
         self.config.no_sync_func = model.no_sync
         from megatron.core.distributed import finalize_model_grads
 
-        self.config.finalize_model_grads_func = finalize_model_grads
+        def check_loss_then_finalize(*args, **kwargs):
+            # every rank runs this once per step after its last backward: the step's statistics are
+            # reduced here, so a non-finite loss stops all ranks together, naming the model, before
+            # Megatron's gradient reduction (and its own NaN check) and before the optimizer step
+            self._reduce_statistics()
+            return finalize_model_grads(*args, **kwargs)
+
+        self.config.finalize_model_grads_func = check_loss_then_finalize
         return model
 
     def _build_optimizer(self):
@@ -237,7 +276,6 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         batches, seq_len, rollout = self._local_micro_batches()
-        stat_names = ("loss", "sequences") + tuple(self.method.stat_names)
         vocab_size = self.arch.vocab_size
         method = self.method
 
@@ -251,18 +289,19 @@ class Trainer:
             policy_logits, frozen_logits = out[0], out[1:]
 
             def loss_func(policy_out):
-                loss_sum, n_seq, stats = method.loss([policy_out] + list(frozen_logits), batch, vocab_size)
+                loss, n_seq, vec, bad = score_micro_batch(method, [policy_out] + list(frozen_logits), batch,
+                                                          vocab_size)
                 frozen_logits.clear()  # teacher logits are released once this micro-batch is scored
-                vec = torch.stack([loss_sum.detach().float(), torch.tensor(float(n_seq))]
-                                  + [stats[k].detach().float() for k in method.stat_names])
-                return loss_sum, torch.tensor(n_seq, dtype=torch.int), {"stats": vec}
+                self._micro_statistics.append((vec, bad))
+                return loss, n_seq, {}
 
             return policy_logits, loss_func
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self._micro_statistics, self._step_sums = [], None
         try:
-            out = get_forward_backward_func()(
+            get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
                 num_microbatches=len(batches), seq_length=seq_len,
                 micro_batch_size=self.args.micro_batch_size * self.method.sequences_per_record * self.stage.num_models,
@@ -272,19 +311,13 @@ class Trainer:
             if "found NaN" in str(exc) or "found Inf" in str(exc):
                 raise TrainingDiverged(self.iteration + 1, str(exc)) from exc
             raise
+        sums = self._step_sums
         ok, grad_norm, _ = self.optimizer.step()
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed += self.args.global_batch_size
-
-        vec = torch.zeros(len(stat_names), dtype=torch.float64)
-        if out and parallel_state.get_tensor_model_parallel_rank() == 0:
-            vec = torch.stack([o["stats"] for o in out]).sum(0).double()
-        vec = vec.to(platform.device())
-        torch.distributed.all_reduce(vec)  # sums over DP; ranks off the last stage add zeros
-        sums = dict(zip(stat_names, vec.cpu().tolist()))
         metrics = {
             "iteration": self.iteration,
             "loss": sums["loss"] / max(sums["sequences"], 1.0),
@@ -294,6 +327,28 @@ class Trainer:
         metrics.update(self.method.metrics(sums))
         metrics.update(rollout)
         return metrics
+
+    def _reduce_statistics(self):
+        """Collective (all ranks, once per step): sum the micro-batch statistics over the world into
+        ``self._step_sums``; raise :class:`TrainingDiverged` on a non-finite loss, naming the models
+        whose logits were NaN/inf at response positions."""
+        from megatron.core import parallel_state
+
+        stat_names = ("loss", "sequences") + tuple(self.method.stat_names)
+        vec = torch.zeros(len(stat_names) + len(self.roles), dtype=torch.float64, device=platform.device())
+        if self._micro_statistics:  # the last pipeline stage
+            if parallel_state.get_tensor_model_parallel_rank() == 0:  # TP ranks hold equal stats
+                vec[:len(stat_names)] = torch.stack([v for v, _ in self._micro_statistics]).sum(0).double()
+            vec[len(stat_names):] = torch.stack([b for _, b in self._micro_statistics]).sum(0).double()  # per shard
+        torch.distributed.all_reduce(vec)  # sums over DP; ranks off the last stage add zeros
+        values = vec.cpu().tolist()
+        self._step_sums = dict(zip(stat_names, values))
+        bad = {role for role, n in zip(self.roles, values[len(stat_names):]) if n}
+        if not math.isfinite(self._step_sums["loss"]):
+            models = ", ".join(f"{role} ({ROLE_FLAGS.get(role, role)} {path})" for role, path in self.role_paths
+                               if role in bad) or "none: every logit is finite, the loss itself overflowed"
+            raise TrainingDiverged(self.iteration + 1, f"NaN/inf logits at response positions from: {models}",
+                                   what="non-finite loss")
 
     # ---------------------------------------------------------------- the loop
     def train(self):

@@ -12,6 +12,7 @@ import json
 import os
 
 from ..models.qwen import ARCH_FILE, QwenArch
+from ..cli_errors import UserError
 
 
 def resolve_arch(path: str) -> QwenArch:
@@ -32,10 +33,10 @@ def make_plan(args, world_size: int) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     arch.check_layout(tp, pp)
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+        raise UserError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
     dp = world_size // (tp * pp)
     if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     frozen = {"aligndistil": 2, "dpo": 1, "sft": 0}[args.method]
     per_record = 2 if args.method == "dpo" else 1

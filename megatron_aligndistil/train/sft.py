@@ -7,6 +7,7 @@ response tokens.
 
 from __future__ import annotations
 
+from ..data.batching import masked
 from ..loss import vocab_parallel_logprobs
 from .aligndistil import AlignDistil
 
@@ -23,7 +24,7 @@ class SFT(AlignDistil):
         mask = batch.loss_mask.to(policy.device)
         logp = vocab_parallel_logprobs(policy, batch.labels.to(policy.device), vocab_size=vocab_size)
         tokens_per_seq = mask.sum(-1)
-        per_seq = -(logp * mask).sum(-1) / tokens_per_seq
+        per_seq = -masked(logp, mask).sum(-1) / tokens_per_seq
         return per_seq.sum(), batch.num_sequences, {"tokens": tokens_per_seq.sum()}
 
     def metrics(self, sums):
