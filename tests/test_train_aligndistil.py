@@ -74,22 +74,50 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
 
 
 def test_kill_and_resume_continues_the_same_trajectory(setup, tmp_path):
+    """Chained jobs, a kill, a damaged checkpoint, a relaunch of a finished run, another run's
+    flags on the same --save (issue 15 items 8, 12, 16)."""
     full = _train(setup, tmp_path, "full", 2, "--use-distributed-optimizer")
     save = os.path.join(tmp_path, "resumed")
-    # first run: checkpoint at 2, "killed" after iteration 3 (its progress past 2 is lost) ...
+    latest = os.path.join(save, "latest_checkpointed_iteration.txt")
+    # a chained job: --exit-interval saves where it stops (Megatron-LM does too)
     argv = aligndistil_argv(setup, save, "--use-distributed-optimizer", "--save-interval", "2",
                             "--exit-interval", "3")
     assert run_distributed(run_train, 2, args=(argv,), timeout=600) == [0, 0]
-    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "2"
-    # ... and a save of iteration 4 that died half-way
-    os.makedirs(os.path.join(save, "iter_0000004.tmp"))
+    assert open(latest).read().strip() == "3"
+    # the iteration-3 checkpoint is damaged (a .distcp cut short): refused, naming the last good one
+    shard = sorted(f for f in os.listdir(os.path.join(save, "iter_0000003")) if f.endswith(".distcp"))[0]
+    with open(os.path.join(save, "iter_0000003", shard), "r+b") as f:
+        f.truncate(100)
     argv = aligndistil_argv(setup, save, "--use-distributed-optimizer", "--save-interval", "2")
-    assert run_distributed(run_train, 2, args=(argv,), timeout=600) == [0, 0]
+    r = launch_train(argv, nproc=1)
+    assert r.returncode == 2 and f"{shard} is truncated" in r.stderr, r.stderr[-2000:]
+    assert f"the latest complete checkpoint is {os.path.join(save, 'iter_0000002')}: write 2 into" in r.stderr
+    # as the message says: back to iteration 2 (the progress past it is lost, as after a kill) ...
+    with open(latest, "w") as f:
+        f.write("2")
+    os.makedirs(os.path.join(save, "iter_0000004.tmp"))  # ... and a save of iteration 4 that died half-way
+    r = launch_train(argv, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from iteration 2" in r.stdout
     resumed = read_metrics(os.path.join(save, "metrics.jsonl"))
     assert [m["iteration"] for m in resumed] == [1, 2, 3, 4, 5]
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in full], rel=1e-6)
     assert [m["lr"] for m in resumed] == pytest.approx([m["lr"] for m in full], rel=1e-9)
-    assert os.path.exists(os.path.join(save, "release", "qwen_arch.json"))
+    # Megatron's warmup: iteration 1 runs at lr 0, iteration 2 at lr / W (W = 1 here)
+    assert resumed[0]["lr"] == 0 and resumed[1]["lr"] == pytest.approx(1e-3)
+    release = os.path.join(save, "release", "qwen_arch.json")
+    assert os.path.exists(release)
+    # relaunching the finished run trains nothing and rewrites nothing
+    stamp = os.stat(release).st_mtime_ns, os.stat(os.path.join(save, "iter_0000005")).st_mtime_ns
+    r = launch_train(argv, nproc=1)
+    assert r.returncode == 0 and "is complete (iteration 5 of 5); nothing to train" in r.stdout, r.stderr[-2000:]
+    assert (os.stat(release).st_mtime_ns, os.stat(os.path.join(save, "iter_0000005")).st_mtime_ns) == stamp
+    # another run's flags on the same --save: refused before anything is built or written
+    other = aligndistil_argv(setup, save, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2")
+    other[other.index("--rev-load") + 1] = setup["dpo"]
+    r = launch_train(other, nproc=2)
+    assert r.returncode == 1 and r.stderr.count("error:") == 1 and "holds" in r.stderr and "--rev-load" in r.stderr, r.stderr[-2000:]
+    assert "--tensor-model-parallel-size 1 (saved) vs 2 (now)" in r.stderr
 
 
 def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_path):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -22,12 +23,18 @@ import shutil
 import torch
 
 from ..convert.hf import HF_CONFIG_COPY, SIDE_FILES
-from ..convert.io import TensorStore
+from ..convert.io import CheckpointError, TensorStore
 from ..models import qwen, sharding
 from ..cli_errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
+RUN_FILE = "run.json"  # in each iter_ directory: the run's identity and layout (check_resumable)
+
+
+def _iteration_of(ckpt_dir: str) -> int | None:
+    name = os.path.basename(os.path.normpath(ckpt_dir))
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
 
 
 def _rank() -> int:
@@ -51,15 +58,99 @@ def weights_dir(path: str) -> str:
 
 
 def latest_checkpoint(save: str) -> str | None:
-    """``<save>/iter_XXXXXXX`` named by the latest file, or None (start fresh)."""
+    """``<save>/iter_XXXXXXX`` named by the latest file, checked complete; None: start fresh.
+    A damaged checkpoint is refused with the name of the previous complete one."""
     path = os.path.join(save, LATEST)
     if not os.path.exists(path):
         return None
-    it = int(open(path).read().strip())
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}; "
+                              + _previous_hint(save, None))
+    it = int(text)
     d = os.path.join(save, f"iter_{it:07d}")
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"{path} names iteration {it} but {d} is missing")
+    problem = checkpoint_problem(d)
+    if problem:
+        raise CheckpointError(f"{d} (named by {path}) is damaged: {problem}; " + _previous_hint(save, it))
     return d
+
+
+def _iterations(save: str) -> list[int]:
+    its = []
+    for name in os.listdir(save):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(save, name)):
+            its.append(int(name[5:]))
+    return sorted(its)
+
+
+def _previous_hint(save: str, before: int | None) -> str:
+    """Which earlier checkpoint is complete, and how to resume from it."""
+    for it in reversed(_iterations(save)):
+        if (before is None or it < before) and not checkpoint_problem(os.path.join(save, f"iter_{it:07d}")):
+            return (f"the latest complete checkpoint is {os.path.join(save, f'iter_{it:07d}')}: write {it} into "
+                    f"{os.path.join(save, LATEST)} to resume from it")
+    return f"no complete checkpoint is left in {save}: start a new run (another --save) from --load"
+
+
+def checkpoint_problem(ckpt_dir: str) -> str | None:
+    """Why ``ckpt_dir`` is not a complete training checkpoint (missing / truncated files), or None.
+    Reads only the checkpoint's metadata, identically on every rank (no collective)."""
+    if not os.path.isdir(ckpt_dir):
+        return "the directory is missing"
+    for name in ("common.pt", "metadata.json", ".metadata"):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            return f"{name} is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is a damaged checkpoint
+        return f".metadata is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    need = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(f):
+            return f"{rel} is missing"
+        if os.path.getsize(f) < size:
+            return f"{rel} is truncated ({os.path.getsize(f)} of at least {size} bytes)"
+    return None
+
+
+# flags a resumed run must share with the run that saved the checkpoint
+_IDENTITY_PATHS = ("load", "data_path", "dpo_load", "rev_load", "ref_load")
+_IDENTITY_VALUES = ("method", "reverse", "rollout", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "use_distributed_optimizer")
+
+
+def run_identity(args) -> dict:
+    """What identifies a run for resuming: method, inputs (absolute paths), layout of the optimizer state."""
+    ident = {k: getattr(args, k, None) for k in _IDENTITY_VALUES}
+    ident.update({k: os.path.realpath(getattr(args, k)) if getattr(args, k, None) else None for k in _IDENTITY_PATHS})
+    return ident
+
+
+def check_resumable(args, ckpt_dir: str) -> None:
+    """Refuse to resume ``ckpt_dir`` with flags of another run (method, inputs) or another TP/PP."""
+    path = os.path.join(ckpt_dir, RUN_FILE)
+    if os.path.exists(path):
+        saved = json.load(open(path))
+    else:  # checkpoints written before run.json: the run directory's args.json
+        args_json = os.path.join(os.path.dirname(ckpt_dir), "args.json")
+        saved = run_identity(argparse.Namespace(**json.load(open(args_json)))) if os.path.exists(args_json) else {}
+    mine = run_identity(args)
+    flag = {"method": "method", "data_path": "--data-path"}
+    diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {saved[k]} (saved) vs {mine[k]} (now)"
+            for k in mine if k in saved and saved[k] != mine[k]]
+    if not diff:
+        return
+    layout_only = all(k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")
+                      for k in mine if k in saved and saved[k] != mine[k])
+    what = ("its optimizer state resumes only at the saved TP/PP and optimizer (any data-parallel size); "
+            "relaunch with the saved layout" if layout_only else
+            "this launch is a different run; give a new --save directory (or the flags of the saved run)")
+    raise CheckpointError(f"--save {args.save} holds {ckpt_dir} of another run: {'; '.join(diff)}. {what}")
 
 
 def _tokenizer_digest(path: str) -> str | None:
@@ -137,12 +228,18 @@ def _set_rng_state(state: dict) -> None:
 _OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def save_training_state(save: str, iteration: int, consumed: int, stage, optimizer, scheduler) -> str:
-    """Collective: write ``<save>/iter_XXXXXXX`` atomically and point the latest file at it."""
+def save_training_state(save: str, iteration: int, consumed: int, stage, optimizer, scheduler,
+                        identity: dict | None = None) -> str:
+    """Collective: write ``<save>/iter_XXXXXXX`` atomically and point the latest file at it.
+    ``identity`` (``run_identity`` + layout) is stored as ``run.json`` for resume checks. A complete
+    checkpoint of the same iteration is kept as it is (never deleted while the latest file may name it)."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save, f"iter_{iteration:07d}")
     tmp = final + ".tmp"
+    if checkpoint_problem(final) is None:  # same iteration, same state: nothing to write
+        _barrier()
+        return final
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -162,7 +259,12 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
     _barrier()
     if _rank() == 0:
         shutil.copy(os.path.join(save, qwen.ARCH_FILE), os.path.join(tmp, qwen.ARCH_FILE))
-        shutil.rmtree(final, ignore_errors=True)
+        if identity is not None:
+            with open(os.path.join(tmp, RUN_FILE), "w") as f:
+                json.dump(identity, f, indent=2, sort_keys=True)
+        if os.path.exists(final):  # a damaged copy (checked above): out of the way first
+            shutil.rmtree(final + ".damaged", ignore_errors=True)
+            os.replace(final, final + ".damaged")
         os.replace(tmp, final)
         with open(os.path.join(save, LATEST + ".tmp"), "w") as f:
             f.write(str(iteration))
@@ -237,7 +339,12 @@ def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_METADATA),
     }
-    state = dist_checkpointing.load(template, ckpt_dir)
+    try:
+        state = dist_checkpointing.load(template, ckpt_dir)
+    except Exception as exc:  # noqa: BLE001 - the metadata looked complete; name the checkpoint and the cause
+        raise CheckpointError(f"{ckpt_dir}: the training checkpoint does not load ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300]}); "
+                              + _previous_hint(os.path.dirname(ckpt_dir), _iteration_of(ckpt_dir))) from exc
     stage.policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer, state["optimizer"])

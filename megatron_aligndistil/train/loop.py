@@ -128,15 +128,26 @@ class Trainer:
                              f"--micro-batch-size {args.micro_batch_size} x data-parallel size {self.dp_size}")
         self.num_microbatches = args.global_batch_size // per_step
 
+        is_rank0 = torch.distributed.get_rank() == 0
         self.resume_dir = checkpointing.latest_checkpoint(args.save)
+        if self.resume_dir:  # the same run, at the same layout, or a clear refusal
+            checkpointing.check_resumable(args, self.resume_dir)
         policy_source = self.resume_dir or args.load
         self.arch = qwen.read_arch(policy_source)
+        if args.seq_length > self.arch.max_position_embeddings:
+            raise UserError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+                            f"{self.arch.max_position_embeddings} ({policy_source})")
         # data first: a bad record fails in seconds, before any model is built
         on_policy = getattr(self.method, "on_policy", False)
         self.stop_ids = checkpointing.stop_token_ids(args.load, args)
         self.data = read_jsonl(args.data_path, self.method.data_kind, self.arch.vocab_size,
                                max_tokens=args.seq_length if on_policy else args.seq_length + 1,
                                skip_bad=args.skip_bad_records)
+        if self.data.skipped and is_rank0:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.data.skipped.most_common())
+            print(f"--skip-bad-records: skipped {sum(self.data.skipped.values())} of "
+                  f"{sum(self.data.skipped.values()) + len(self.data)} records of {args.data_path} ({reasons})",
+                  flush=True)
         frozen = self.method.frozen_models()
         self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
         self.roles = [role for role, _ in self.role_paths]
@@ -158,9 +169,11 @@ class Trainer:
             state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer,
                                                       self.scheduler)
             self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
-        self.metrics = MetricsWriter(args.save, args.tensorboard_dir, enabled=torch.distributed.get_rank() == 0,
+            if is_rank0:
+                print(f"resuming from iteration {self.iteration} ({self.resume_dir})", flush=True)
+        self.metrics = MetricsWriter(args.save, args.tensorboard_dir, enabled=is_rank0,
                                      resume_iteration=self.iteration)
-        if torch.distributed.get_rank() == 0:
+        if is_rank0:
             checkpointing.write_run_files(args, self.arch, args.load)
         return self
 
@@ -356,11 +369,15 @@ class Trainer:
 
         a = self.args
         is_rank0 = torch.distributed.get_rank() == 0
+        # the bar on a terminal; plain log lines every --log-interval otherwise (or with --no-progress)
         bar = tqdm(total=self.train_iters, initial=self.iteration, disable=not is_rank0 or a.no_progress,
                    desc=f"{self.method.name}", unit="it", dynamic_ncols=True)
         start = time.time()
         steps_this_run = 0
         last = None
+        if self.iteration >= self.train_iters and is_rank0:
+            print(f"the run in {a.save} is complete (iteration {self.iteration} of {self.train_iters}); "
+                  "nothing to train", flush=True)
         while self.iteration < self.train_iters:
             t0 = time.time()
             lr_used = self.optimizer.param_groups[0]["lr"]  # set by the scheduler for this step
@@ -373,18 +390,30 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             steps_this_run += 1
-            if a.save_interval and self.iteration % a.save_interval == 0:
+            if (bar.disable and is_rank0 and (self.iteration % a.log_interval == 0
+                                              or self.iteration == self.train_iters)):
+                print(self._log_line(m), flush=True)
+            exiting = bool(a.exit_interval) and steps_this_run >= a.exit_interval
+            # a checkpoint at every --save-interval, at the end, and at --exit-interval (Megatron-LM
+            # saves there too, so a chained job continues where this one stopped)
+            if ((a.save_interval and self.iteration % a.save_interval == 0) or exiting
+                    or self.iteration == self.train_iters):
                 checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.stage,
-                                                  self.optimizer, self.scheduler)
-            if a.exit_interval and steps_this_run >= a.exit_interval:
+                                                  self.optimizer, self.scheduler, self.layout_record())
+            if exiting:
                 break
         bar.close()
-        done = self.iteration >= self.train_iters
-        if done:
-            if a.save_interval is None or self.iteration % a.save_interval:
-                checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.stage,
-                                                  self.optimizer, self.scheduler)
-            if not a.no_export:
-                checkpointing.export_release(self.stage.policy, self.arch, a.load, os.path.join(a.save, "release"))
+        release = os.path.join(a.save, checkpointing.RELEASE)
+        if self.iteration >= self.train_iters and not a.no_export and (steps_this_run or not os.path.isdir(release)):
+            checkpointing.export_release(self.stage.policy, self.arch, a.load, release)
         self.metrics.close()
         return last
+
+    def layout_record(self) -> dict:
+        """What a checkpoint of this run must be resumed with (checked by ``check_resumable``)."""
+        return checkpointing.run_identity(self.args) | {"data_parallel_size": self.dp_size}
+
+    def _log_line(self, m: dict) -> str:
+        keys = ("loss", "kl", "alpha_mean", "tvd_mean", "reward_accuracy", "grad_norm", "lr", "elapsed_s")
+        fields = " | ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+        return f"{self.method.name} iteration {m['iteration']}/{self.train_iters} | {fields}"
