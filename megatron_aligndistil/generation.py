@@ -106,25 +106,40 @@ def _broadcast_from_last_stage(new: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
-             sequence_ids: list[int] | None = None, kv_cache: bool = True) -> list[dict]:
+             sequence_ids: list[int] | None = None, kv_cache: bool = True,
+             max_new_tokens: list[int] | None = None) -> list[dict]:
     """Sample a response for each prompt. ``model``: this rank's pipeline stage (a GPTModel, or
     anything whose last stage returns logits ``[b, s, V/TP]``). ``sequence_ids``: global indices
-    seeding each sequence's randomness (default 0..n-1). Collective over the TP and PP groups.
+    seeding each sequence's randomness (default 0..n-1). ``max_new_tokens``: a per-sequence limit
+    (default ``params.max_new_tokens`` for all). Collective over the TP and PP groups.
 
     Returns ``[{"response_ids": [...], "stopped": bool}]`` on every rank.
     """
+    config = getattr(model, "config", None)
+    if getattr(config, "sequence_parallel", False):
+        # a decode step has one position, which sequence parallelism cannot split across TP ranks:
+        # sample with it off (same weights, all-reduce instead of reduce-scatter), as Megatron's own
+        # inference does, and turn it back on for training
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        set_model_to_sequence_parallel(model, False)
+        try:
+            return generate(model, prompts, params, vocab_size, sequence_ids, kv_cache, max_new_tokens)
+        finally:
+            set_model_to_sequence_parallel(model, True)
     from megatron.core import parallel_state
 
     dev = platform.device()
     n = len(prompts)
     ids = sequence_ids if sequence_ids is not None else list(range(n))
     plen = torch.tensor([len(p) for p in prompts])
-    total = int(plen.max()) + params.max_new_tokens
+    limit = torch.tensor(max_new_tokens if max_new_tokens is not None else [params.max_new_tokens] * n)
+    total = int((plen + limit).max())
     tokens = torch.zeros(n, total, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     made = torch.zeros(n, dtype=torch.long)  # tokens generated so far, per sequence
-    done = torch.full((n,), params.max_new_tokens <= 0, dtype=torch.bool)
+    done = limit <= 0
     stopped = torch.zeros(n, dtype=torch.bool)
     stop = torch.tensor(list(params.stop_ids) or [-1])
     last_stage = parallel_state.is_pipeline_last_stage()
@@ -145,7 +160,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
         made[rows] += 1
         hit = rows & torch.isin(new, stop)
         stopped.logical_or_(hit)
-        done.logical_or_(hit | (made >= params.max_new_tokens))
+        done.logical_or_(hit | (made >= limit))
 
     if not kv_cache:
         lengths = plen.clone()

@@ -12,14 +12,15 @@ from megatron_aligndistil.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 
-def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True):
+def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True, limits=None):
     from megatron_aligndistil.generation import generate
     from megatron_aligndistil.models import qwen, sharding
 
     arch = QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
     sharding.load_full_state_dict(model, full)
-    return generate(model, prompts, params, arch.vocab_size, sequence_ids=ids, kv_cache=kv_cache)
+    return generate(model, prompts, params, arch.vocab_size, sequence_ids=ids, kv_cache=kv_cache,
+                    max_new_tokens=limits)
 
 
 def _setup():
@@ -36,12 +37,13 @@ def test_greedy_matches_transformers_at_tp2_pp2():
 
     hf, arch, full, prompts = _setup()
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
-    out = run_distributed(_generate, 4, args=(dataclasses.asdict(arch), full, prompts, params),
+    limits = [8, 2, 5]  # per sequence (on-policy: --seq-length + 1 - prompt length)
+    out = run_distributed(_generate, 4, args=(dataclasses.asdict(arch), full, prompts, params, None, True, limits),
                           layout=Layout(tp=2, pp=2))  # with the KV cache
-    for p, res in zip(prompts, out[0]):
+    for p, res, limit in zip(prompts, out[0], limits):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert res["response_ids"] == ref[0, len(p):].tolist()
+        assert res["response_ids"] == ref[0, len(p):len(p) + limit].tolist()
     assert all(r == out[0] for r in out)  # every rank returns the same responses
 
 

@@ -267,14 +267,12 @@ class Trainer:
 
         a = self.args
         t0 = time.time()
-        longest = max(len(r["prompt_ids"]) for r in prompts)
-        params = SamplingParams(
-            max_new_tokens=max(1, min(a.max_new_tokens, a.seq_length + 1 - longest)),
-            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop_ids=tuple(self.stop_ids),
-            seed=a.seed,
-        )
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                top_k=a.top_k, stop_ids=tuple(self.stop_ids), seed=a.seed)
+        # each sequence may fill the model's input up to --seq-length (+1: the last token is only a target)
+        limits = [min(a.max_new_tokens, a.seq_length + 1 - len(r["prompt_ids"])) for r in prompts]
         out = generate(self.stage.policy, [r["prompt_ids"] for r in prompts], params, self.arch.vocab_size,
-                       sequence_ids=list(range(first_sample, first_sample + len(prompts))))
+                       sequence_ids=list(range(first_sample, first_sample + len(prompts))), max_new_tokens=limits)
         self.stage.policy.train()
         records = [{"prompt_ids": r["prompt_ids"], "response_ids": o["response_ids"]} for r, o in zip(prompts, out)]
         stats = torch.tensor([len(out), sum(len(o["response_ids"]) for o in out), sum(o["stopped"] for o in out)],
