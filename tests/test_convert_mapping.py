@@ -95,6 +95,17 @@ def test_unsupported_architectures_are_named():
         QwenArch.from_hf_config({"model_type": "llama"})
     with pytest.raises(ArchitectureError, match="sliding-window"):
         QwenArch.from_hf_config({"model_type": "qwen2", "use_sliding_window": True})
+    cfg = tiny_hf_model("qwen2").config.to_dict()
+    # transformers-5 layout: YaRN in rope_parameters must be refused, not converted as plain RoPE
+    with pytest.raises(ArchitectureError, match="rope_parameters .*yarn"):
+        QwenArch.from_hf_config(dict(cfg, rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                              "rope_theta": 1e6}))
+    assert QwenArch.from_hf_config(dict(cfg, rope_scaling=None, rope_theta=None, rope_parameters={
+        "rope_type": "default", "rope_theta": 5e5})).rope_theta == 5e5
+    with pytest.raises(ArchitectureError, match="missing field.*num_hidden_layers"):
+        QwenArch.from_hf_config({k: v for k, v in cfg.items() if k != "num_hidden_layers"})
+    with pytest.raises(ArchitectureError, match="hidden_size=64.0"):
+        QwenArch.from_hf_config(dict(cfg, hidden_size=64.0))
     arch = QwenArch.from_hf_config(tiny_hf_model("qwen2").config)
     with pytest.raises(ValueError, match="KV groups"):
         arch.check_layout(tp=4, pp=1)

@@ -128,6 +128,30 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert r.returncode == 2 and "qwen2_moe" in r.stderr
 
 
+@pytest.mark.parametrize("name,shape", [("model.embed_tokens.weight", (500, None)),  # fewer rows than vocab_size
+                                        ("model.layers.1.self_attn.q_proj.weight", (None, 8))])
+def test_tensor_shapes_are_checked_against_the_config(tmp_path, name, shape):
+    """A tensor of the wrong shape is named before anything is written (it was zero-padded or died
+    in a bare reshape)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+    from megatron_aligndistil.convert.io import CheckpointError
+
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf(hf_dir, "qwen2")
+    index = json.load(open(hf_dir / "model.safetensors.index.json"))
+    shard = hf_dir / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    t = tensors[name]
+    rows, cols = (shape[0] or t.shape[0]), (shape[1] or t.shape[1])
+    tensors[name] = t[:rows, :cols].contiguous()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' has shape \\[{rows}, {cols}\\], config.json implies"):
+        convert_hf_to_megatron(str(hf_dir), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 _MEASURE = r"""
 import sys, threading, time
 from megatron_aligndistil.convert.hf import convert_hf_to_megatron

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..models.qwen import ARCH_FILE, QwenArch, read_arch
 from .io import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
-from .mapping import hf_tensor_names, hf_to_megatron, megatron_tensor_count, megatron_to_hf
+from .mapping import hf_tensor_names, hf_tensor_shapes, hf_to_megatron, megatron_tensor_count, megatron_to_hf
 
 FORMAT_FILE = "megatron_aligndistil.json"
 FORMAT = {"format": "megatron-full-safetensors", "version": 1}
@@ -55,6 +55,13 @@ def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
         missing = [n for n in hf_tensor_names(arch) if n not in store]
         if missing:
             raise CheckpointError(f"{hf_path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        # shapes from the safetensors headers, all checked before anything is written
+        wrong = [(n, tuple(store.shape(n)), want) for n, want in hf_tensor_shapes(arch).items()
+                 if tuple(store.shape(n)) != want]
+        if wrong:
+            name, got, want = wrong[0]
+            raise CheckpointError(f"{hf_path}: tensor {name!r} has shape {list(got)}, config.json implies "
+                                  f"{list(want)}" + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""))
         writer = ShardedWriter(save, max_shard_bytes, overwrite)
         for name, tensor in tqdm(hf_to_megatron(arch, store.get), total=megatron_tensor_count(arch),
                                  disable=not progress,

@@ -83,6 +83,26 @@ def hf_tensor_names(arch: QwenArch) -> list[str]:
     return names
 
 
+def hf_tensor_shapes(arch: QwenArch) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor :func:`hf_tensor_names` lists, from the config alone."""
+    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {}
+    for name in hf_tensor_names(arch):
+        if name.startswith("model.layers."):
+            shapes[name] = per_layer[name.split(".", 3)[3]]
+        else:
+            shapes[name] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}[name]
+    return shapes
+
+
 def megatron_tensor_count(arch: QwenArch) -> int:
     """How many tensors :func:`hf_to_megatron` yields (for progress bars)."""
     per_layer = len(_plain_renames(arch)) + 1 + int(arch.qkv_bias) + 1  # renames, qkv w/b, fc1

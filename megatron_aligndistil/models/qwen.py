@@ -75,9 +75,24 @@ class QwenArch:
                 f"{model_type}: sliding-window attention layers are not supported "
                 f"(use_sliding_window={get('use_sliding_window')}, layer_types={layer_types})"
             )
-        rope_scaling = get("rope_scaling")
-        if rope_scaling and (rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default")):
-            raise ArchitectureError(f"{model_type}: rope_scaling {rope_scaling} is not supported")
+        # RoPE variants: only the plain one maps exactly (YaRN, linear, dynamic, ... are refused),
+        # whether written as rope_scaling (transformers 4) or rope_parameters (transformers 5)
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = get(key)
+            if rope and (rope.get("rope_type", rope.get("type")) not in (None, "default")):
+                raise ArchitectureError(f"{model_type}: {key} {rope} is not supported (only plain RoPE: "
+                                        "rope_type 'default')")
+        required = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+                    "max_position_embeddings", "rms_norm_eps")
+        missing = [k for k in required if get(k) is None]
+        if missing:
+            raise ArchitectureError(f"{model_type} config: missing field(s) {missing}")
+        ints = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", "num_key_value_heads", "head_dim")
+        bad = [f"{k}={get(k)!r}" for k in ints if get(k) is not None
+               and (not isinstance(get(k), int) or isinstance(get(k), bool) or get(k) <= 0)]
+        if bad:
+            raise ArchitectureError(f"{model_type} config: fields must be positive integers: {', '.join(bad)}")
         heads = get("num_attention_heads")
         hidden = get("hidden_size")
         head_dim = get("head_dim") or hidden // heads
