@@ -112,6 +112,26 @@ def test_kill_and_resume_continues_the_same_trajectory(setup, tmp_path):
     r = launch_train(argv, nproc=1)
     assert r.returncode == 0 and "is complete (iteration 5 of 5); nothing to train" in r.stdout, r.stderr[-2000:]
     assert (os.stat(release).st_mtime_ns, os.stat(os.path.join(save, "iter_0000005")).st_mtime_ns) == stamp
+    # an intermediate checkpoint exports like the release (here the same iteration: equal tensors),
+    # and the converter resolves a run directory to its release/
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "convert_megatron_to_hf.py")
+    hf = {}
+    for name, src in (("iter5", os.path.join(save, "iter_0000005")), ("run", save)):
+        r = subprocess.run([sys.executable, tool, "--load", src, "--save", os.path.join(tmp_path, name)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        hf[name] = {k: v for f in sorted(os.listdir(os.path.join(tmp_path, name))) if f.endswith(".safetensors")
+                    for k, v in load_file(os.path.join(tmp_path, name, f)).items()}
+    assert hf["iter5"].keys() == hf["run"].keys() and len(hf["run"]) > 10
+    assert all(torch.equal(hf["iter5"][k], hf["run"][k]) for k in hf["run"])
+    assert os.path.exists(os.path.join(tmp_path, "iter5", "tokenizer.json")) == \
+        os.path.exists(os.path.join(tmp_path, "run", "tokenizer.json"))
     # another run's flags on the same --save: refused before anything is built or written
     other = aligndistil_argv(setup, save, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2")
     other[other.index("--rev-load") + 1] = setup["dpo"]

@@ -2,6 +2,11 @@
 """Export a megatron-aligndistil checkpoint to a Hugging Face directory.
 
     python tools/convert_megatron_to_hf.py --load ckpt/policy --save hf/policy
+    python tools/convert_megatron_to_hf.py --load runs/aligndistil --save hf/aligned        # its release/
+    python tools/convert_megatron_to_hf.py --load runs/aligndistil/iter_0000200 --save hf/it200
+
+--load is a converted checkpoint, a run directory (its ``release/``, the final policy) or one of a
+run's ``iter_XXXXXXX`` training checkpoints (read in one process, the whole model in host memory).
 
 Writes config.json, generation_config.json and tokenizer files (when the checkpoint has them) and
 sharded safetensors with an index; ``AutoModelForCausalLM.from_pretrained`` loads the result.
@@ -26,10 +31,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     def export():
-        from megatron_aligndistil.convert.hf import convert_megatron_to_hf
+        import tempfile
 
-        out = convert_megatron_to_hf(args.load, args.save, int(args.max_shard_size_gb * 2**30),
-                                     overwrite=args.overwrite)
+        from megatron_aligndistil.convert.hf import convert_megatron_to_hf
+        from megatron_aligndistil.train import checkpointing
+
+        load = args.load
+        if os.path.isdir(os.path.join(load, checkpointing.RELEASE)) and not checkpointing.is_training_checkpoint(load):
+            load = os.path.join(load, checkpointing.RELEASE)  # a run directory: its final policy
+        if checkpointing.is_training_checkpoint(load):
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.save))) as tmp:
+                converted = checkpointing.export_training_checkpoint(load, os.path.join(tmp, "converted"))
+                out = convert_megatron_to_hf(converted, args.save, int(args.max_shard_size_gb * 2**30),
+                                             overwrite=args.overwrite)
+        else:
+            out = convert_megatron_to_hf(load, args.save, int(args.max_shard_size_gb * 2**30),
+                                         overwrite=args.overwrite)
         print(f"wrote {out}")
 
     return run_tool(export)

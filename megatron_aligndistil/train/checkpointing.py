@@ -51,9 +51,10 @@ def weights_dir(path: str) -> str:
         return path  # a converted checkpoint, a release/ export, or a training iter_ directory
     if os.path.exists(os.path.join(path, RELEASE, qwen.ARCH_FILE)):
         return os.path.join(path, RELEASE)
-    raise FileNotFoundError(
-        f"{path}: no weights found (expected a converted checkpoint with {qwen.ARCH_FILE}, or a run "
-        f"directory with {RELEASE}/; convert HF weights with tools/convert_hf_to_megatron.py)"
+    raise CheckpointError(
+        f"{path}: no weights found (expected a converted checkpoint with {qwen.ARCH_FILE}, a run "
+        f"directory with {RELEASE}/, or one of a run's iter_XXXXXXX checkpoints; convert HF weights with "
+        "tools/convert_hf_to_megatron.py)"
     )
 
 
@@ -194,9 +195,47 @@ def stop_token_ids(path: str, args) -> list[int]:
     return []
 
 
+def is_training_checkpoint(path: str) -> bool:
+    """A trainer's ``iter_XXXXXXX`` directory (Megatron-Core distributed checkpoint)."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, "common.pt"))
+
+
 def load_weights(model, path: str) -> None:
-    with TensorStore(weights_dir(path)) as store:
+    """Collective when ``path`` is a training checkpoint: load this rank's slices of the weights
+    from a converted directory / ``release/`` export, or the policy weights of an ``iter_``
+    checkpoint (at any TP/PP: Megatron reshards them)."""
+    d = weights_dir(path)
+    if is_training_checkpoint(d):
+        from megatron.core import dist_checkpointing
+
+        problem = checkpoint_problem(d)
+        if problem:
+            raise CheckpointError(f"{d}: {problem}")
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
+        model.load_state_dict(state["model"])
+        return
+    with TensorStore(d) as store:
         sharding.load_from_store(model, store)
+
+
+def export_training_checkpoint(ckpt_dir: str, out: str) -> str:
+    """One process: write the policy of the training checkpoint ``ckpt_dir`` (an ``iter_``
+    directory) to ``out`` in the converted format, with the tokenizer and HF config of the run's
+    ``--load``. Holds the whole model in host memory once."""
+    from .. import parallel
+
+    parallel.init_distributed()
+    parallel.init_model_parallel(parallel.Layout(1, 1))
+    try:
+        arch = qwen.read_arch(ckpt_dir)
+        model = qwen.build_model(arch, qwen.transformer_config(arch))
+        load_weights(model, ckpt_dir)
+        args_json = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "args.json")
+        side = json.load(open(args_json)).get("load") if os.path.exists(args_json) else None
+        export_release(model, arch, side if side and os.path.isdir(side) else ckpt_dir, out)
+    finally:
+        parallel.destroy()
+    return out
 
 
 def write_run_files(args, arch: qwen.QwenArch, load: str) -> None:
