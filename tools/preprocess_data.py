@@ -35,7 +35,13 @@ def main(argv=None):
 
         from megatron_aligndistil.data.preprocess import RecordError, load_records, preprocess
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if (os.sep in args.tokenizer or args.tokenizer.startswith(".")) and not os.path.isdir(args.tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer}: no such directory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--tokenizer {args.tokenizer}: cannot load a tokenizer "
+                            f"({str(exc).strip().splitlines()[0][:200]})") from None
         if not tokenizer.chat_template:
             raise UserError(f"--tokenizer {args.tokenizer} has no chat template")
         try:

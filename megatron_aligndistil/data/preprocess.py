@@ -48,8 +48,21 @@ def load_records(source: str, split: str = "train_prefs"):
                 head = f.read(1)
                 f.seek(0)
                 if head == "[":
-                    return json.load(f)
-                return [json.loads(line) for line in f if line.strip()]
+                    try:
+                        return json.load(f)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{source}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") \
+                            from None
+                records = []
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{source}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") \
+                            from None
+                return records
         import datasets
 
         return datasets.load_dataset("parquet", data_files=source, split="train")
@@ -67,7 +80,11 @@ def _check_conversation(messages, name: str):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RecordError(f"field {name!r} message {i} lacks 'role' or 'content'")
-        if not str(m["content"]).strip():
+        if not isinstance(m["content"], str):
+            kind = "null" if m["content"] is None else type(m["content"]).__name__
+            raise RecordError(f"content not a string: field {name!r} message {i} ({m['role']}) has {kind} content"
+                              + (" (OpenAI-style parts: join their text first)" if kind == "list" else ""))
+        if not m["content"].strip():
             raise RecordError(f"empty turn: field {name!r} message {i} ({m['role']}) is empty")
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
@@ -79,8 +96,11 @@ def _check_conversation(messages, name: str):
 
 def split_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) of a conversation whose last turn is the response."""
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - jinja raises its own types for records it cannot render
+        raise RecordError(f"chat template failed: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not full_text.startswith(prompt_text):
         raise RecordError("chat template: the full conversation does not start with the prompt rendering")
     response_text = full_text[len(prompt_text):]
@@ -108,6 +128,8 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
         for index, rec in enumerate(tqdm(records, disable=not progress, desc="tokenize", unit="rec")):
             report.total += 1
             try:
+                if not isinstance(rec, dict):
+                    raise RecordError(f"not an object: a record is a JSON object, got {type(rec).__name__}")
                 for key in ("chosen", "rejected"):
                     if key not in rec or rec[key] is None:
                         raise RecordError(f"missing field {key!r}")
@@ -134,6 +156,15 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
     finally:
         for f in files.values():
             f.close()
+    if report.kept == 0:  # nothing to train on: no empty outputs, a clear error instead
+        for p in paths.values():
+            os.remove(p + ".tmp")
+        hint = ""
+        if any(r.startswith("chat template: the response does not end") for _, r in report.examples):
+            hint = (f"; the tokenizer's eos_token {tokenizer.eos_token!r} is not the chat template's end-of-turn "
+                    "token: a base model's tokenizer? Use the instruct/chat model's tokenizer")
+        raise RecordError(f"no record kept of {report.total}: dropped {dict(report.dropped)}, e.g. "
+                          + "; ".join(f"record {i}: {r}" for i, r in report.examples[:3]) + hint)
     for k, p in paths.items():
         os.replace(p + ".tmp", p)
     with open(f"{output_prefix}_report.json", "w") as f:
