@@ -33,11 +33,25 @@ import torch
 
 _INSTALLED = False
 
-# Import-time notes from Megatron-Core that are expected on a machine without TE/apex/CUDA.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-warnings.filterwarnings("ignore", message=".*torch.cuda.amp.custom_(fwd|bwd).*")
+
+
+def quiet_known_warnings() -> None:
+    """Silence Megatron-Core's import-time notes that say nothing to the user of this package.
+
+    Called by the package's ``__init__``, so it runs before any module imports Megatron. "Transformer
+    Engine and Apex are not installed" matters only on a GPU, and there only once: it is kept on
+    rank 0 of a machine with CUDA and silenced everywhere else. Deprecation notes that Megatron's
+    own calls trigger in this torch version are silenced too.
+    """
+    if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*torch.cuda.amp.custom_(fwd|bwd).*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated.*")
+
+
+quiet_known_warnings()
 
 _FACTORY_NAMES = (
     "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",

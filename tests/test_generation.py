@@ -103,3 +103,30 @@ def test_generate_tool_writes_alpacaeval_outputs_equal_to_transformers(tmp_path)
         ref = [t for t in ref if t != 2]
         assert g == {"instruction": item["instruction"], "output": tok.decode(ref, skip_special_tokens=True),
                      "generator": "tiny"}
+
+
+def test_generate_tool_names_bad_prompt_items(tmp_path):
+    """Out-of-vocabulary prompt ids and non-string instructions: the file and item are named
+    before any model is built (they reached the model / jinja before)."""
+    import json
+    import os
+    import sys
+
+    import pytest
+
+    from megatron_aligndistil.cli_errors import UserError
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import generate as generate_tool
+
+    path = tmp_path / "p.jsonl"
+    for line, message in (('{"prompt_ids": [1, 5000]}', "p.jsonl:2: 'prompt_ids' has token id 5000 outside"),
+                          ('{"instruction": 7}', "p.jsonl:2: 'instruction' must be a non-empty string"),
+                          ('{"instruction": ["a"]}', "p.jsonl:2: 'instruction' must be a non-empty string"),
+                          ('{"prompt_ids": []}', "p.jsonl:2: 'prompt_ids' must be a non-empty list"),
+                          ('{"text": "x"}', "p.jsonl:2: has neither"), ('{"instruction": "x"', "p.jsonl:2: malformed")):
+        path.write_text(json.dumps({"instruction": "fine"}) + "\n" + line + "\n")
+        with pytest.raises(UserError, match=message):
+            generate_tool.read_items(str(path), vocab_size=1001)
+    path.write_text(json.dumps({"prompt_ids": [1, 1000]}) + "\n")
+    assert generate_tool.read_items(str(path), vocab_size=1001) == [{"prompt_ids": [1, 1000]}]

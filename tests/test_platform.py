@@ -116,3 +116,18 @@ def test_te_parameter_names_map_to_the_checkpoint_names():
     assert canonical_name("decoder.layers.0.mlp.linear_fc1.weight") == "decoder.layers.0.mlp.linear_fc1.weight"
     if not torch.cuda.is_available():
         assert use_transformer_engine() is False  # CPU: always the local spec
+
+
+def test_megatron_import_notes_are_quiet_on_cpu():
+    """'Transformer Engine and Apex are not installed' is for GPU users (once, rank 0): importing
+    the package first keeps Megatron's import-time notes off a CPU run's stderr (issue 15 item 5)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    code = "import megatron_aligndistil, megatron.core.optimizer, megatron.core.tensor_parallel"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if not torch.cuda.is_available():
+        assert "Apex" not in r.stderr and "Transformer Engine" not in r.stderr, r.stderr[-2000:]

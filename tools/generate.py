@@ -20,6 +20,43 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
 
 
+def read_items(path: str, vocab_size: int) -> list[dict]:
+    """Prompt items of a JSON list or JSONL file, each with a non-empty string ``instruction`` or
+    ``prompt_ids`` inside the vocabulary; errors name the file and the item (line for JSONL)."""
+    text = open(path).read().strip()
+    try:
+        if text.startswith("["):
+            items = json.loads(text)
+            where = [f"{path}: item {i}" for i in range(len(items))]
+        else:
+            lines = [(n, x) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
+            items, where = [], []
+            for n, line in lines:
+                where.append(f"{path}:{n}")
+                items.append(json.loads(line))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where[-1] if not text.startswith('[') else path}: malformed JSON ({exc.msg})") from None
+    for item, loc in zip(items, where):
+        if not isinstance(item, dict):
+            raise UserError(f"{loc}: an item is a JSON object with 'instruction' or 'prompt_ids'")
+        if "prompt_ids" in item:
+            ids = item["prompt_ids"]
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                for t in ids):
+                raise UserError(f"{loc}: 'prompt_ids' must be a non-empty list of integer token ids")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise UserError(f"{loc}: 'prompt_ids' has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        elif "instruction" in item:
+            if not isinstance(item["instruction"], str) or not item["instruction"].strip():
+                raise UserError(f"{loc}: 'instruction' must be a non-empty string")
+        else:
+            raise UserError(f"{loc}: has neither 'instruction' nor 'prompt_ids'")
+    if not items:
+        raise UserError(f"{path}: no prompts")
+    return items
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", required=True, help="converted checkpoint or run directory")
@@ -53,22 +90,15 @@ def main(argv=None):
                                                      args.pipeline_model_parallel_size))
         src = checkpointing.weights_dir(args.load)
         arch = qwen.read_arch(src)
-        text = open(args.prompts).read().strip()
-        items = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        items = read_items(args.prompts, arch.vocab_size)
         tok = None
         if any("prompt_ids" not in it for it in items):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(args.tokenizer or src)
-        prompts = []
-        for i, it in enumerate(items):
-            if "prompt_ids" in it:
-                prompts.append(it["prompt_ids"])
-            elif "instruction" in it:
-                prompts.append(tok.apply_chat_template([{"role": "user", "content": it["instruction"]}],
-                                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-            else:
-                raise UserError(f"{args.prompts}: item {i} has neither 'instruction' nor 'prompt_ids'")
+        from megatron_aligndistil.eval.policy_eval import render_prompts
+
+        prompts = [it["prompt_ids"] if "prompt_ids" in it else render_prompts([it], tok)[0] for it in items]
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
