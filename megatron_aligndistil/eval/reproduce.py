@@ -152,7 +152,7 @@ class Reproduction:
         s = self.s
         d = self.path(f"seed{seed}")
         data = "pairs_prompts.jsonl" if on_policy else "pairs_chosen.jsonl"
-        flags = ["--dpo-load", os.path.join(d, "dpo"), "--r", str(s.r), "--beta0", str(s.beta0), *s.extra_ad_flags]
+        flags = ["--dpo-load", os.path.join(d, "dpo"), "--tvd-scale", str(s.r), "--beta0", str(s.beta0), *s.extra_ad_flags]
         if s.plausibility_threshold > 0 and not name.endswith("_noguard"):
             flags += ["--plausibility-threshold", str(s.plausibility_threshold)]
         if "--ref-load" not in extra:
@@ -194,7 +194,7 @@ class Reproduction:
             "ad_off_noguard": (lambda sd: self.aligndistil(sd, "ad_off_noguard", []), ("dpo", "rev")),
             "ad_on_noguard": (lambda sd: self.aligndistil(sd, "ad_on_noguard", [], on_policy=True), ("dpo", "rev")),
             "ad_vanilla": (lambda sd: self.aligndistil(sd, "ad_vanilla", ["--ref-load", os.path.join(
-                self.path(f"seed{sd}"), "sft"), "--constant-alpha", "1.0", "--token-weight", "constant"]), ("dpo",)),
+                self.path(f"seed{sd}"), "sft"), "--constant-alpha", "1.0"]), ("dpo",)),
         }
         for a in ("1.0", "1.5", "2.0"):
             variants[f"ad_const{a}"] = (lambda sd, a=a: self.aligndistil(sd, f"ad_const{a}", ["--constant-alpha", a]),
