@@ -157,6 +157,12 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{bad}:4:" in r.stderr and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+    # --skip-bad-records trains on the rest and says what it skipped
+    r = launch_train(aligndistil_argv(dict(setup, data=str(bad)), str(tmp_path / "skip"), "--skip-bad-records",
+                                      "--no-export", iters=1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"--skip-bad-records: skipped 1 of 24 records of {bad} (1 field 'response_ids' has token id 5000" \
+        in r.stdout, r.stdout[-2000:]
 
     other = tmp_path / "other_teacher"
     shutil.copytree(setup["dpo"], other)
