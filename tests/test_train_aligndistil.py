@@ -163,6 +163,9 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"--skip-bad-records: skipped 1 of 24 records of {bad} (1 field 'response_ids' has token id 5000" \
         in r.stdout, r.stdout[-2000:]
+    assert "aligndistil iteration 1/1 | loss " in r.stdout  # --no-progress: a log line per --log-interval
+    r = launch_train(aligndistil_argv(setup, str(tmp_path / "long"), "--seq-length", "100000"))
+    assert r.returncode == 2 and "--seq-length 100000 exceeds the model's max_position_embeddings" in r.stderr
 
     other = tmp_path / "other_teacher"
     shutil.copytree(setup["dpo"], other)
