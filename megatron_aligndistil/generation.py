@@ -46,7 +46,9 @@ def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.T
     probs = torch.softmax(z, -1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest prefix reaching p
+        # keep the smallest prefix whose mass reaches p (a token whose predecessors already reach p
+        # is dropped, also when they hit p exactly: HF and vLLM do the same)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs.cpu(), generators)])

@@ -130,3 +130,50 @@ def test_generate_tool_names_bad_prompt_items(tmp_path):
             generate_tool.read_items(str(path), vocab_size=1001)
     path.write_text(json.dumps({"prompt_ids": [1, 1000]}) + "\n")
     assert generate_tool.read_items(str(path), vocab_size=1001) == [{"prompt_ids": [1, 1000]}]
+
+
+def _reference_choices(probs, seeds):
+    """torch.multinomial on independently computed float32 probabilities, one seeded generator a row."""
+    return [int(torch.multinomial(p, 1, generator=torch.Generator().manual_seed(s))[0]) for p, s in zip(probs, seeds)]
+
+
+def _select_choices(logits, params, seeds):
+    from megatron_aligndistil.generation import _select
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return _select(logits, params, gens).tolist()
+
+
+def test_temperature_samples_from_the_tempered_distribution():
+    """softmax(z / T) at T 0.5 and 2: the sampler's choices equal multinomial draws from the
+    reference probabilities with the same generators, row for row (issue 19)."""
+    from megatron_aligndistil.generation import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    rows = 400
+    logits = torch.randn(rows, 12, generator=g) * 2
+    seeds = list(range(1000, 1000 + rows))
+    for t in (0.5, 2.0):
+        ref = torch.softmax(logits.double() / t, -1).float()
+        got = _select_choices(logits, SamplingParams(temperature=t), seeds)
+        assert got == _reference_choices(ref, seeds), t
+        # and it is not the untempered (or twice-tempered) distribution
+        assert got != _reference_choices(torch.softmax(logits.double() / t / t, -1).float(), seeds)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    """probabilities [0.5, 0.3, 0.15, 0.05]: top-p 0.7 keeps {0.5, 0.3}, 0.81 keeps three; and
+    [0.5, 0.25, 0.125, 0.125] (exact in float32) at p 0.75, where the mass hits p exactly, keeps
+    {0.5, 0.25} as HF and vLLM do. Renormalised, then drawn like the reference, row for row."""
+    from megatron_aligndistil.generation import SamplingParams
+
+    seeds = list(range(300))
+    for base, p, kept in (([0.15, 0.5, 0.05, 0.3], 0.7, [1, 3]), ([0.15, 0.5, 0.05, 0.3], 0.81, [0, 1, 3]),
+                          ([0.125, 0.5, 0.125, 0.25], 0.75, [1, 3])):  # shuffled order: the sampler must sort
+        base = torch.tensor(base)
+        logits = base.log().expand(300, -1).contiguous()
+        ref = torch.zeros(4)
+        ref[kept] = base[kept] / base[kept].sum()
+        got = _select_choices(logits, SamplingParams(temperature=1.0, top_p=p), seeds)
+        assert got == _reference_choices(ref.expand(300, -1), seeds), p
+        assert set(got) == set(kept), p
