@@ -54,26 +54,33 @@ def megatron_logits(arch_fields, full, tokens):
     return out[0]["logits"] if out else None
 
 
-@pytest.mark.parametrize("model_type,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False),
-                                             ("qwen3", True)])
-def test_megatron_logits_match_hf(model_type, tied):
-    hf = tiny_hf_model(model_type, tied=tied, vocab_size=1001)  # 1001: not divisible by TP
-    arch = QwenArch.from_hf_config(hf.config)
-    assert arch.qk_layernorm == (model_type == "qwen3") and arch.qkv_bias == (model_type == "qwen2")
-    sd = hf.state_dict()
-    full = dict(hf_to_megatron(arch, sd.__getitem__))
-    tokens = torch.randint(0, 1001, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = hf(tokens).logits
-    fields = dataclasses.asdict(arch)
+def megatron_logits_of_all(cases):
+    """One launch for several models: ``cases`` is a list of (arch fields, full state, tokens)."""
+    return [megatron_logits(*case) for case in cases]
+
+
+def test_megatron_logits_match_hf():
+    """Qwen2 and Qwen3, tied and untied: Megatron's logits equal HF's at TP1 PP1 and TP2 PP2
+    (one launch per layout for all four models)."""
+    cases, expected = [], []
+    for model_type, tied in (("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True)):
+        hf = tiny_hf_model(model_type, tied=tied, vocab_size=1001)  # 1001: not divisible by TP
+        arch = QwenArch.from_hf_config(hf.config)
+        assert arch.qk_layernorm == (model_type == "qwen3") and arch.qkv_bias == (model_type == "qwen2")
+        sd = hf.state_dict()
+        tokens = torch.randint(0, 1001, (2, 12), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected.append(hf(tokens).logits)
+        cases.append((dataclasses.asdict(arch), dict(hf_to_megatron(arch, sd.__getitem__)), tokens))
     for layout, world in ((Layout(1, 1), 1), (Layout(2, 2), 4)):
-        results = run_distributed(megatron_logits, world, args=(fields, full, tokens), layout=layout)
-        got = [r for r in results if r is not None]
-        assert got, "no rank returned logits"
-        for logits in got:
-            assert logits.shape[-1] == arch.padded_vocab_size
-            torch.testing.assert_close(logits[..., :1001], expected, rtol=0, atol=1e-5)
-            assert torch.all(logits[..., 1001:] == 0)  # zero padding rows give logit 0: masked later
+        per_rank = run_distributed(megatron_logits_of_all, world, args=(cases,), layout=layout)
+        for i, (case, want) in enumerate(zip(cases, expected)):
+            got = [r[i] for r in per_rank if r[i] is not None]
+            assert got, "no rank returned logits"
+            for logits in got:
+                assert logits.shape[-1] == QwenArch(**case[0]).padded_vocab_size
+                torch.testing.assert_close(logits[..., :1001], want, rtol=0, atol=1e-5, msg=f"case {i}, {layout}")
+                assert torch.all(logits[..., 1001:] == 0)  # zero padding rows give logit 0: masked later
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])

@@ -23,6 +23,11 @@ def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True, limit
                     max_new_tokens=limits)
 
 
+def _generate_many(calls):
+    """Several ``_generate`` calls in one launch (each builds its model)."""
+    return [_generate(*call) for call in calls]
+
+
 def _setup():
     hf = tiny_hf_model("qwen2", vocab_size=1001, seed=3)
     arch = QwenArch.from_hf_config(hf.config)
@@ -53,15 +58,15 @@ def test_seeded_sampling_is_layout_and_batch_independent():
     hf, arch, full, prompts = _setup()
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=11)
     fields = dataclasses.asdict(arch)
-    tp1 = run_distributed(_generate, 1, args=(fields, full, prompts, params), layout=Layout(1, 1))[0]
-    tp2 = run_distributed(_generate, 2, args=(fields, full, prompts, params), layout=Layout(tp=2))[0]
+    tp1, alone, other_seed = run_distributed(_generate_many, 1, args=([
+        (fields, full, prompts, params),
+        (fields, full, prompts[1:2], params, [1]),
+        (fields, full, prompts, dataclasses.replace(params, seed=12))],), layout=Layout(1, 1))[0]
+    tp2, uncached = run_distributed(_generate_many, 2, args=([
+        (fields, full, prompts, params), (fields, full, prompts, params, None, False)],), layout=Layout(tp=2))[0]
     assert tp1 == tp2
-    alone = run_distributed(_generate, 1, args=(fields, full, prompts[1:2], params, [1]), layout=Layout(1, 1))[0]
     assert alone[0] == tp1[1]  # sequence 1's sample does not depend on its batch mates
-    uncached = run_distributed(_generate, 2, args=(fields, full, prompts, params, None, False), layout=Layout(tp=2))[0]
     assert uncached == tp1  # the KV cache changes nothing but the cost
-    other_seed = run_distributed(_generate, 1, args=(fields, full, prompts, dataclasses.replace(params, seed=12)),
-                                 layout=Layout(1, 1))[0]
     assert other_seed != tp1
 
 
