@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cli_errors import UserError
-
 from .. import parallel, platform
+from ..cli_errors import UserError
 from ..data.batching import global_batch_indices, padded_length
 from ..data.records import read_jsonl
 from ..models import qwen
