@@ -7,8 +7,6 @@ are means over all response tokens of the global batch; ``tokens`` is that token
 
 from __future__ import annotations
 
-import torch
-
 from ..data.batching import make_micro_batch, masked
 from ..loss import vocab_parallel_aligndistil
 from .loop import FrozenSpec, Method

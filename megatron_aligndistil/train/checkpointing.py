@@ -77,11 +77,9 @@ def latest_checkpoint(save: str) -> str | None:
 
 
 def _iterations(save: str) -> list[int]:
-    its = []
-    for name in os.listdir(save):
-        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(save, name)):
-            its.append(int(name[5:]))
-    return sorted(its)
+    """Iterations of the ``iter_XXXXXXX`` directories in ``save``, ascending."""
+    return sorted(it for name in os.listdir(save) if os.path.isdir(os.path.join(save, name))
+                  and (it := _iteration_of(name)) is not None)
 
 
 def _previous_hint(save: str, before: int | None) -> str:

@@ -11,7 +11,6 @@ whatever the TP/PP/DP/micro-batch layout. The logged loss is reduced the same wa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
