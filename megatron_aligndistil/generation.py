@@ -18,25 +18,15 @@ generator seeded by (seed, id_i, k).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import platform
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 1024
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    stop_ids: tuple = ()  # end-of-turn / EOS ids; the stop token is kept in the response
-    seed: int = 1234
+from .config import SamplingParams
 
 
 def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.Tensor:
-    """Next token per row of float32 ``logits [b, V]`` (padding already -inf)."""
+    """Next token per row of float32 ``logits [b, V]`` (padding already -inf), on their device;
+    ``generators``: one per row, on that device."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     z = logits / params.temperature
@@ -51,7 +41,7 @@ def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.T
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs.cpu(), generators)])
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
 
 
 def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None, inference_context=None):
@@ -59,41 +49,36 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
     full-vocab logits ``[n, V]`` (padding -inf) of row i at position ``rows_at[i]`` (default: the
     last position); None on other stages. Only those rows are gathered over TP (with a cache,
     Megatron gathers the decode step's logits itself)."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from types import SimpleNamespace
 
-    picked = {}
+    from megatron.core import parallel_state
+
+    from .train.schedule import drive, pipeline_rows
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    kwargs = {}
+    if inference_context is not None:
+        kwargs = {"inference_context": inference_context, "runtime_gather_output": True}
 
-    def forward_step(data_iter, m):
-        next(data_iter)
-        kwargs = {}
-        if inference_context is not None:
-            kwargs = {"inference_context": inference_context, "runtime_gather_output": True}
-        out = m(tokens, positions, None, **kwargs)
+    def collect(outputs, _batch):
+        logits = outputs[0]
+        if rows_at is None:
+            rows = logits[:, -1]
+        else:
+            rows = logits[torch.arange(n, device=logits.device), rows_at.to(logits.device)]
+        rows = rows.float().contiguous()
+        if tp > 1 and inference_context is None:
+            parts = [torch.empty_like(rows) for _ in range(tp)]
+            torch.distributed.all_gather(parts, rows, group=tp_group)
+            rows = torch.cat(parts, -1)
+        rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
+        return rows
 
-        def collect(logits):
-            if rows_at is None:
-                rows = logits[:, -1]
-            else:
-                rows = logits[torch.arange(n, device=logits.device), rows_at.to(logits.device)]
-            rows = rows.float().contiguous()
-            if tp > 1 and inference_context is None:
-                parts = [torch.empty_like(rows) for _ in range(tp)]
-                torch.distributed.all_gather(parts, rows, group=tp_group)
-                rows = torch.cat(parts, -1)
-            rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
-            picked["logits"] = rows
-            return torch.zeros((), device=logits.device), {}
-
-        return out, collect
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([0]), model=[model], num_microbatches=1,
-        seq_length=seq_len, micro_batch_size=n, forward_only=True,
-    )
-    return picked.get("logits")
+    step = SimpleNamespace(tokens=tokens, positions=positions)
+    got = drive(model, [step], collect, forward_only=True, seq_length=seq_len, rows=pipeline_rows(n),
+                model_kwargs=kwargs)
+    return got[0] if got else None
 
 
 def _broadcast_from_last_stage(new: torch.Tensor) -> torch.Tensor:
@@ -151,9 +136,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
         """The next token of every sequence, sampled on the last stage and broadcast."""
         new = torch.zeros(n, dtype=torch.long)
         if last_stage:
-            gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + sid * 7_919 + int(k))
+            gens = [torch.Generator(device=logits.device).manual_seed(params.seed * 1_000_003 + sid * 7_919 + int(k))
                     for sid, k in zip(ids, made)]
-            new = _select(logits.cpu(), params, gens).long()
+            new = _select(logits, params, gens).long()  # on the logits' device: only [n] ids leave it
         return _broadcast_from_last_stage(new)
 
     def accept(new, rows, where):

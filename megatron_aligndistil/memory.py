@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .loss.vocab_parallel import GPU_CHUNK_ELEMENTS
 from .models.qwen import QwenArch
+from .train.schedule import pipeline_rows
 
 GIB = 2**30
 
@@ -97,7 +98,7 @@ def plan_memory(arch: QwenArch, lay: Layout) -> dict:
         act += activation_bytes_per_layer(arch, Layout(**{**asdict(lay), "recompute": None}))
     rep = 1 / lay.tp if lay.sequence_parallel else 1.0
     e = 2 if lay.bf16 else 4
-    p2p = (in_flight if lay.pp > 1 else 0) * (1 + lay.frozen_models) * e * s * b * arch.hidden_size * rep
+    p2p = (in_flight if lay.pp > 1 else 0) * e * s * pipeline_rows(b, 1 + lay.frozen_models) * arch.hidden_size * rep
     v_local = arch.padded_vocab_size / lay.tp
     logits = (1 + lay.frozen_models + 1) * pb * s * b * v_local + 4 * 4 * min(lay.chunk_elements, s * b * v_local)
     frozen = lay.frozen_models * pb * w

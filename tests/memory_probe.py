@@ -16,9 +16,8 @@ def measure_training(argv):
     import megatron.core.models.gpt  # noqa: F401 - imports outside the measurement
     import megatron.core.optimizer  # noqa: F401
 
-    from megatron_aligndistil.train.aligndistil import AlignDistil
+    from megatron_aligndistil.train import build_trainer
     from megatron_aligndistil.train.arguments import parse_args
-    from megatron_aligndistil.train.loop import Trainer
 
     args = parse_args(argv)
     base = _anon()
@@ -32,7 +31,7 @@ def measure_training(argv):
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    trainer = Trainer(args, AlignDistil(args)).setup()
+    trainer = build_trainer(args)
     trainer.train()
     done[0] = True
     t.join()

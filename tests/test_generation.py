@@ -38,7 +38,7 @@ def _setup():
 
 
 def test_greedy_matches_transformers_at_tp2_pp2():
-    from megatron_aligndistil.generation import SamplingParams
+    from megatron_aligndistil.config import SamplingParams
 
     hf, arch, full, prompts = _setup()
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -53,7 +53,7 @@ def test_greedy_matches_transformers_at_tp2_pp2():
 
 
 def test_seeded_sampling_is_layout_and_batch_independent():
-    from megatron_aligndistil.generation import SamplingParams
+    from megatron_aligndistil.config import SamplingParams
 
     hf, arch, full, prompts = _setup()
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=11)
@@ -152,7 +152,7 @@ def _select_choices(logits, params, seeds):
 def test_temperature_samples_from_the_tempered_distribution():
     """softmax(z / T) at T 0.5 and 2: the sampler's choices equal multinomial draws from the
     reference probabilities with the same generators, row for row (issue 19)."""
-    from megatron_aligndistil.generation import SamplingParams
+    from megatron_aligndistil.config import SamplingParams
 
     g = torch.Generator().manual_seed(0)
     rows = 400
@@ -170,7 +170,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     """probabilities [0.5, 0.3, 0.15, 0.05]: top-p 0.7 keeps {0.5, 0.3}, 0.81 keeps three; and
     [0.5, 0.25, 0.125, 0.125] (exact in float32) at p 0.75, where the mass hits p exactly, keeps
     {0.5, 0.25} as HF and vLLM do. Renormalised, then drawn like the reference, row for row."""
-    from megatron_aligndistil.generation import SamplingParams
+    from megatron_aligndistil.config import SamplingParams
 
     seeds = list(range(300))
     for base, p, kept in (([0.15, 0.5, 0.05, 0.3], 0.7, [1, 3]), ([0.15, 0.5, 0.05, 0.3], 0.81, [0, 1, 3]),

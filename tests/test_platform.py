@@ -137,24 +137,22 @@ def test_a_step_scores_micro_batches_on_the_compute_device():
     """The host-side code of a training step (method loss + statistics) with every logit on a
     non-CPU device ('meta' here, CUDA on a GPU): a tensor made without a device (the CPU) mixed
     into it fails here, not at a user's first GPU step (issue 15 item 18)."""
-    from types import SimpleNamespace
-
+    from megatron_aligndistil.config import AlignDistilLossConfig, DPOConfig
     from megatron_aligndistil.train.aligndistil import AlignDistil
     from megatron_aligndistil.train.dpo import DPO
-    from megatron_aligndistil.train.loop import score_micro_batch
+    from megatron_aligndistil.train.method import score_micro_batch
     from megatron_aligndistil.train.sft import SFT
 
-    ad_args = SimpleNamespace(rollout="off-policy", r=15.0, eps=1e-3, beta0=0.1, token_weight="beta_t",
-                              kl_direction="reverse", constant_alpha=None, tvd_without_half=False,
-                              plausibility_threshold=0.1, rev_load="rev", ref_load=None, dpo_load="dpo")
-    dpo_args = SimpleNamespace(reverse=False, dpo_beta=0.1, ref_load=None, load="p")
     record = {"prompt_ids": [1, 2, 3], "response_ids": [4, 5], "chosen_ids": [4, 5], "rejected_ids": [6]}
-    for method, n_models in ((AlignDistil(ad_args), 3), (SFT(ad_args), 1), (DPO(dpo_args), 2)):
-        batch = method.micro_batch([record, record], method.record_length(record))
-        rows = batch.tokens.shape
-        logits = [torch.empty(*rows, 64, device="meta", requires_grad=i == 0) for i in range(n_models)]
-        loss, n_examples, stats, bad = score_micro_batch(method, logits, batch, vocab_size=60)
-        for t in (loss, n_examples, stats, bad):
-            assert t.device.type == "meta", (method.name, t)
-        assert stats.shape == (2 + len(method.stat_names),) and bad.shape == (n_models,)
-        assert loss.requires_grad
+    aligndistil = AlignDistil(AlignDistilLossConfig(plausibility_threshold=0.1), "dpo", rev_load="rev")
+    for method, roles in ((aligndistil, ("policy", "dpo", "rev")), (SFT(), ("policy",)),
+                          (DPO(DPOConfig(), "ref"), ("policy", "ref"))):
+        for pack in (None, 16):
+            (batch,), _ = method.micro_batches([record, record], 2 * method.sequences_per_record, pack_length=pack)
+            rows = batch.tokens.shape
+            logits = {r: torch.empty(*rows, 64, device="meta", requires_grad=r == "policy") for r in roles}
+            loss, n_examples, stats, bad = score_micro_batch(method, logits, batch, vocab_size=60)
+            for t in (loss, n_examples, stats, bad):
+                assert t.device.type == "meta", (method.name, t)
+            assert stats.shape == (2 + len(method.stat_names),) and bad.shape == (len(roles),)
+            assert loss.requires_grad

@@ -100,12 +100,10 @@ def train_and_return_tied_weights(argv):
     stage) and of the output layer's weight (last stage)."""
     from megatron.core import parallel_state
 
-    from megatron_aligndistil.train import get_method
+    from megatron_aligndistil.train import build_trainer
     from megatron_aligndistil.train.arguments import parse_args
-    from megatron_aligndistil.train.loop import Trainer
 
-    args = parse_args(argv)
-    trainer = Trainer(args, get_method(args.method)(args)).setup()
+    trainer = build_trainer(parse_args(argv))
     trainer.train()
     policy = trainer.stage.policy
     out = {"tp": parallel_state.get_tensor_model_parallel_rank()}
@@ -338,19 +336,17 @@ def rng_round_trip(argv):
     whether torch's and Megatron's tracker states came back bit for bit."""
     from megatron.core import tensor_parallel
 
-    from megatron_aligndistil.train import checkpointing, get_method
+    from megatron_aligndistil.train import build_trainer, checkpointing
     from megatron_aligndistil.train.arguments import parse_args
-    from megatron_aligndistil.train.loop import Trainer
 
-    args = parse_args(argv)
-    trainer = Trainer(args, get_method(args.method)(args)).setup()
+    trainer = build_trainer(parse_args(argv))
     trainer.train_step()  # the optimizer has state to save
     tracker = tensor_parallel.get_cuda_rng_tracker()
     torch.manual_seed(11)
     with tracker.fork():
         torch.rand(3)  # dropout under TP draws here
     want_torch, want_tracker = torch.get_rng_state(), {k: v.clone() for k, v in tracker.get_states().items()}
-    path = checkpointing.save_training_state(args.save, 1, 8, trainer.stage, trainer.optimizer, trainer.scheduler)
+    path = checkpointing.save_training_state(trainer.cfg.save, 1, 8, trainer.stage, trainer.optimizer, trainer.scheduler)
     torch.manual_seed(99)
     with tracker.fork():
         torch.rand(5)

@@ -58,7 +58,7 @@ def _rss_bytes():
     return psutil.Process().memory_info().rss
 
 
-def bench_rank(impl, tokens, vocab, dtype_name, reps):
+def bench_rank(impl, tokens, vocab, dtype_name, reps, compile=None):
     """One rank: make this rank's shards, time fwd+bwd, measure peak memory above the inputs."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -80,7 +80,7 @@ def bench_rank(impl, tokens, vocab, dtype_name, reps):
     def step():
         if impl == "aligndistil":
             policy = shards[0].detach().requires_grad_(True)
-            out = vocab_parallel_aligndistil(policy, shards[1], shards[2], vocab_size=vocab)
+            out = vocab_parallel_aligndistil(policy, shards[1], shards[2], vocab_size=vocab, compile=compile)
             out.loss.sum().backward()
         elif impl == "megatron_ce":
             policy = shards[0].detach().requires_grad_(True)
@@ -95,7 +95,7 @@ def bench_rank(impl, tokens, vocab, dtype_name, reps):
     if impl == "aligndistil":  # compile the fused kernels (dynamic shapes) outside the measurement
         small = [t[:16].detach() for t in shards]
         vocab_parallel_aligndistil(small[0].requires_grad_(True), small[1], small[2],
-                                   vocab_size=vocab).loss.sum().backward()
+                                   vocab_size=vocab, compile=compile).loss.sum().backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -127,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", nargs="+", default=["aligndistil", "megatron_ce", "naive"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="fuse the AlignDistil loss kernels with torch.compile (auto: on with CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -138,7 +140,8 @@ def main(argv=None):
         tokens, vocab = (int(x) for x in shape.lower().split("x"))
         for tp in args.tp:
             for impl in args.impls:
-                res = run_distributed(bench_rank, tp, args=(impl, tokens, vocab, args.dtype, args.reps),
+                compile_loss = {"on": True, "off": False}.get(args.compile)
+                res = run_distributed(bench_rank, tp, args=(impl, tokens, vocab, args.dtype, args.reps, compile_loss),
                                       layout=Layout(tp=tp), timeout=1800)
                 row = {
                     "impl": impl, "tokens": tokens, "vocab": vocab, "tp": tp, "dtype": args.dtype,

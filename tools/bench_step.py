@@ -58,7 +58,7 @@ def step_times(method, paths, root, args):
             "--global-batch-size", str(args.global_batch), "--micro-batch-size", str(args.micro_batch),
             "--seq-length", str(args.prompt + args.response), "--lr", "1e-5", "--train-iters", str(args.iters),
             "--tensor-model-parallel-size", str(args.tp), "--pipeline-model-parallel-size", str(args.pp),
-            "--no-progress", "--no-export", "--no-shuffle"]
+            "--no-progress", "--no-export", "--no-shuffle", "--loss-compile", args.loss_compile]
     if method == "aligndistil":
         argv += ["--dpo-load", paths["dpo"], "--rev-load", paths["rev"]]
     world = args.tp * args.pp * args.dp
@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--loss-compile", choices=["auto", "on", "off"], default="auto",
+                    help="the trainer's --loss-compile (auto: compiled with CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
     args = ap.parse_args(argv)
     if args.threads:

@@ -82,7 +82,8 @@ def main(argv=None):
         from megatron.core import parallel_state
 
         from megatron_aligndistil import parallel
-        from megatron_aligndistil.generation import SamplingParams, generate
+        from megatron_aligndistil.config import SamplingParams
+        from megatron_aligndistil.rollout.megatron import MegatronEngine
         from megatron_aligndistil.models import qwen
         from megatron_aligndistil.train import checkpointing
 
@@ -103,14 +104,15 @@ def main(argv=None):
         checkpointing.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                stop_ids=tuple(checkpointing.stop_token_ids(args.load, args)))
+                                stop_ids=tuple(checkpointing.stop_token_ids(args.load, args.stop_token_ids)))
+        engine = MegatronEngine(model, arch.vocab_size, params)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = list(range(rank, len(prompts), dp))
         results = {}
         for b in range(0, len(mine), args.batch_size):
             ids = mine[b: b + args.batch_size]
-            for i, o in zip(ids, generate(model, [prompts[i] for i in ids], params, arch.vocab_size, sequence_ids=ids)):
-                results[i] = o["response_ids"]
+            for i, o in zip(ids, engine.generate([prompts[i] for i in ids], sequence_ids=ids)):
+                results[i] = o.response_ids
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, results)
         if torch.distributed.get_rank() == 0:

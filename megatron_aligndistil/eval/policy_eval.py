@@ -141,11 +141,9 @@ class PolicyEvaluator:
         return model.eval()
 
     def _stop_ids(self, path: str) -> list[int]:
-        from types import SimpleNamespace
-
         from ..train.checkpointing import stop_token_ids
 
-        ids = stop_token_ids(path, SimpleNamespace())
+        ids = stop_token_ids(path)
         return ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
 
     def _sample(self, model, jobs: list[tuple[int, int]], temperature: float, stop_ids) -> dict:
@@ -153,50 +151,55 @@ class PolicyEvaluator:
         ``{job: {"response_ids", "stopped"}}`` on every rank."""
         from megatron.core import parallel_state
 
-        from ..generation import SamplingParams, generate
+        from ..config import SamplingParams
+        from ..rollout.megatron import MegatronEngine
 
         s = self.settings
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=s.top_p,
-                                stop_ids=tuple(stop_ids), seed=s.seed)
+        engine = MegatronEngine(model, self.arch.vocab_size, SamplingParams(
+            max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=s.top_p, stop_ids=tuple(stop_ids),
+            seed=s.seed))
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = jobs[rank::dp]
         out = {}
         k_max = max(1, s.samples_per_prompt)
         for b in range(0, len(mine), s.batch_size):
             batch = mine[b: b + s.batch_size]
-            res = generate(model, [self.prompts[i] for i, _ in batch], params, self.arch.vocab_size,
-                           sequence_ids=[i * k_max + k for i, k in batch])
-            out.update(zip(batch, res))
+            res = engine.generate([self.prompts[i] for i, _ in batch], sequence_ids=[i * k_max + k for i, k in batch])
+            out.update((job, {"response_ids": r.response_ids, "stopped": r.stopped}) for job, r in zip(batch, res))
         return _all_gather_dict(out)
 
     def _sequence_logprobs(self, model, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         """``[1 + len(references), n]``: summed log-probs of each response under the policy and
-        each reference, every rank gets all (DP ranks split the pairs)."""
+        each reference, every rank gets all (DP ranks split the pairs). One schedule call: the
+        pipeline stages overlap over the micro-batches."""
         from megatron.core import parallel_state
 
         from ..data.batching import make_micro_batch
         from ..loss import vocab_parallel_logprobs
+        from ..loss.objectives import sequence_sums
         from ..models.lockstep import LockstepStage
-        from ..train.schedule import forward_only
+        from ..train.schedule import drive, pipeline_rows
 
         stage = LockstepStage(model, list(self.references.values()))
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         idx = list(range(rank, len(pairs), dp))
+        size = self.settings.batch_size
+        chunks = [idx[b: b + size] for b in range(0, len(idx), size)]
+        seq_len = max((len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in idx), default=1)
+        # every micro-batch has the same rows (one pipeline shape): the last one is topped up
+        batches = [make_micro_batch([pairs[i] for i in c] + [pairs[c[0]]] * (size - len(c)), seq_len) for c in chunks]
+
+        def score(logits, batch):
+            labels = batch.labels.to(logits[0].device)
+            return torch.stack([sequence_sums(vocab_parallel_logprobs(z, labels, vocab_size=self.arch.vocab_size), batch)
+                                for z in logits]).double()
+
+        got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
+                    rows=pipeline_rows(size, stage.num_models)) if batches else []
         sums = torch.zeros(stage.num_models, len(pairs), dtype=torch.float64)
-        for b in range(0, len(idx), self.settings.batch_size):
-            chunk = idx[b: b + self.settings.batch_size]
-            seq_len = max(len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in chunk)
-            batch = make_micro_batch([pairs[i] for i in chunk], seq_len)
-
-            def score(logits, batch=batch):
-                labels = batch.labels.to(logits[0].device)
-                mask = batch.loss_mask.to(logits[0].device)
-                return torch.stack([(vocab_parallel_logprobs(z, labels, vocab_size=self.arch.vocab_size) * mask).sum(-1)
-                                    for z in logits]).double()
-
-            got = forward_only(stage, batch, score, micro_batch_size=len(chunk) * stage.num_models)
-            if got is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-                sums[:, chunk] = got.cpu()
+        if got and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for chunk, value in zip(chunks, got):
+                sums[:, chunk] = value[:, :len(chunk)].cpu()
         sums = sums.to(platform.device())
         torch.distributed.all_reduce(sums)  # one writer per pair: TP rank 0 of its replica's last stage
         return sums.cpu()

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import AlignDistilLossConfig
 from .vocab_parallel import (
     Shard,
     all_gather_rows,
@@ -67,8 +68,6 @@ from .vocab_parallel import (
     use_compile,
 )
 
-TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
-DIRECTIONS = ("reverse", "forward")
 _INF = float("inf")
 
 
@@ -296,52 +295,48 @@ def vocab_parallel_aligndistil(
     chunk_size: int | None = None,
     compile: bool | None = None,
 ) -> AlignDistilOutput:
-    """Per-token AlignDistil loss from vocab-sharded logits ``[..., V_local]`` (see module doc).
+    """Per-token AlignDistil loss from vocab-sharded logits ``[..., V_local]`` (see module doc);
+    the SPEC's keyword form of :func:`aligndistil_loss` (the fields of
+    :class:`~megatron_aligndistil.config.AlignDistilLossConfig`, checked there).
 
     ``group`` is the TP group (None: Megatron's, if initialised, else one process).
     ``chunk_size`` is tokens per chunk (None: a per-device default, see ``vocab_parallel.chunks``).
-    ``compile``: fuse the per-chunk kernels with ``torch.compile`` (None: ``use_compile()``).
+    ``compile``: fuse the per-chunk kernels with ``torch.compile`` (None: on with CUDA).
     ``plausibility_threshold`` (tau in (0, 1), None: off): extrapolation never raises a token
     whose DPO probability is below tau (see ``teacher_logits``); no extra collective.
     Returns float32 tensors of the leading shape; backward reaches ``policy_logits`` only.
     """
-    if token_weight not in TOKEN_WEIGHTS:
-        raise ValueError(f"token_weight must be one of {TOKEN_WEIGHTS}, got {token_weight!r}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    config = AlignDistilLossConfig(
+        r=r, eps=eps, beta0=beta0, token_weight=token_weight, direction=direction, constant_alpha=constant_alpha,
+        tvd_half=tvd_half, plausibility_threshold=plausibility_threshold, chunk_size=chunk_size, compile=compile)
+    return aligndistil_loss(policy_logits, dpo_logits, rev_logits, config, vocab_size=vocab_size, group=group)
+
+
+def aligndistil_loss(policy_logits: torch.Tensor, dpo_logits: torch.Tensor, rev_logits: torch.Tensor,
+                     config: AlignDistilLossConfig, vocab_size: int | None = None, group=None) -> AlignDistilOutput:
+    """:func:`vocab_parallel_aligndistil` with its settings in a validated config."""
     if not (policy_logits.shape == dpo_logits.shape == rev_logits.shape):
         raise ValueError(
             "policy, DPO and reverse-DPO logits must have the same shape (same tokens and vocab "
             f"shard): got {tuple(policy_logits.shape)}, {tuple(dpo_logits.shape)}, "
             f"{tuple(rev_logits.shape)}"
         )
-    if constant_alpha is None and (r < 0 or eps <= 0):
-        raise ValueError(f"alpha = r * TVD + eps needs r >= 0 and eps > 0 (alpha > 0 where the teachers agree); "
-                         f"got r={r}, eps={eps}")
-    if token_weight == "beta_t" and constant_alpha is not None and constant_alpha <= 0:
-        raise ValueError(
-            f"token_weight='beta_t' divides by alpha; constant_alpha={constant_alpha} must be > 0 "
-            "(use token_weight='vanilla' or 'constant' for interpolating teachers such as the vanilla DPO one)"
-        )
-    if token_weight == "vanilla" and constant_alpha is not None and constant_alpha <= -1:
-        raise ValueError(f"token_weight='vanilla' divides by 1 + alpha; constant_alpha={constant_alpha} must be > -1")
-    if plausibility_threshold is not None and not 0 < plausibility_threshold < 1:
-        raise ValueError(f"plausibility_threshold must be in (0, 1) or None, got {plausibility_threshold}")
+    c = config
     lead, v_local = policy_logits.shape[:-1], policy_logits.shape[-1]
     settings = _Settings(
-        shard=shard_info(v_local, vocab_size, group), r=float(r), eps=float(eps),
-        constant_alpha=constant_alpha, tvd_half=tvd_half, direction=direction,
-        plausibility_threshold=None if plausibility_threshold is None else float(plausibility_threshold),
-        chunk_size=chunk_size, compile=use_compile() if compile is None else bool(compile),
+        shard=shard_info(v_local, vocab_size, group), r=float(c.r), eps=float(c.eps),
+        constant_alpha=c.constant_alpha, tvd_half=c.tvd_half, direction=c.direction,
+        plausibility_threshold=None if c.plausibility_threshold is None else float(c.plausibility_threshold),
+        chunk_size=c.chunk_size, compile=use_compile() if c.compile is None else bool(c.compile),
     )
     flat = [t.reshape(-1, v_local) for t in (policy_logits, dpo_logits.detach(), rev_logits.detach())]
     kl, alpha, tvd = _AlignDistilKL.apply(*flat, settings)
-    if token_weight == "beta_t":
-        weight = beta0 / alpha
-    elif token_weight == "vanilla":
-        weight = beta0 / (1.0 + alpha)
-    elif token_weight == "constant":
-        weight = torch.full_like(alpha, float(beta0))
+    if c.token_weight == "beta_t":
+        weight = c.beta0 / alpha
+    elif c.token_weight == "vanilla":
+        weight = c.beta0 / (1.0 + alpha)
+    elif c.token_weight == "constant":
+        weight = torch.full_like(alpha, float(c.beta0))
     else:
         weight = torch.ones_like(alpha)
     # a token whose teachers give a NaN alpha gets weight 0, so its (zero) gradient stays finite

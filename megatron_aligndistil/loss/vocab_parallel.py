@@ -7,7 +7,6 @@ sit at the end of the global vocab, so on every rank the valid entries are a pre
 
 from __future__ import annotations
 
-import os
 import types
 from dataclasses import dataclass
 
@@ -131,16 +130,9 @@ def local_logsumexp(z: torch.Tensor, flush: bool = False) -> torch.Tensor:
 
 
 def use_compile() -> bool:
-    """Whether the loss kernels are fused with torch.compile by default.
-
-    ``ALIGNDISTIL_COMPILE=1``/``0`` forces it; otherwise on with CUDA (Triton), off on CPU
-    (Inductor's C++ compile takes ~20 s per kernel the first time; the tests turn it on).
-    """
-    flag = os.environ.get("ALIGNDISTIL_COMPILE", "auto").lower()
-    if flag in ("1", "true", "yes"):
-        return True
-    if flag in ("0", "false", "no"):
-        return False
+    """Whether the loss kernels are fused with torch.compile when the config leaves it open
+    (``AlignDistilLossConfig.compile`` None, ``--loss-compile auto``): on with CUDA (Triton), off
+    on CPU (Inductor's C++ compile takes ~20 s per kernel the first time)."""
     return torch.cuda.is_available()
 
 

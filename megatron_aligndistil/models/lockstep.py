@@ -8,7 +8,8 @@ stage their logits exist only for the micro-batch being scored and are freed aft
 Backward flows through the policy slice only (the frozen slices of the gradient sent upstream
 are zeros).
 
-Give the schedule ``micro_batch_size * (1 + len(frozen))`` so its p2p buffers fit the packed tensor.
+Give the schedule ``train.schedule.pipeline_rows(rows, num_models)`` rows so its p2p buffers fit
+the stacked tensor.
 """
 
 from __future__ import annotations
@@ -54,17 +55,19 @@ class LockstepStage(MegatronModule):
             input_tensor = input_tensor[0]
         self._input = input_tensor
 
-    def forward(self, tokens, positions, attention_mask=None):
+    def forward(self, tokens, positions, attention_mask=None, **kwargs):
         """First/middle stages: packed hidden states ``[s, (1+F)*b, h]``. Last stage: a list of
-        logits ``[b, s, V/TP]``, the policy's first (requires grad), then each frozen model's."""
+        logits ``[b, s, V/TP]``, the policy's first (requires grad), then each frozen model's.
+        ``attention_mask`` and every keyword (``packed_seq_params``, ``loss_mask``, ...) reach
+        every model unchanged: all models see the same micro-batch."""
         if not self.pre_process:
             parts = self._input.chunk(self.num_models, dim=1)
             self.policy.set_input_tensor(parts[0])
             for model, part in zip(self.frozen, parts[1:]):
                 model.set_input_tensor(part.detach())
-        policy_out = self.policy(tokens, positions, attention_mask)
+        policy_out = self.policy(tokens, positions, attention_mask, **kwargs)
         with torch.no_grad():
-            frozen_out = [model(tokens, positions, attention_mask) for model in self.frozen]
+            frozen_out = [model(tokens, positions, attention_mask, **kwargs) for model in self.frozen]
         if self.post_process:
             return [policy_out] + frozen_out
         return torch.cat([policy_out] + frozen_out, dim=1)

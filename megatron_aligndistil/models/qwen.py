@@ -202,21 +202,27 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
     )
 
 
-def use_transformer_engine() -> bool:
-    """TransformerEngine layers when CUDA and TE are present, unless ALIGNDISTIL_TRANSFORMER_IMPL=local.
+def use_transformer_engine(impl: str = "auto") -> bool:
+    """Whether ``impl`` (``--transformer-impl``) means TransformerEngine layers: ``auto`` when
+    CUDA and TE are present, ``local`` never, ``transformer_engine`` always (an error without TE).
 
     The TE spec fuses the norms into the next linear layer (names translated by
     ``sharding.canonical_name``), runs fused attention and supports FP8. Not exercised on this
     project's CPU machines: the local spec below is what the tests cover.
     """
-    if os.environ.get("ALIGNDISTIL_TRANSFORMER_IMPL", "auto") == "local" or not torch.cuda.is_available():
+    if impl == "local":
         return False
     from megatron.core.models.gpt import gpt_layer_specs
 
-    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+    have_te = bool(getattr(gpt_layer_specs, "HAVE_TE", False)) and torch.cuda.is_available()
+    if impl == "transformer_engine" and not have_te:
+        from ..cli_errors import UserError
+
+        raise UserError("--transformer-impl transformer_engine needs CUDA and transformer-engine installed")
+    return have_te
 
 
-def layer_spec(arch: QwenArch, config):
+def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto"):
     """Block spec: TransformerEngine layers on GPUs with TE, else Megatron's local layers with an
     HF-exact RMSNorm (the CPU path and the tested one)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -228,7 +234,7 @@ def layer_spec(arch: QwenArch, config):
     from .norm import RMSNorm
 
     n = get_num_layers_to_build(config)
-    if use_transformer_engine():
+    if use_transformer_engine(transformer_impl):
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -244,8 +250,9 @@ def layer_spec(arch: QwenArch, config):
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
-def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None):
-    """The local pipeline stage of the GPT model for ``arch`` (Megatron's current TP/PP rank)."""
+def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, transformer_impl: str = "auto"):
+    """The local pipeline stage of the GPT model for ``arch`` (Megatron's current TP/PP rank);
+    ``transformer_impl``: see :func:`use_transformer_engine`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -255,7 +262,7 @@ def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None):
         post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, config),
+        transformer_layer_spec=layer_spec(arch, config, transformer_impl),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

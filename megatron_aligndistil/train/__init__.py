@@ -1,9 +1,12 @@
-"""Training: one loop (loop.py) and thin methods (aligndistil.py, dpo.py).
+"""Training: one loop (loop.py), one schedule driver (schedule.py) and thin methods
+(aligndistil.py, sft.py, dpo.py) configured by the typed configs of ``config.py``.
 
-    torchrun --nproc-per-node N -m megatron_aligndistil.train <aligndistil|dpo> [flags]
+    torchrun --nproc-per-node N -m megatron_aligndistil.train <aligndistil|dpo|sft> [flags]
 """
 
+
 def get_method(name):
+    """The method class for a subcommand name."""
     if name == "aligndistil":
         from .aligndistil import AlignDistil
 
@@ -17,6 +20,20 @@ def get_method(name):
 
         return SFT
     raise ValueError(f"unknown method {name!r}")
+
+
+def build_trainer(args):
+    """A set-up :class:`~megatron_aligndistil.train.loop.Trainer` for parsed flags: typed configs
+    built once here, the method built from them. Collective (initialises the parallel state)."""
+    from ..config import RolloutConfig, TrainingConfig
+    from . import checkpointing
+    from .loop import Trainer
+
+    method = get_method(args.method).from_args(args)
+    rollout = None
+    if method.on_policy:
+        rollout = RolloutConfig.from_args(args, checkpointing.stop_token_ids(args.load, args.stop_token_ids, required=True))
+    return Trainer(TrainingConfig.from_args(args), method, rollout=rollout, flags=args).setup()
 
 
 def main(argv=None):
@@ -33,10 +50,4 @@ def main(argv=None):
 
         return run_tool(lambda: print_plan(make_plan(args, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))))
 
-    def run():
-        from .loop import Trainer
-
-        trainer = Trainer(args, get_method(args.method)(args)).setup()
-        trainer.train()
-
-    return run_tool(run)
+    return run_tool(lambda: build_trainer(args).train())

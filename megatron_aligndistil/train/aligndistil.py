@@ -7,48 +7,42 @@ are means over all response tokens of the global batch; ``tokens`` is that token
 
 from __future__ import annotations
 
-from ..data.batching import make_micro_batch, masked
-from ..loss import vocab_parallel_aligndistil
-from .loop import FrozenSpec, Method
+from ..config import AlignDistilLossConfig
+from ..loss.aligndistil import aligndistil_loss
+from .method import FrozenSpec, TokenMeanMethod
 
 
-class AlignDistil(Method):
+class AlignDistil(TokenMeanMethod):
     name = "aligndistil"
     data_kind = "distill"
     stat_names = ("tokens", "kl", "alpha", "tvd")
 
-    def __init__(self, args):
-        super().__init__(args)
-        self.on_policy = getattr(args, "rollout", "off-policy") == "on-policy"
-        if self.on_policy:
-            self.data_kind = "prompt"  # responses come from the policy at every iteration
+    def __init__(self, loss: AlignDistilLossConfig, dpo_load: str, rev_load: str | None = None,
+                 ref_load: str | None = None, on_policy: bool = False):
+        """Teachers: the DPO model and the reverse-DPO model (``rev_load``), or the reference
+        model (``ref_load``: the vanilla DPO-reward teacher). ``on_policy``: the records are
+        prompts, responses come from the policy at every iteration."""
+        if bool(rev_load) == bool(ref_load):
+            raise ValueError("give exactly one of rev_load (AlignDistil) or ref_load (vanilla DPO teacher)")
+        self.loss_config = loss
+        second = FrozenSpec("rev", rev_load) if rev_load else FrozenSpec("ref", ref_load)
+        self.teachers = [FrozenSpec("dpo", dpo_load), second]
+        self.on_policy = on_policy
+        if on_policy:
+            self.data_kind = "prompt"
+
+    @classmethod
+    def from_args(cls, args) -> "AlignDistil":
+        return cls(AlignDistilLossConfig.from_args(args), args.dpo_load, args.rev_load, args.ref_load,
+                   on_policy=args.rollout == "on-policy")
 
     def frozen_models(self):
-        a = self.args
-        second = FrozenSpec("rev", a.rev_load) if a.rev_load else FrozenSpec("ref", a.ref_load)
-        return [FrozenSpec("dpo", a.dpo_load), second]
+        return list(self.teachers)
 
-    def record_length(self, record) -> int:
-        return len(record["prompt_ids"]) + len(record["response_ids"]) - 1
-
-    def micro_batch(self, records, seq_len: int):
-        return make_micro_batch([(r["prompt_ids"], r["response_ids"]) for r in records], seq_len)
-
-    def loss(self, logits, batch, vocab_size):
-        a = self.args
-        policy, dpo, rev = logits
-        mask = batch.loss_mask.to(policy.device)
-        out = vocab_parallel_aligndistil(
-            policy, dpo, rev, r=a.r, eps=a.eps, beta0=a.beta0, token_weight=a.token_weight,
-            direction=a.kl_direction, constant_alpha=a.constant_alpha,
-            tvd_half=not a.tvd_without_half, plausibility_threshold=a.plausibility_threshold,
-            vocab_size=vocab_size,
-        )
-        tokens_per_seq = mask.sum(-1)
-        per_seq = masked(out.loss, mask).sum(-1) / tokens_per_seq
-        stats = {"tokens": tokens_per_seq.sum(), "kl": masked(out.kl, mask).sum(),
-                 "alpha": masked(out.alpha, mask).sum(), "tvd": masked(out.tvd, mask).sum()}
-        return per_seq.sum(), batch.num_sequences, stats
+    def token_terms(self, logits, batch, vocab_size):
+        second = logits["rev"] if "rev" in logits else logits["ref"]
+        out = aligndistil_loss(logits["policy"], logits["dpo"], second, self.loss_config, vocab_size=vocab_size)
+        return {"objective": out.loss, "kl": out.kl, "alpha": out.alpha, "tvd": out.tvd}
 
     def metrics(self, sums):
         n = max(sums["tokens"], 1.0)

@@ -17,6 +17,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto",
+                   help="layer implementation (auto: TransformerEngine when CUDA and TE are present, else local)")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -25,6 +27,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="iterations (default: one epoch of --data-path)")
     g.add_argument("--seq-length", type=int, required=True,
                    help="max model input length; records longer than this + 1 tokens are rejected")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pack several records into each row of --seq-length tokens (block-diagonal causal "
+                        "attention); a micro-batch is then --micro-batch-size rows (x2 for DPO) of whole "
+                        "records, a token budget instead of a record count. --global-batch-size stays records")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--no-shuffle", action="store_true", help="read records in file order")
 
@@ -40,6 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--loss-compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the AlignDistil loss kernels with torch.compile (auto: on with CUDA)")
     g.add_argument("--bf16", action="store_true", help="bf16 policy with fp32 master weights; bf16 frozen models")
     g.add_argument("--offload-frozen-models", action="store_true",
                    help="keep the teachers' / reference's weights in pinned host memory and stream them to the "
@@ -87,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=None,
                    help="on-policy: responses sampled per iteration (default and, for now, required: "
                         "--global-batch-size; one optimizer step per rollout as in the paper)")
+    g.add_argument("--rollout-engine", choices=["megatron"], default="megatron",
+                   help="on-policy sampler: megatron = the in-framework TP/PP KV-cached sampler")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
                                                                    "(also bounded by --seq-length)")
     g.add_argument("--temperature", type=float, default=1.0,
@@ -136,9 +146,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         argv = argv[1:]
     args = parser.parse_args(argv)
     errors = _range_errors(args)
-    if not errors and args.global_batch_size % args.micro_batch_size:
-        errors.append(f"--global-batch-size {args.global_batch_size} is not a multiple of "
-                      f"--micro-batch-size {args.micro_batch_size}")
     if args.method == "aligndistil":
         if not args.dpo_load:
             errors.append("--dpo-load is required (the DPO teacher)")
@@ -162,10 +169,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                               "(the weight is beta0/(1+alpha))")
     if not 0 <= args.lr_warmup_fraction < 1:
         errors.append(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
-    if args.min_lr > args.lr:
-        errors.append(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if not errors:  # the typed configs check what spans several flags
+        from ..config import ConfigError, TrainingConfig
+
+        try:
+            TrainingConfig.from_args(args)
+        except ConfigError as exc:
+            errors.append(str(exc))
     if errors:
         parser.error("; ".join(errors))
     return args

@@ -175,10 +175,11 @@ def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, rol
         raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 
 
-def stop_token_ids(path: str, args) -> list[int]:
-    """``--stop-token-ids``, else the eos_token_id(s) of the checkpoint's generation/HF config."""
-    if getattr(args, "stop_token_ids", None):
-        return list(args.stop_token_ids)
+def stop_token_ids(path: str, explicit=None, required: bool = False) -> list[int]:
+    """``explicit`` (``--stop-token-ids``), else the eos_token_id(s) of the checkpoint's
+    generation/HF config; ``required`` (on-policy rollouts): an error when there is none."""
+    if explicit:
+        return list(explicit)
     src = weights_dir(path)
     if os.path.exists(os.path.join(path, HF_CONFIG_COPY)):
         src = path
@@ -188,7 +189,7 @@ def stop_token_ids(path: str, args) -> list[int]:
             eos = json.load(open(f)).get("eos_token_id")
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [eos]
-    if getattr(args, "rollout", "off-policy") == "on-policy":
+    if required:
         raise UserError(f"{path}: no eos_token_id in its configs; give --stop-token-ids for on-policy rollouts")
     return []
 

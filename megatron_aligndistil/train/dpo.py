@@ -1,7 +1,7 @@
 """DPO (Rafailov et al.) and reverse DPO on top of the shared trainer.
 
-One record = one (prompt, chosen, rejected) pair; a micro-batch packs its chosen sequences then
-its rejected ones, and the frozen reference model runs in lockstep like AlignDistil's teachers.
+One record = one (prompt, chosen, rejected) pair: two sequences, always in the same micro-batch
+(packed or not); the frozen reference model runs in lockstep like AlignDistil's teachers.
 Per pair: ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` with summed response
 log-probabilities from the vocab-parallel log-prob helper. ``--reverse`` swaps chosen and
 rejected (the reverse-DPO teacher of AlignDistil). Rewards are ``beta * (pi - ref)``.
@@ -10,11 +10,11 @@ rejected (the reverse-DPO teacher of AlignDistil). Rewards are ``beta * (pi - re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..data.batching import make_micro_batch, masked
+from ..config import DPOConfig
 from ..loss import vocab_parallel_logprobs
-from .loop import FrozenSpec, Method
+from ..loss.objectives import dpo_pair_losses
+from .method import FrozenSpec, Method
 
 
 class DPO(Method):
@@ -23,38 +23,35 @@ class DPO(Method):
     sequences_per_record = 2
     stat_names = ("tokens", "correct", "chosen_reward", "rejected_reward")
 
+    def __init__(self, config: DPOConfig, ref_load: str):
+        self.config = config
+        self.ref_load = ref_load
+
+    @classmethod
+    def from_args(cls, args) -> "DPO":
+        return cls(DPOConfig.from_args(args), args.ref_load or args.load)
+
     def frozen_models(self):
-        return [FrozenSpec("ref", self.args.ref_load or self.args.load)]
+        return [FrozenSpec("ref", self.ref_load)]
 
-    def _pair(self, record):
+    def sequences(self, record):
         chosen, rejected = record["chosen_ids"], record["rejected_ids"]
-        return (rejected, chosen) if self.args.reverse else (chosen, rejected)
+        if self.config.reverse:
+            chosen, rejected = rejected, chosen
+        return [(record["prompt_ids"], chosen), (record["prompt_ids"], rejected)]
 
-    def record_length(self, record) -> int:
-        return len(record["prompt_ids"]) + max(len(record["chosen_ids"]), len(record["rejected_ids"])) - 1
-
-    def micro_batch(self, records, seq_len: int):
-        pairs = [self._pair(r) for r in records]
-        seqs = [(r["prompt_ids"], c) for r, (c, _) in zip(records, pairs)]
-        seqs += [(r["prompt_ids"], j) for r, (_, j) in zip(records, pairs)]
-        return make_micro_batch(seqs, seq_len)
-
-    def loss(self, logits, batch, vocab_size):
-        policy, ref = logits
-        labels = batch.labels.to(policy.device)
-        mask = batch.loss_mask.to(policy.device)
-        seq_logp = masked(vocab_parallel_logprobs(policy, labels, vocab_size=vocab_size), mask).sum(-1)
+    def token_terms(self, logits, batch, vocab_size):
+        labels = batch.labels.to(logits["policy"].device)
+        policy = vocab_parallel_logprobs(logits["policy"], labels, vocab_size=vocab_size)
         with torch.no_grad():
-            ref_logp = masked(vocab_parallel_logprobs(ref, labels, vocab_size=vocab_size), mask).sum(-1)
-        n = batch.num_sequences // 2
-        beta = self.args.dpo_beta
-        rewards = beta * (seq_logp - ref_logp)  # [2n]: chosen then rejected
-        margin = rewards[:n] - rewards[n:]
-        losses = -F.logsigmoid(margin)
-        r = rewards.detach()
-        stats = {"tokens": mask.sum(), "correct": (r[:n] > r[n:]).float().sum(),
-                 "chosen_reward": r[:n].sum(), "rejected_reward": r[n:].sum()}
-        return losses.sum(), n, stats
+            ref = vocab_parallel_logprobs(logits["ref"], labels, vocab_size=vocab_size)
+        return {"policy_logp": policy, "ref_logp": ref}
+
+    def reduce(self, sums):
+        losses, rewards = dpo_pair_losses(sums["policy_logp"], sums["ref_logp"], self.config.beta)
+        stats = {"tokens": sums["tokens"].sum(), "correct": (rewards[:, 0] > rewards[:, 1]).float().sum(),
+                 "chosen_reward": rewards[:, 0].sum(), "rejected_reward": rewards[:, 1].sum()}
+        return losses, stats
 
     def metrics(self, sums):
         n = max(sums["sequences"], 1.0)

@@ -8,11 +8,10 @@ reverse-DPO model as r it is the *contrastive* reward AlignDistil's teacher is b
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from .. import parallel, platform
+from ..config import DPOConfig
 from ..data.records import read_jsonl
 from ..models import qwen
 from . import checkpointing
@@ -23,11 +22,13 @@ from .dpo import DPO
 def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float = 0.1, tp: int = 1,
                     pp: int = 1, micro_batch_size: int = 4, max_tokens: int | None = None,
                     skip_bad: bool = False) -> dict:
-    """Collective over all ranks (any TP/PP; the rest is DP). Returns the same dict on every rank."""
+    """Collective over all ranks (any TP/PP; the rest is DP). Returns the same dict on every rank.
+    The DPO method's own terms and reduction score the pairs, in one forward-only schedule call."""
     from megatron.core import parallel_state
 
     from ..models.lockstep import LockstepStage
-    from .schedule import forward_only
+    from .method import score_micro_batch
+    from .schedule import drive, pipeline_rows
 
     parallel.init_model_parallel(parallel.Layout(tp, pp))
     arch = qwen.read_arch(checkpointing.weights_dir(model_path))
@@ -40,25 +41,24 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
         checkpointing.load_weights(model, path)
         models.append(model)
     stage = LockstepStage(models[0], models[1:]).eval()
-    method = DPO(SimpleNamespace(reverse=False, dpo_beta=beta, ref_load=ref_path, load=model_path))
+    method = DPO(DPOConfig(beta=beta), ref_path)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = data.records[dp_rank::dp_size]
-    sums = torch.zeros(4, dtype=torch.float64)  # pairs, correct, chosen reward, rejected reward
-    for i in range(0, len(mine), micro_batch_size):
-        records = mine[i: i + micro_batch_size]
-        batch = method.micro_batch(records, max(method.record_length(r) for r in records))
+    rows = micro_batch_size * method.sequences_per_record
+    batches, seq_len = method.micro_batches(mine, rows) if mine else ([], 1)
 
-        def score(logits, batch=batch):
-            _, n, stats = method.loss(logits, batch, arch.vocab_size)
-            return torch.tensor([n, float(stats["correct"]), float(stats["chosen_reward"]),
-                                 float(stats["rejected_reward"])], dtype=torch.float64)
+    def score(logits, batch):
+        _, _, vec, _ = score_micro_batch(method, dict(zip(("policy", "ref"), logits)), batch, arch.vocab_size)
+        return vec.double()  # [loss, pairs, tokens, correct, chosen reward, rejected reward]
 
-        got = forward_only(stage, batch, score, micro_batch_size=len(records) * 2 * stage.num_models)
-        if got is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-            sums += got
+    got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
+                rows=pipeline_rows(rows, stage.num_models)) if batches else []
+    sums = torch.zeros(6, dtype=torch.float64)
+    if got and parallel_state.get_tensor_model_parallel_rank() == 0:
+        sums += torch.stack(got).sum(0).cpu()
     sums = sums.to(platform.device())
     torch.distributed.all_reduce(sums)
-    n, correct, chosen, rejected = sums.cpu().tolist()
+    _, n, _, correct, chosen, rejected = sums.cpu().tolist()
     return {"pairs": int(n), "reward_accuracy": correct / max(n, 1), "chosen_reward": chosen / max(n, 1),
             "rejected_reward": rejected / max(n, 1), "margin": (chosen - rejected) / max(n, 1)}

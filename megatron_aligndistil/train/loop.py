@@ -1,69 +1,36 @@
-"""The one training loop shared by every method (AlignDistil, DPO): models, schedule, optimizer,
-LR schedule, clipping, checkpoints, metrics. A method (``train/aligndistil.py``, ``train/dpo.py``)
-only says which frozen models it needs, how records become micro-batches, and the loss.
+"""The one training loop shared by every method (AlignDistil, SFT, DPO): models, schedule,
+optimizer, LR schedule, clipping, rollouts, checkpoints, metrics. A method (``train/method.py``)
+only says which frozen models it needs, which sequences a record holds, its per-token terms and
+its per-sequence reduction.
 
-Reduction: a method's loss function returns, per micro-batch, the *sum* over its sequences of each
-sequence's loss and the number of sequences. Megatron's schedule (``calculate_per_token_loss``)
-then divides the gradients by the number of sequences of the whole global batch (all micro-batches
-and DP ranks), so the optimised loss is the mean over the global batch of the per-sequence loss,
-whatever the TP/PP/DP/micro-batch layout. The logged loss is reduced the same way.
+Reduction: :func:`~megatron_aligndistil.train.method.score_micro_batch` returns, per micro-batch,
+the *sum* over its examples (sequences, or DPO pairs) of each example's loss and the number of
+examples. Megatron's schedule (``calculate_per_token_loss``) then divides the gradients by the
+number of examples of the whole global batch (all micro-batches and DP ranks), so the optimised
+loss is the mean over the global batch of the per-example loss, whatever the TP/PP/DP/micro-batch
+layout and however records are packed into rows. The logged loss is reduced the same way.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
 from .. import parallel, platform
 from ..cli_errors import UserError
-from ..data.batching import global_batch_indices, padded_length
+from ..config import RolloutConfig, TrainingConfig
+from ..data.batching import global_batch_indices
 from ..data.records import read_jsonl
 from ..models import qwen
 from . import checkpointing
+from .method import Method, score_micro_batch
 from .metrics import MetricsWriter
-
-
-@dataclass
-class FrozenSpec:
-    role: str  # e.g. "dpo", "rev", "ref"
-    path: str
-
-
-class Method:
-    """What a training method supplies to :class:`Trainer` (see aligndistil.py, dpo.py)."""
-
-    name = "method"
-    data_kind = "distill"
-    sequences_per_record = 1  # sequences a record puts in a micro-batch (DPO: chosen + rejected)
-    stat_names: tuple = ()  # summed statistics the loss reports besides loss and sequence count
-
-    def __init__(self, args):
-        self.args = args
-
-    def frozen_models(self) -> list[FrozenSpec]:
-        raise NotImplementedError
-
-    def record_length(self, record) -> int:
-        """Model input positions this record needs."""
-        raise NotImplementedError
-
-    def micro_batch(self, records, seq_len: int):
-        """A micro-batch object with ``tokens``/``positions`` ``[b', s]`` for the given records."""
-        raise NotImplementedError
-
-    def loss(self, logits: list, batch, vocab_size: int):
-        """``logits``: policy then frozen models, ``[b', s, V/TP]``. Returns (sum over the batch's
-        examples of the per-example loss, differentiable; number of examples; dict of summed
-        stats). An example is a sequence (AlignDistil, SFT) or a preference pair (DPO)."""
-        raise NotImplementedError
-
-    def metrics(self, sums: dict) -> dict:
-        """metrics.jsonl fields from global sums of ``stat_names`` (plus loss, sequences)."""
-        return {}
+from .schedule import drive, pipeline_rows
 
 
 class TrainingDiverged(UserError):
@@ -81,99 +48,89 @@ class TrainingDiverged(UserError):
 ROLE_FLAGS = {"policy": "--load", "dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}
 
 
-def score_micro_batch(method: Method, logits: list, batch, vocab_size: int):
-    """The loss of one micro-batch and its statistics, on the logits' device.
-
-    Returns ``(loss, n_examples, stats, bad)``: ``loss`` (0-dim, differentiable) is the method's
-    summed loss, or 0 with zero gradient if it is not finite (the caller stops the run before the
-    optimizer step); ``n_examples`` a 0-dim int tensor (Megatron's ``num_tokens``); ``stats`` the
-    float32 vector [loss, examples, *method.stat_names]; ``bad`` float32 ``[len(logits)]``: per
-    model, the response positions whose logits hold NaN or inf (counted only when the loss is not
-    finite, as this needs a pass over the logits).
-    """
-    loss_sum, n_seq, stats = method.loss(logits, batch, vocab_size)
-    dev = loss_sum.device
-    finite = torch.isfinite(loss_sum)
-    bad = torch.zeros(len(logits), dtype=torch.float32, device=dev)
-    if dev.type != "meta" and not bool(finite):  # one host sync per micro-batch (Megatron checks its loss too)
-        rows = batch.loss_mask.to(dev).reshape(-1) > 0
-        for i, z in enumerate(logits):
-            bad[i] = (~torch.isfinite(z.reshape(-1, z.shape[-1])[rows])).any(-1).sum()
-    vec = torch.stack([loss_sum.detach().float(), torch.tensor(float(n_seq), device=dev)]
-                      + [stats[k].detach().float().to(dev) for k in method.stat_names])
-    loss = torch.where(finite, loss_sum, torch.zeros_like(loss_sum))  # zero gradient if not finite
-    return loss, torch.tensor(n_seq, dtype=torch.int, device=dev), vec, bad
-
-
 class Trainer:
-    def __init__(self, args, method: Method):
-        self.args = args
+    """``config``: the shared training options; ``method``: what is trained; ``rollout``: the
+    on-policy engine's config (on-policy methods only); ``flags``: the parsed command line, written
+    to the run directory and compared on resume (default: the config's fields)."""
+
+    def __init__(self, config: TrainingConfig, method: Method, rollout: RolloutConfig | None = None, flags=None):
+        if method.on_policy and rollout is None:
+            raise ValueError(f"{method.name} samples on-policy: give a RolloutConfig")
+        self.cfg = config
         self.method = method
-        self.layout = parallel.Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                      args.sequence_parallel)
+        self.rollout_config = rollout
+        self.flags = flags or argparse.Namespace(method=method.name, **dataclasses.asdict(config))
+        self.layout = parallel.Layout(config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+                                      config.sequence_parallel)
 
     # ---------------------------------------------------------------- setup
     def setup(self):
         from megatron.core import parallel_state
 
-        args = self.args
-        parallel.init_model_parallel(self.layout, seed=args.seed)
+        cfg = self.cfg
+        parallel.init_model_parallel(self.layout, seed=cfg.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        per_step = args.micro_batch_size * self.dp_size
-        if args.global_batch_size % per_step:
-            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"--micro-batch-size {args.micro_batch_size} x data-parallel size {self.dp_size}")
-        self.num_microbatches = args.global_batch_size // per_step
-
-        is_rank0 = torch.distributed.get_rank() == 0
-        self.resume_dir = checkpointing.latest_checkpoint(args.save)
+        per_step = cfg.micro_batch_size * self.dp_size
+        if cfg.global_batch_size % per_step:
+            raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by "
+                            f"--micro-batch-size {cfg.micro_batch_size} x data-parallel size {self.dp_size}")
+        self.rows = cfg.micro_batch_size * self.method.sequences_per_record  # rows of a micro-batch
+        self.thd = qwen.use_transformer_engine(cfg.transformer_impl)
+        if self.thd and cfg.pack_sequences and self.rows != 1:
+            raise UserError("--pack-sequences with TransformerEngine layers (the THD format) takes one row per "
+                            "micro-batch: use --micro-batch-size 1 (not available for DPO, two rows per pair), "
+                            "or --transformer-impl local")
+        self.resume_dir = checkpointing.latest_checkpoint(cfg.save)
         if self.resume_dir:  # the same run, at the same layout, or a clear refusal
-            checkpointing.check_resumable(args, self.resume_dir)
-        policy_source = self.resume_dir or args.load
+            checkpointing.check_resumable(self.flags, self.resume_dir)
+        policy_source = self.resume_dir or cfg.load
         self.arch = qwen.read_arch(policy_source)
-        if args.seq_length > self.arch.max_position_embeddings:
-            raise UserError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+        if cfg.seq_length > self.arch.max_position_embeddings:
+            raise UserError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings "
                             f"{self.arch.max_position_embeddings} ({policy_source})")
-        # data first: a bad record fails in seconds, before any model is built
-        on_policy = getattr(self.method, "on_policy", False)
-        self.stop_ids = checkpointing.stop_token_ids(args.load, args)
-        self.data = read_jsonl(args.data_path, self.method.data_kind, self.arch.vocab_size,
-                               max_tokens=args.seq_length if on_policy else args.seq_length + 1,
-                               skip_bad=args.skip_bad_records)
-        if self.data.skipped and is_rank0:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in self.data.skipped.most_common())
-            print(f"--skip-bad-records: skipped {sum(self.data.skipped.values())} of "
-                  f"{sum(self.data.skipped.values()) + len(self.data)} records of {args.data_path} ({reasons})",
-                  flush=True)
+        self._load_data()  # a bad record fails in seconds, before any model is built
         frozen = self.method.frozen_models()
         self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
         self.roles = [role for role, _ in self.role_paths]
         for spec in frozen:
             checkpointing.check_compatible(self.arch, policy_source, spec.path, spec.role)
-        self.config = qwen.transformer_config(
-            self.arch, params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
-            sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
-            recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
-            recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+        self.transformer_config = qwen.transformer_config(
+            self.arch, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, bf16=cfg.bf16,
+            sequence_parallel=cfg.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
+            recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
+            recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
         )
-        self.config.calculate_per_token_loss = True
+        self.transformer_config.calculate_per_token_loss = True
         self.model = self._build_models(frozen, policy_source)
         self.optimizer = self._build_optimizer()
-        self.train_iters = args.train_iters or max(1, len(self.data) // args.global_batch_size)
+        self.train_iters = cfg.train_iters or max(1, len(self.data) // cfg.global_batch_size)
         self._build_scheduler()
+        self._resume()
+        is_rank0 = torch.distributed.get_rank() == 0
+        self.metrics = MetricsWriter(cfg.save, cfg.tensorboard_dir, enabled=is_rank0, resume_iteration=self.iteration)
+        if is_rank0:
+            checkpointing.write_run_files(self.flags, self.arch, cfg.load)
+        return self
+
+    def _load_data(self):
+        cfg = self.cfg
+        self.data = read_jsonl(cfg.data_path, self.method.data_kind, self.arch.vocab_size,
+                               max_tokens=cfg.seq_length if self.method.on_policy else cfg.seq_length + 1,
+                               skip_bad=cfg.skip_bad_records)
+        if self.data.skipped and torch.distributed.get_rank() == 0:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.data.skipped.most_common())
+            print(f"--skip-bad-records: skipped {sum(self.data.skipped.values())} of "
+                  f"{sum(self.data.skipped.values()) + len(self.data)} records of {cfg.data_path} ({reasons})",
+                  flush=True)
+
+    def _resume(self):
         self.iteration, self.consumed = 0, 0
         if self.resume_dir:
-            state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer,
-                                                      self.scheduler)
+            state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer, self.scheduler)
             self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
-            if is_rank0:
+            if torch.distributed.get_rank() == 0:
                 print(f"resuming from iteration {self.iteration} ({self.resume_dir})", flush=True)
-        self.metrics = MetricsWriter(args.save, args.tensorboard_dir, enabled=is_rank0,
-                                     resume_iteration=self.iteration)
-        if is_rank0:
-            checkpointing.write_run_files(args, self.arch, args.load)
-        return self
 
     def _build_models(self, frozen, policy_source):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -181,26 +138,31 @@ class Trainer:
 
         from ..models.lockstep import LockstepStage
 
-        policy = qwen.build_model(self.arch, self.config)
-        frozen_models = [qwen.build_model(self.arch, self.config) for _ in frozen]
+        impl = self.cfg.transformer_impl
+        policy = qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl)
+        frozen_models = [qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl) for _ in frozen]
         if not self.resume_dir:
             checkpointing.load_weights(policy, policy_source)
         for model, spec in zip(frozen_models, frozen):
             checkpointing.load_weights(model, spec.path)
         self.stage = LockstepStage(policy, frozen_models)
-        module = Float16Module(self.config, self.stage) if self.args.bf16 else self.stage
+        if self.method.on_policy:
+            from ..rollout import make_engine
+
+            self.engine = make_engine(self.rollout_config, policy, self.arch.vocab_size)
+        module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=self.args.use_distributed_optimizer,
+            use_distributed_optimizer=self.cfg.use_distributed_optimizer,
             check_for_nan_in_grad=True,  # as Megatron-LM's --check-for-nan-in-loss-and-grad (default on)
         )
-        model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=module)
         self.frozen_streamers = []  # --offload-frozen-models: one per frozen model
-        if self.args.offload_frozen_models:  # after Float16Module cast them to bf16
+        if self.cfg.offload_frozen_models:  # after Float16Module cast them to bf16
             from ..models.offload import offload_frozen_models
 
             self.frozen_streamers = offload_frozen_models(frozen_models)
-        self.config.no_sync_func = model.no_sync
+        self.transformer_config.no_sync_func = model.no_sync
         from megatron.core.distributed import finalize_model_grads
 
         def check_loss_then_finalize(*args, **kwargs):
@@ -210,13 +172,13 @@ class Trainer:
             self._reduce_statistics()
             return finalize_model_grads(*args, **kwargs)
 
-        self.config.finalize_model_grads_func = check_loss_then_finalize
+        self.transformer_config.finalize_model_grads_func = check_loss_then_finalize
         return model
 
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        a = self.args
+        a = self.cfg
         opt_config = OptimizerConfig(
             optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
@@ -224,13 +186,13 @@ class Trainer:
             use_distributed_optimizer=a.use_distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(opt_config, [self.model])
-        self.config.grad_scale_func = optimizer.scale_loss
+        self.transformer_config.grad_scale_func = optimizer.scale_loss
         return optimizer
 
     def _build_scheduler(self):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        a = self.args
+        a = self.cfg
         warmup = int(a.lr_warmup_fraction * self.train_iters)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr, lr_warmup_steps=warmup,
@@ -241,92 +203,79 @@ class Trainer:
 
     # ---------------------------------------------------------------- one iteration
     def _local_micro_batches(self):
-        """This DP rank's micro-batches of the next global batch, and rollout metrics (on-policy)."""
-        a = self.args
-        idx = global_batch_indices(len(self.data), self.consumed, a.global_batch_size, a.seed,
-                                   shuffle=not a.no_shuffle)
-        per_rank = a.global_batch_size // self.dp_size
+        """This DP rank's micro-batches of the next global batch, their row length, and rollout
+        metrics (on-policy). One row length for the whole pipeline replica (DP replicas may
+        differ: no forward crosses DP)."""
+        cfg = self.cfg
+        idx = global_batch_indices(len(self.data), self.consumed, cfg.global_batch_size, cfg.seed,
+                                   shuffle=not cfg.no_shuffle)
+        per_rank = cfg.global_batch_size // self.dp_size
         lo = self.dp_rank * per_rank
         mine = [self.data.records[i] for i in idx[lo: lo + per_rank]]
         rollout = {}
-        if getattr(self.method, "on_policy", False):
+        if self.method.on_policy:
             mine, rollout = self._rollout(mine, first_sample=self.consumed + lo)
-        multiple = a.tensor_model_parallel_size if a.sequence_parallel else 1
-        # one length for the whole pipeline replica (DP replicas may differ: no cross-DP forward)
-        seq_len = padded_length([self.method.record_length(r) for r in mine], multiple)
-        mbs = a.micro_batch_size
-        return [self.method.micro_batch(mine[i: i + mbs], seq_len) for i in range(0, per_rank, mbs)], seq_len, rollout
+        multiple = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
+        batches, seq_len = self.method.micro_batches(mine, self.rows, multiple,
+                                                     pack_length=cfg.seq_length if cfg.pack_sequences else None)
+        return batches, seq_len, rollout
 
     def _rollout(self, prompts, first_sample: int):
-        """Sample responses to ``prompts`` from the current policy (paper: temperature 1, top-p 1)."""
+        """Responses to ``prompts`` from the current policy through the rollout engine (paper:
+        temperature 1, top-p 1); rollout metrics averaged over the global batch."""
         from megatron.core import parallel_state
 
-        from ..generation import SamplingParams, generate
-
-        a = self.args
         t0 = time.time()
-        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                top_k=a.top_k, stop_ids=tuple(self.stop_ids), seed=a.seed)
         # each sequence may fill the model's input up to --seq-length (+1: the last token is only a target)
-        limits = [min(a.max_new_tokens, a.seq_length + 1 - len(r["prompt_ids"])) for r in prompts]
-        out = generate(self.stage.policy, [r["prompt_ids"] for r in prompts], params, self.arch.vocab_size,
-                       sequence_ids=list(range(first_sample, first_sample + len(prompts))), max_new_tokens=limits)
-        self.stage.policy.train()
-        records = [{"prompt_ids": r["prompt_ids"], "response_ids": o["response_ids"]} for r, o in zip(prompts, out)]
-        stats = torch.tensor([len(out), sum(len(o["response_ids"]) for o in out), sum(o["stopped"] for o in out)],
+        limits = [min(self.rollout_config.sampling.max_new_tokens, self.cfg.seq_length + 1 - len(r["prompt_ids"]))
+                  for r in prompts]
+        out = self.engine.generate([r["prompt_ids"] for r in prompts],
+                                   sequence_ids=list(range(first_sample, first_sample + len(prompts))),
+                                   max_new_tokens=limits)
+        records = [{"prompt_ids": r["prompt_ids"], "response_ids": o.response_ids} for r, o in zip(prompts, out)]
+        stats = torch.tensor([len(out), sum(len(o.response_ids) for o in out), sum(o.stopped for o in out)],
                              dtype=torch.float64, device=platform.device())
         torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         n, length, stopped = stats.cpu().tolist()
         return records, {"rollout_s": time.time() - t0, "response_len_mean": length / n, "eos_rate": stopped / n}
 
-    def train_step(self):
-        """One optimizer step on the next global batch; returns the metrics of this iteration."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        batches, seq_len, rollout = self._local_micro_batches()
+    def forward_backward(self, batches, seq_len: int) -> dict:
+        """Forward and backward over this rank's micro-batches (one schedule call); gradients
+        reduced over DP and divided by the global example count. Returns the step's global sums
+        of the statistics (``loss``, ``sequences``, the method's ``stat_names``)."""
         vocab_size = self.arch.vocab_size
-        method = self.method
 
-        def forward_step(data_iter, model):
-            batch = next(data_iter)
-            kwargs = {"fp32_output": False} if self.args.bf16 else {}
-            out = model(batch.tokens.to(platform.device()), batch.positions.to(platform.device()), None,
-                        **kwargs)
-            if not parallel_state.is_pipeline_last_stage():
-                return out, None
-            policy_logits, frozen_logits = out[0], out[1:]
-
-            def loss_func(policy_out):
-                loss, n_seq, vec, bad = score_micro_batch(method, [policy_out] + list(frozen_logits), batch,
-                                                          vocab_size)
-                frozen_logits.clear()  # teacher logits are released once this micro-batch is scored
-                self._micro_statistics.append((vec, bad))
-                return loss, n_seq, {}
-
-            return policy_logits, loss_func
+        def score(outputs, batch):
+            loss, n_examples, vec, bad = score_micro_batch(self.method, dict(zip(self.roles, outputs)), batch,
+                                                           vocab_size)
+            self._micro_statistics.append((vec, bad))
+            return loss, n_examples
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._micro_statistics, self._step_sums = [], None
         try:
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
-                num_microbatches=len(batches), seq_length=seq_len,
-                micro_batch_size=self.args.micro_batch_size * self.method.sequences_per_record * self.stage.num_models,
-                forward_only=False,
-            )
+            drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
+                  rows=pipeline_rows(self.rows, self.stage.num_models), thd=self.thd,
+                  model_kwargs={"fp32_output": False} if self.cfg.bf16 else None)
         except RuntimeError as exc:  # Megatron's DDP check (check_for_nan_in_grad) found NaN / Inf
             if "found NaN" in str(exc) or "found Inf" in str(exc):
                 raise TrainingDiverged(self.iteration + 1, str(exc)) from exc
             raise
-        sums = self._step_sums
+        return self._step_sums
+
+    def train_step(self):
+        """One optimizer step on the next global batch; returns the metrics of this iteration."""
+        batches, seq_len, rollout = self._local_micro_batches()
+        sums = self.forward_backward(batches, seq_len)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
+        if self.method.on_policy:
+            self.engine.sync_weights(self.stage.policy)
         self.scheduler.step(increment=1)
         self.iteration += 1
-        self.consumed += self.args.global_batch_size
+        self.consumed += self.cfg.global_batch_size
         metrics = {
             "iteration": self.iteration,
             "loss": sums["loss"] / max(sums["sequences"], 1.0),
@@ -363,7 +312,7 @@ class Trainer:
     def train(self):
         from tqdm import tqdm
 
-        a = self.args
+        a = self.cfg
         is_rank0 = torch.distributed.get_rank() == 0
         # the bar on a terminal; plain log lines every --log-interval otherwise (or with --no-progress)
         bar = tqdm(total=self.train_iters, initial=self.iteration, disable=not is_rank0 or a.no_progress,
@@ -407,7 +356,7 @@ class Trainer:
 
     def layout_record(self) -> dict:
         """What a checkpoint of this run must be resumed with (checked by ``check_resumable``)."""
-        return checkpointing.run_identity(self.args) | {"data_parallel_size": self.dp_size}
+        return checkpointing.run_identity(self.flags) | {"data_parallel_size": self.dp_size}
 
     def _log_line(self, m: dict) -> str:
         keys = ("loss", "kl", "alpha_mean", "tvd_mean", "reward_accuracy", "grad_norm", "lr", "elapsed_s")

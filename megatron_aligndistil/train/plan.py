@@ -13,6 +13,7 @@ import os
 
 from ..models.qwen import ARCH_FILE, QwenArch
 from ..cli_errors import UserError
+from .schedule import pipeline_rows
 
 
 def resolve_arch(path: str) -> QwenArch:
@@ -49,7 +50,7 @@ def make_plan(args, world_size: int) -> dict:
         "layers_per_stage": arch.num_layers // pp, "vocab_per_tp_rank": arch.padded_vocab_size // tp,
         "frozen_models_in_lockstep": frozen,
         "micro_batches_per_step": args.global_batch_size // (args.micro_batch_size * dp),
-        "sequences_per_p2p_tensor": args.micro_batch_size * per_record * (1 + frozen),
+        "sequences_per_p2p_tensor": pipeline_rows(args.micro_batch_size * per_record, 1 + frozen),
         "sequence_parallel": args.sequence_parallel, "recompute": args.recompute_granularity,
         "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
         "frozen_models_offloaded": args.offload_frozen_models,

@@ -1,9 +1,11 @@
-"""Driving Megatron's pipeline schedule for forward-only passes (evaluation, log-prob scoring).
+"""The one driver of Megatron's forward(-backward) schedule: training steps, evaluation and
+log-prob passes, and each sampling step of the Megatron rollout engine.
 
-Megatron's schedules move one activation tensor between stages and call a loss function on the
-last stage. :func:`forward_only` runs one micro-batch through a model (a GPTModel or a
-:class:`~megatron_aligndistil.models.lockstep.LockstepStage`) at any TP/PP and returns what
-``score`` computed from the last stage's logits, or None on other stages.
+Megatron's schedules move one activation tensor ``[s, rows, h]`` between pipeline stages and call
+a loss function on the last stage. :func:`pipeline_rows` is the only place that knows ``rows``
+(a micro-batch's rows times the models run in lockstep); the memory planner uses it too.
+:func:`drive` feeds a list of micro-batches through one schedule call, so stages overlap over
+micro-batches in training and in forward-only passes alike.
 """
 
 from __future__ import annotations
@@ -13,30 +15,78 @@ import torch
 from .. import platform
 
 
-def forward_only(model, batch, score, micro_batch_size: int):
-    """``batch``: a MicroBatch (``tokens``/``positions`` ``[b, s]``). ``score(logits)`` gets the last
-    stage's output (a list of logits ``[b, s, V/TP]`` for a LockstepStage) and returns a tensor.
-    ``micro_batch_size``: rows of the packed activation (b x models of a LockstepStage)."""
+def pipeline_rows(rows: int, num_models: int = 1) -> int:
+    """Rows of the activation sent between pipeline stages: a micro-batch's rows for each model
+    of a :class:`~megatron_aligndistil.models.lockstep.LockstepStage` (policy + frozen)."""
+    return rows * num_models
+
+
+def attention_kwargs(batch, thd: bool = False) -> dict:
+    """How a micro-batch tells the model which positions attend to which. Unpacked: nothing
+    (Megatron's causal mask). Packed: a block-diagonal causal ``attention_mask`` for the local
+    attention (CPU and the tested path), or, with TransformerEngine (``thd``), ``packed_seq_params``
+    with ``cu_seqlens`` over the row's sequences (one row per micro-batch in that format)."""
+    if not getattr(batch, "packed", False):
+        return {}
+    if not thd:
+        from ..data.batching import block_causal_mask
+
+        return {"attention_mask": block_causal_mask(batch).to(platform.device())}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if batch.rows != 1:
+        raise ValueError("TransformerEngine's packed (THD) format takes one row per micro-batch: "
+                         "use --micro-batch-size 1 with --pack-sequences")
+    s = batch.tokens.shape[1]
+    bounds = [0] + [start + n for start, n in batch.segments[0]]
+    if bounds[-1] < s:
+        bounds.append(s)  # the row's padding is one more segment
+    cu = torch.tensor(bounds, dtype=torch.int32, device=platform.device())
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                 max_seqlen_q=longest, max_seqlen_kv=longest)}
+
+
+def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: int, rows: int,
+          model_kwargs: dict | None = None, thd: bool = False) -> list:
+    """One schedule call over ``micro_batches`` (objects with ``tokens``/``positions`` ``[b, s]``,
+    optionally packed: see :func:`attention_kwargs`). ``rows``: :func:`pipeline_rows` of a
+    micro-batch. On the last stage ``score(outputs, batch)`` gets the model's outputs (a list:
+    policy logits first, then each frozen model's for a LockstepStage) and returns, in training,
+    ``(loss, num_examples)`` (0-dim tensors; Megatron divides gradients by the global sum of
+    ``num_examples``); forward-only, any value, collected. Returns the collected values in
+    micro-batch order on the last stage, else ``[]``. Collective over the TP and PP groups."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    picked = {}
+    collected = []
+    dev = platform.device()
 
     def forward_step(data_iter, m):
-        next(data_iter)
-        out = m(batch.tokens.to(platform.device()), batch.positions.to(platform.device()), None)
+        batch = next(data_iter)
+        kwargs = dict(model_kwargs or {})
+        kwargs.update(attention_kwargs(batch, thd))
+        mask = kwargs.pop("attention_mask", None)
+        out = m(batch.tokens.to(dev), batch.positions.to(dev), mask, **kwargs)
         if not parallel_state.is_pipeline_last_stage():
             return out, None
+        rest = out[1:] if isinstance(out, list) else []
 
         def loss_func(first):
-            logits = [first] + list(out[1:]) if isinstance(out, list) else [first]
-            picked["value"] = score(logits)
-            return torch.zeros((), device=first.device), {}
+            outputs = [first] + rest
+            result = score(outputs, batch)
+            rest.clear()  # frozen models' logits are released once this micro-batch is scored
+            if forward_only:
+                collected.append(result)
+                return torch.zeros((), device=first.device), {}
+            loss, num_examples = result
+            return loss, num_examples, {}
 
         return (out[0] if isinstance(out, list) else out), loss_func
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([0]), model=[model], num_microbatches=1,
-        seq_length=batch.tokens.shape[1], micro_batch_size=micro_batch_size, forward_only=True,
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows,
+        forward_only=forward_only,
     )
-    return picked.get("value")
+    return collected

@@ -7,25 +7,25 @@ response tokens.
 
 from __future__ import annotations
 
-from ..data.batching import masked
 from ..loss import vocab_parallel_logprobs
-from .aligndistil import AlignDistil
+from .method import TokenMeanMethod
 
 
-class SFT(AlignDistil):
+class SFT(TokenMeanMethod):
     name = "sft"
+    data_kind = "distill"
     stat_names = ("tokens",)
+
+    @classmethod
+    def from_args(cls, args) -> "SFT":
+        return cls()
 
     def frozen_models(self):
         return []
 
-    def loss(self, logits, batch, vocab_size):
-        (policy,) = logits
-        mask = batch.loss_mask.to(policy.device)
-        logp = vocab_parallel_logprobs(policy, batch.labels.to(policy.device), vocab_size=vocab_size)
-        tokens_per_seq = mask.sum(-1)
-        per_seq = -masked(logp, mask).sum(-1) / tokens_per_seq
-        return per_seq.sum(), batch.num_sequences, {"tokens": tokens_per_seq.sum()}
+    def token_terms(self, logits, batch, vocab_size):
+        policy = logits["policy"]
+        return {"objective": -vocab_parallel_logprobs(policy, batch.labels.to(policy.device), vocab_size=vocab_size)}
 
     def metrics(self, sums):
         return {"tokens": int(sums["tokens"])}

@@ -1,0 +1,111 @@
+"""Issue 17: sequence packing. Packed and unpacked runs give the same iteration-1 loss and the
+same gradients for SFT, DPO and AlignDistil (off- and on-policy) at TP2 PP2 (with sequence
+parallelism) and DP2; packs never split a record; a record that does not fit is a clear error."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_aligndistil.data.batching import block_causal_mask, build_micro_batch, input_length, pack_records
+from megatron_aligndistil.testing import run_distributed
+from train_fixtures import aligndistil_argv, dpo_argv, make_aligndistil_setup, make_dpo_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("packing"))
+    out = make_aligndistil_setup(root)
+    out["pairs"] = make_dpo_data(os.path.join(root, "pairs.jsonl"))
+    return out
+
+
+def test_packs_hold_whole_records_within_the_row_length():
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(40):
+        prompt = list(range(int(torch.randint(1, 9, (1,), generator=g))))
+        records.append([(prompt, list(range(int(torch.randint(1, 12, (1,), generator=g)))))
+                        for _ in range(2)])  # two sequences a record, as DPO's chosen and rejected
+    packs = pack_records(records, rows_per_micro_batch=2, row_length=20)
+    placed = [(k, j) for mb in packs for row in mb for k, j in row]
+    assert sorted(placed) == [(k, j) for k in range(40) for j in range(2)]  # each sequence exactly once
+    for mb in packs:
+        assert len(mb) == 2  # every micro-batch has the same rows (one pipeline shape)
+        for row in mb:
+            assert sum(input_length(records[k][j]) for k, j in row) <= 20
+        ks = [k for row in mb for k, _ in row]
+        assert all(ks.count(k) == 2 for k in ks)  # a record's sequences share a micro-batch
+    assert len(packs) < 40  # records really share micro-batches
+    with pytest.raises(ValueError, match="does not fit --seq-length 20"):
+        pack_records([[(list(range(15)), list(range(7)))]], 1, 20)
+
+
+def test_block_causal_mask_keeps_attention_inside_each_sequence():
+    batch = build_micro_batch([[(0, ([1, 2], [3, 4])), (1, ([5], [6, 7]))]], seq_len=6, packed=True)
+    allowed = ~block_causal_mask(batch)[0, 0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()  # sequence 0: positions 0-2
+    expected[3:5, 3:5] = torch.ones(2, 2, dtype=torch.bool).tril()  # sequence 1: positions 3-4
+    expected[5, 5] = True  # padding attends to itself only
+    assert torch.equal(allowed, expected)
+    assert batch.seq_index[0].tolist() == [0, 0, 0, 1, 1, -1]
+    assert batch.loss_mask[0].tolist() == [0, 1, 1, 1, 1, 0]  # targets 2 3 4 | 6 7
+
+
+def first_step_packed_and_unpacked(argvs):
+    """Inside a run_distributed rank: for each argv, iteration 1's forward-backward without and
+    with --pack-sequences. Returns, per argv, both runs' global loss and example count, this
+    rank's number of micro-batches, and this rank's shard of the policy gradient."""
+    from megatron.core import parallel_state
+
+    from megatron_aligndistil.train import build_trainer
+    from megatron_aligndistil.train.arguments import parse_args
+
+    out = []
+    for argv in argvs:
+        runs = {}
+        for name, extra in (("unpacked", []), ("packed", ["--pack-sequences"])):
+            trainer = build_trainer(parse_args(argv + extra))
+            batches, seq_len, _ = trainer._local_micro_batches()
+            sums = trainer.forward_backward(batches, seq_len)
+            grad = torch.cat([p.main_grad.detach().flatten().clone() for p in trainer.stage.policy.parameters()])
+            runs[name] = {"loss": sums["loss"] / sums["sequences"], "examples": sums["sequences"],
+                          "micro_batches": len(batches), "grad": grad,
+                          "most_in_a_row": max(len(spans) for b in batches for spans in b.segments)}
+            parallel_state.destroy_model_parallel()
+        out.append(runs)
+    return out
+
+
+def _argvs(setup, tmp):
+    iters = ["--no-export", "--micro-batch-size", "2"]
+    ad = aligndistil_argv(setup, str(tmp / "ad"), *iters, iters=1)
+    return {
+        "sft": ["sft"] + ad[ad.index("--load"): ad.index("--dpo-load")] + ad[ad.index("--data-path"):],
+        "dpo": dpo_argv(setup, str(tmp / "dpo"), *iters, iters=1),
+        "aligndistil": ad,
+        "aligndistil_on_policy": aligndistil_argv(setup, str(tmp / "on"), *iters, "--rollout", "on-policy",
+                                                  "--max-new-tokens", "6", "--stop-token-ids", "3", iters=1),
+    }
+
+
+@pytest.mark.parametrize("layout,world", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"], 4),
+    ([], 2),  # DP2
+], ids=["tp2pp2_sp", "dp2"])
+def test_packed_equals_unpacked_loss_and_gradients(setup, tmp_path, layout, world):
+    argvs = _argvs(setup, tmp_path)
+    results = run_distributed(first_step_packed_and_unpacked, world, args=([a + layout for a in argvs.values()],),
+                              timeout=900)
+    for rank, per_rank in enumerate(results):
+        for name, runs in zip(argvs, per_rank):
+            unpacked, packed = runs["unpacked"], runs["packed"]
+            assert packed["examples"] == unpacked["examples"] == 8, (name, rank)
+            assert unpacked["most_in_a_row"] == 1 and packed["most_in_a_row"] > 1, (name, rank)  # really packed
+            assert packed["micro_batches"] <= unpacked["micro_batches"], (name, rank)
+            assert packed["loss"] == pytest.approx(unpacked["loss"], rel=1e-5), (name, rank)
+            g_u, g_p = unpacked["grad"], packed["grad"]
+            assert g_u.abs().max() > 0, (name, rank)
+            torch.testing.assert_close(g_p, g_u, rtol=1e-5, atol=1e-5 * float(g_u.abs().max()),
+                                       msg=lambda m, name=name, rank=rank: f"{name} rank {rank}: {m}")
