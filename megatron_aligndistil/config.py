@@ -73,8 +73,8 @@ class AlignDistilLossConfig:
 
     @classmethod
     def from_args(cls, args) -> "AlignDistilLossConfig":
-        return _from_args(cls, args, tvd_half=not args.tvd_without_half,
-                          compile=_tristate(getattr(args, "loss_compile", None)))
+        return _from_args(cls, args, direction=args.kl_direction, tvd_half=not args.tvd_without_half,
+                          compile=_tristate(args.loss_compile))
 
 
 @dataclass
@@ -131,7 +131,7 @@ class RolloutConfig:
 
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
-        return cls(engine=getattr(args, "rollout_engine", "megatron"), sampling=SamplingParams(
+        return cls(engine=args.rollout_engine, sampling=SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, stop_ids=tuple(stop_ids), seed=args.seed))
 

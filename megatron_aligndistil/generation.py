@@ -3,7 +3,9 @@
 Each step runs Megatron's forward-only schedule over the current sequences (right-padded; a
 sequence's next-token logits are read at its own last position, which padding after it cannot
 change under causal attention), gathers only the *last position's* logits over the TP group,
-masks the vocab padding, and samples. Randomness is per sequence and step
+masks the vocab padding, and samples on the logits' device (only the sampled ids go to the host).
+The forward passes go through the trainer's schedule driver (``train/schedule.drive``); the
+rollout engine of ``rollout/megatron.py`` wraps this module. Randomness is per sequence and step
 (``seed``, the record's global index, the step), so a run samples the same tokens at any
 TP/PP/DP layout and batch composition. The last pipeline stage samples and broadcasts the tokens
 to the other stages.
@@ -91,6 +93,89 @@ def _broadcast_from_last_stage(new: torch.Tensor) -> torch.Tensor:
     return new.cpu()
 
 
+class _Batch:
+    """The sampling state of n sequences: ``tokens [n, total]`` (prompts, then sampled ids),
+    tokens made so far, which sequences are done and which hit a stop id."""
+
+    def __init__(self, prompts, params: SamplingParams, sequence_ids, max_new_tokens):
+        n = len(prompts)
+        self.params = params
+        self.ids = sequence_ids if sequence_ids is not None else list(range(n))
+        self.plen = torch.tensor([len(p) for p in prompts])
+        self.limit = torch.tensor(max_new_tokens if max_new_tokens is not None else [params.max_new_tokens] * n)
+        self.total = int((self.plen + self.limit).max())
+        self.tokens = torch.zeros(n, self.total, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            self.tokens[i, : len(p)] = torch.tensor(p)
+        self.made = torch.zeros(n, dtype=torch.long)
+        self.done = self.limit <= 0
+        self.stopped = torch.zeros(n, dtype=torch.bool)
+        self.stop = torch.tensor(list(params.stop_ids) or [-1])
+
+    def choose(self, logits, last_stage: bool) -> torch.Tensor:
+        """The next token of every sequence, sampled on the last stage (on the logits' device:
+        only the n ids leave it) and broadcast to the other stages."""
+        new = torch.zeros(len(self.ids), dtype=torch.long)
+        if last_stage:
+            p = self.params
+            gens = [torch.Generator(device=logits.device).manual_seed(p.seed * 1_000_003 + sid * 7_919 + int(k))
+                    for sid, k in zip(self.ids, self.made)]
+            new = _select(logits, p, gens).long()
+        return _broadcast_from_last_stage(new)
+
+    def accept(self, new, rows, where):
+        """Write sampled tokens of ``rows`` at positions ``where``; update stop bookkeeping."""
+        self.tokens[rows, where[rows]] = new[rows]
+        self.made[rows] += 1
+        hit = rows & torch.isin(new, self.stop)
+        self.stopped.logical_or_(hit)
+        self.done.logical_or_(hit | (self.made >= self.limit))
+
+
+def _decode_recomputing(model, state: _Batch, vocab_size: int, last_stage: bool) -> torch.Tensor:
+    """The reference decoder: the whole prefix every step. Returns each sequence's end."""
+    dev = platform.device()
+    n = len(state.ids)
+    lengths = state.plen.clone()
+    while not bool(state.done.all()):
+        cur = int(lengths.max())
+        positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
+        # each row's next-token logits sit at its own last position: gather those rows' logits
+        logits = _run_forward(model, state.tokens[:, :cur].to(dev), positions, n, cur, vocab_size, rows_at=lengths - 1)
+        new = state.choose(logits, last_stage)
+        rows = ~state.done
+        state.accept(new, rows, lengths)
+        lengths[rows] += 1
+    return lengths
+
+
+def _decode_cached(model, state: _Batch, vocab_size: int, last_stage: bool) -> torch.Tensor:
+    """KV-cached decoding: prefill the shortest prompt, then one position per step for all
+    sequences (prompt tokens fed to sequences whose prompt is longer). Returns each end."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    dev = platform.device()
+    n, plen, total = len(state.ids), state.plen, state.total
+    ctx = StaticInferenceContext(n, total)
+    start = int(plen.min())
+    logits = _run_forward(model, state.tokens[:, :start].to(dev),
+                          torch.arange(start, device=dev).unsqueeze(0).expand(n, -1), n, start,
+                          vocab_size, inference_context=ctx)
+    ctx.sequence_len_offset += start
+    end = plen.clone()
+    for t in range(start, total):
+        generating = (plen <= t) & ~state.done  # rows whose position t is a sampled token
+        new = state.choose(logits, last_stage)
+        state.accept(new, generating, torch.full((n,), t))
+        end[generating] = t + 1
+        if bool(state.done.all()) or t + 1 == total:
+            break
+        logits = _run_forward(model, state.tokens[:, t:t + 1].to(dev), torch.full((n, 1), t, device=dev), n, 1,
+                              vocab_size, inference_context=ctx)
+        ctx.sequence_len_offset += 1
+    return end
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
              sequence_ids: list[int] | None = None, kv_cache: bool = True,
@@ -116,71 +201,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
             set_model_to_sequence_parallel(model, True)
     from megatron.core import parallel_state
 
-    dev = platform.device()
-    n = len(prompts)
-    ids = sequence_ids if sequence_ids is not None else list(range(n))
-    plen = torch.tensor([len(p) for p in prompts])
-    limit = torch.tensor(max_new_tokens if max_new_tokens is not None else [params.max_new_tokens] * n)
-    total = int((plen + limit).max())
-    tokens = torch.zeros(n, total, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    made = torch.zeros(n, dtype=torch.long)  # tokens generated so far, per sequence
-    done = limit <= 0
-    stopped = torch.zeros(n, dtype=torch.bool)
-    stop = torch.tensor(list(params.stop_ids) or [-1])
-    last_stage = parallel_state.is_pipeline_last_stage()
+    state = _Batch(prompts, params, sequence_ids, max_new_tokens)
     model.eval()
-
-    def choose(logits):
-        """The next token of every sequence, sampled on the last stage and broadcast."""
-        new = torch.zeros(n, dtype=torch.long)
-        if last_stage:
-            gens = [torch.Generator(device=logits.device).manual_seed(params.seed * 1_000_003 + sid * 7_919 + int(k))
-                    for sid, k in zip(ids, made)]
-            new = _select(logits, params, gens).long()  # on the logits' device: only [n] ids leave it
-        return _broadcast_from_last_stage(new)
-
-    def accept(new, rows, where):
-        """Write sampled tokens of ``rows`` at positions ``where``; update stop bookkeeping."""
-        tokens[rows, where[rows]] = new[rows]
-        made[rows] += 1
-        hit = rows & torch.isin(new, stop)
-        stopped.logical_or_(hit)
-        done.logical_or_(hit | (made >= limit))
-
-    if not kv_cache:
-        lengths = plen.clone()
-        while not bool(done.all()):
-            cur = int(lengths.max())
-            batch = tokens[:, :cur].to(dev)
-            positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
-            # each row's next-token logits sit at its own last position: gather those rows' logits
-            logits = _run_forward(model, batch, positions, n, cur, vocab_size, rows_at=lengths - 1)
-            new = choose(logits)
-            rows = ~done
-            accept(new, rows, lengths)
-            lengths[rows] += 1
-        end = lengths
-    else:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        ctx = StaticInferenceContext(n, total)
-        start = int(plen.min())
-        logits = _run_forward(model, tokens[:, :start].to(dev),
-                              torch.arange(start, device=dev).unsqueeze(0).expand(n, -1), n, start,
-                              vocab_size, inference_context=ctx)
-        ctx.sequence_len_offset += start
-        end = plen.clone()
-        for t in range(start, total):
-            generating = (plen <= t) & ~done  # rows whose position t is a sampled token
-            new = choose(logits)
-            accept(new, generating, torch.full((n,), t))
-            end[generating] = t + 1
-            if bool(done.all()) or t + 1 == total:
-                break
-            logits = _run_forward(model, tokens[:, t:t + 1].to(dev), torch.full((n, 1), t, device=dev), n, 1,
-                                  vocab_size, inference_context=ctx)
-            ctx.sequence_len_offset += 1
-    return [{"response_ids": tokens[i, len(prompts[i]): int(end[i])].tolist(), "stopped": bool(stopped[i])}
-            for i in range(n)]
+    decode = _decode_cached if kv_cache else _decode_recomputing
+    end = decode(model, state, vocab_size, parallel_state.is_pipeline_last_stage())
+    return [{"response_ids": state.tokens[i, len(prompts[i]): int(end[i])].tolist(), "stopped": bool(state.stopped[i])}
+            for i in range(len(prompts))]

@@ -9,6 +9,13 @@ import argparse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """The flags every method has (TrainingConfig's fields)."""
+    _parallel_flags(p)
+    _batch_and_optimizer_flags(p)
+    _data_checkpoint_and_logging_flags(p)
+
+
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -20,6 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto",
                    help="layer implementation (auto: TransformerEngine when CUDA and TE are present, else local)")
 
+
+
+def _batch_and_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, required=True)
@@ -54,6 +64,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "GPU one layer ahead of their forward (saves their GPU memory, costs host-link traffic "
                         "per micro-batch; docs/scaling.md)")
 
+
+
+def _data_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", required=True, help="tokenized JSONL (SPEC section 3)")
     g.add_argument("--skip-bad-records", action="store_true",

@@ -1,0 +1,82 @@
+"""Issue 17: typed configs built from the flags and checked where they are built."""
+
+import dataclasses
+
+import pytest
+
+from megatron_aligndistil.config import (
+    AlignDistilLossConfig,
+    ConfigError,
+    DPOConfig,
+    RolloutConfig,
+    SamplingParams,
+    TrainingConfig,
+)
+from megatron_aligndistil.train.arguments import build_parser, parse_args
+
+BASE = ["--load", "p", "--save", "s", "--data-path", "d", "--global-batch-size", "8", "--seq-length", "16",
+        "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("method,extra", [("sft", []), ("dpo", []),
+                                          ("aligndistil", ["--dpo-load", "a", "--rev-load", "b"])])
+def test_every_config_field_comes_from_a_flag(method, extra):
+    """A field whose name is not a flag's dest would silently keep its default."""
+    args = parse_args([method] + BASE + extra + ["--micro-batch-size", "2", "--pack-sequences",
+                                                 "--transformer-impl", "local", "--min-lr", "1e-4"])
+    dests = set(vars(args))
+    missing = [f.name for f in dataclasses.fields(TrainingConfig) if f.name not in dests]
+    assert not missing, missing
+    cfg = TrainingConfig.from_args(args)
+    assert (cfg.micro_batch_size, cfg.pack_sequences, cfg.transformer_impl, cfg.min_lr) == (2, True, "local", 1e-4)
+    if method == "aligndistil":
+        loss = AlignDistilLossConfig.from_args(parse_args([method] + BASE + extra + [
+            "--tvd-scale", "10", "--tvd-without-half", "--loss-compile", "off", "--kl-direction", "forward",
+            "--plausibility-threshold", "0.1"]))
+        assert (loss.r, loss.tvd_half, loss.compile, loss.direction, loss.plausibility_threshold) == \
+            (10.0, False, False, "forward", 0.1)
+        rollout = RolloutConfig.from_args(parse_args([method] + BASE + extra + ["--top-p", "0.9"]), [7])
+        assert rollout.engine == "megatron" and rollout.sampling.top_p == 0.9 and rollout.sampling.stop_ids == (7,)
+    if method == "dpo":
+        assert DPOConfig.from_args(parse_args([method] + BASE + ["--reverse", "--dpo-beta", "0.2"])) == \
+            DPOConfig(beta=0.2, reverse=True)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: AlignDistilLossConfig(eps=0.0), "eps > 0"),
+    (lambda: AlignDistilLossConfig(token_weight="beta"), "token_weight must be one of"),
+    (lambda: AlignDistilLossConfig(direction="sideways"), "direction must be one of"),
+    (lambda: AlignDistilLossConfig(constant_alpha=0.0), "constant_alpha=0.0 must be > 0"),
+    (lambda: AlignDistilLossConfig(plausibility_threshold=1.0), "plausibility_threshold must be in"),
+    (lambda: DPOConfig(beta=0.0), "dpo_beta must be > 0"),
+    (lambda: SamplingParams(top_p=0.0), "top_p must be in"),
+    (lambda: SamplingParams(temperature=-1.0), "temperature must be >= 0"),
+    (lambda: RolloutConfig(engine="sglang"), "rollout engine must be one of"),
+    (lambda: TrainingConfig("p", "s", "d", global_batch_size=8, seq_length=16, lr=1e-5, min_lr=1e-4),
+     "--min-lr 0.0001 must not exceed --lr"),
+    (lambda: TrainingConfig("p", "s", "d", global_batch_size=8, seq_length=16, lr=1e-5, micro_batch_size=3),
+     "not a multiple of --micro-batch-size 3"),
+], ids=["eps", "weight", "direction", "alpha", "tau", "dpo_beta", "top_p", "temperature", "engine", "min_lr", "mbs"])
+def test_configs_refuse_bad_values_naming_the_field(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_the_parser_reports_config_errors_as_flag_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser()  # the parser itself builds
+        parse_args(["sft"] + BASE + ["--micro-batch-size", "3"])
+    assert exc.value.code == 2
+    assert "--global-batch-size 8 is not a multiple of --micro-batch-size 3" in capsys.readouterr().err
+
+
+def test_transformer_engine_on_request_without_cuda_is_a_clear_error():
+    import torch
+
+    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.models.qwen import use_transformer_engine
+
+    assert use_transformer_engine("local") is False
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--transformer-impl transformer_engine needs CUDA"):
+            use_transformer_engine("transformer_engine")
