@@ -31,8 +31,8 @@ from .pipeline import Job, run_jobs
 # training at TP2 and sampling at TP2 PP2.
 QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "ad_on"), ad_tp=2, ad_pp=2,
                      on_policy_layout=(1, 1), samples_per_prompt=4, r=5.0, sft_iters=448, ad_epochs=2.0)
-SHORT = replace(QUICKSTART, sft_records=64, pair_records=32, batch=8, sft_iters=3, ad_epochs=0.75, samples_per_prompt=1,
-                max_new_tokens=8)
+SHORT = replace(QUICKSTART, world=replace(QUICKSTART.world, sft_records=64, pair_records=32), batch=8, sft_iters=3,
+                ad_epochs=0.75, samples_per_prompt=1, max_new_tokens=8)
 
 
 class Quickstart(reproduce.Reproduction):

@@ -109,3 +109,38 @@ def test_packed_equals_unpacked_loss_and_gradients(setup, tmp_path, layout, worl
             assert g_u.abs().max() > 0, (name, rank)
             torch.testing.assert_close(g_p, g_u, rtol=1e-5, atol=1e-5 * float(g_u.abs().max()),
                                        msg=lambda m, name=name, rank=rank: f"{name} rank {rank}: {m}")
+
+
+def split_sequence_sums():
+    """Inside a run_distributed rank of 2: the positions of two sequences split between the ranks
+    (as context parallelism splits them); per-sequence sums over the group and their gradients."""
+    import torch.distributed as dist
+
+    from megatron_aligndistil.loss.objectives import sequence_sums, token_mean
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(1, 10, generator=g, dtype=torch.float64)
+    batch = build_micro_batch([[(0, ([1, 2], [3, 4, 5])), (1, ([6], [7, 8, 9, 10, 11, 12]))]], seq_len=10, packed=True)
+    lo, hi = (0, 5) if rank == 0 else (5, 10)
+    part = build_micro_batch([[]], seq_len=5)
+    for name in ("tokens", "labels", "loss_mask", "seq_index", "positions"):
+        setattr(part, name, getattr(batch, name)[:, lo:hi])
+    part.num_sequences = 2
+    values = full[:, lo:hi].clone().requires_grad_(True)
+    sums = sequence_sums(values, part, group=dist.group.WORLD)
+    tokens = sequence_sums(part.loss_mask.double(), part, group=dist.group.WORLD)
+    token_mean(sums, tokens).sum().backward()
+    return {"sums": sums.detach(), "grad": values.grad, "full": full, "mask": batch.loss_mask, "index": batch.seq_index}
+
+
+def test_sequence_sums_over_a_context_parallel_group_equal_the_whole_sequence():
+    ranks = run_distributed(split_sequence_sums, 2, timeout=120)
+    full, mask, index = ranks[0]["full"][0], ranks[0]["mask"][0], ranks[0]["index"][0]
+    want = torch.stack([full[(index == k) & (mask > 0)].sum() for k in range(2)])
+    counts = torch.stack([((index == k) & (mask > 0)).sum() for k in range(2)]).double()
+    for r in ranks:
+        torch.testing.assert_close(r["sums"], want)
+    grad = torch.cat([ranks[0]["grad"][0], ranks[1]["grad"][0]])  # d(sum of token means)/d(value)
+    expected = torch.where((mask > 0) & (index >= 0), 1.0 / counts[index.clamp(min=0)], torch.zeros(10, dtype=torch.float64))
+    torch.testing.assert_close(grad, expected)

@@ -304,14 +304,13 @@ def test_on_policy_runs_logs_rollouts_and_is_layout_independent(setup, tmp_path)
 def test_rollout_sequence_ids_are_global_sample_indices():
     """Each rollout sequence is seeded by its global sample index: distinct across DP ranks and
     iterations, the same at any layout (issue 19 item 6)."""
-    from types import SimpleNamespace
-
+    from megatron_aligndistil.config import AlignDistilLossConfig, TrainingConfig
     from megatron_aligndistil.data.records import Dataset
     from megatron_aligndistil.train.aligndistil import AlignDistil
     from megatron_aligndistil.train.loop import Trainer
 
-    args = SimpleNamespace(rollout="on-policy", global_batch_size=8, micro_batch_size=2, seed=3, no_shuffle=False,
-                           tensor_model_parallel_size=1, sequence_parallel=False)
+    cfg = TrainingConfig("policy", "save", "prompts.jsonl", global_batch_size=8, seq_length=16, lr=1e-5,
+                         micro_batch_size=2, seed=3)
     seen = []
 
     def fake_rollout(prompts, first_sample):
@@ -323,7 +322,8 @@ def test_rollout_sequence_ids_are_global_sample_indices():
         for consumed in (0, 8, 16):
             for dp_rank in range(dp_size):
                 trainer = Trainer.__new__(Trainer)
-                trainer.args, trainer.method = args, AlignDistil(args)
+                trainer.cfg, trainer.rows = cfg, cfg.micro_batch_size
+                trainer.method = AlignDistil(AlignDistilLossConfig(), "dpo", rev_load="rev", on_policy=True)
                 trainer.data = Dataset("prompts.jsonl", "prompt", records=[{"prompt_ids": [i + 1]} for i in range(20)])
                 trainer.dp_rank, trainer.dp_size, trainer.consumed = dp_rank, dp_size, consumed
                 trainer._rollout = fake_rollout

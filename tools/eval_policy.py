@@ -73,12 +73,14 @@ def main(argv=None):
         import torch
 
         from megatron_aligndistil.eval import report
+        from megatron_aligndistil.config import SamplingParams
         from megatron_aligndistil.eval.policy_eval import EvalSettings, PolicyEvaluator, load_prompts
         from megatron_aligndistil.eval.world import judge as world_judge
 
         items = load_prompts(args.prompts)
-        settings = EvalSettings(samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
-                                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed)
+        settings = EvalSettings(samples_per_prompt=args.samples_per_prompt, sampling=sampling,
                                 batch_size=args.batch_size, greedy=not args.no_greedy,
                                 chat_template_kwargs=template_kwargs)
         judge = world_judge if args.judge == "world" else (lambda prompt, response: 0.0)

@@ -20,22 +20,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .. import parallel, platform
-from .stats import mean_ci, per_cluster_means
 from ..cli_errors import UserError
+from ..config import SamplingParams
+from .stats import mean_ci, per_cluster_means
 
 
 @dataclass
 class EvalSettings:
+    """``sampling``: how the K samples per prompt are drawn (greedy responses use temperature 0;
+    stop ids come from each evaluated checkpoint)."""
+
     samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    seed: int = 1234
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=32))
     batch_size: int = 64  # sequences per generation / scoring batch on one DP rank
     greedy: bool = True  # also one greedy response per prompt
     chat_template_kwargs: dict = field(default_factory=dict)
@@ -107,7 +108,7 @@ class PolicyEvaluator:
         rank 0 and shared with every rank, which must see the same filesystem)."""
         from transformers import AutoTokenizer
 
-        parallel.init_model_parallel(parallel.Layout(tp, pp), seed=settings.seed)
+        parallel.init_model_parallel(parallel.Layout(tp, pp), seed=settings.sampling.seed)
         if scratch is None:
             import tempfile
 
@@ -151,13 +152,11 @@ class PolicyEvaluator:
         ``{job: {"response_ids", "stopped"}}`` on every rank."""
         from megatron.core import parallel_state
 
-        from ..config import SamplingParams
         from ..rollout.megatron import MegatronEngine
 
         s = self.settings
-        engine = MegatronEngine(model, self.arch.vocab_size, SamplingParams(
-            max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=s.top_p, stop_ids=tuple(stop_ids),
-            seed=s.seed))
+        engine = MegatronEngine(model, self.arch.vocab_size,
+                                replace(s.sampling, temperature=temperature, stop_ids=tuple(stop_ids)))
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = jobs[rank::dp]
         out = {}
@@ -213,7 +212,7 @@ class PolicyEvaluator:
         stop_ids = self._stop_ids(path)
         n = len(self.items)
         result = {"name": name, "path": path, "prompts": n, "samples_per_prompt": s.samples_per_prompt,
-                  "temperature": s.temperature}
+                  "temperature": s.sampling.temperature}
         if s.greedy:
             greedy = self._sample(model, [(i, 0) for i in range(n)], 0.0, stop_ids)
             texts = [self._text(greedy[(i, 0)]["response_ids"], stop_ids) for i in range(n)]
@@ -224,7 +223,7 @@ class PolicyEvaluator:
             result["greedy_outputs"] = texts
         if s.samples_per_prompt > 0:
             jobs = [(i, k) for i in range(n) for k in range(s.samples_per_prompt)]
-            samples = self._sample(model, jobs, s.temperature, stop_ids)
+            samples = self._sample(model, jobs, s.sampling.temperature, stop_ids)
             texts = [self._text(samples[j]["response_ids"], stop_ids) for j in jobs]
             gold = [self.judge(self.items[i]["instruction"], t) for (i, _), t in zip(jobs, texts)]
             result["gold"] = mean_ci(per_cluster_means(gold, [i for i, _ in jobs]))

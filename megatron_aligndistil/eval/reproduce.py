@@ -17,11 +17,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from ..pipeline import REPO_TOOLS, Job, launch, run_jobs, say
 from ..train.metrics import read_metrics
 from .stats import fmt_ci, mean_ci
+from .world import WorldConfig
 
 PREFIX = "reproduce"
 
@@ -33,10 +34,7 @@ class Settings:
     seeds: tuple = (1, 2, 3)
     rows: tuple = ("sft", "dpo", "dpo_beta0.01", "dpo_long", "ad_off", "ad_on", "ad_off_noguard", "ad_on_noguard",
                    "ad_const1.0", "ad_const1.5", "ad_const2.0", "ad_vanilla")
-    sft_records: int = 2048
-    pair_records: int = 1024
-    label_noise: float = 0.1
-    sft_correct: float = 0.5
+    world: WorldConfig = field(default_factory=WorldConfig)  # the gold-judged data (eval/world.py)
     batch: int = 32
     seq_length: int = 48
     sft_iters: int = 768
@@ -98,11 +96,10 @@ class Reproduction:
 
         from ..data.preprocess import load_records, preprocess
         from ..data.synthetic import train_tokenizer
-        from .world import WorldConfig, corpus, write_world
+        from .world import corpus, write_world
 
         s = self.s
-        paths = write_world(WorldConfig(seed=0, sft_records=s.sft_records, pair_records=s.pair_records,
-                                        label_noise=s.label_noise, sft_correct=s.sft_correct), self.path("data"))
+        paths = write_world(s.world, self.path("data"))
         train_tokenizer(corpus(), vocab_size=MODEL["vocab_size"]).save_pretrained(self.path("tokenizer"))
         tok = AutoTokenizer.from_pretrained(self.path("tokenizer"))
         for name in ("sft", "pairs", "heldout_pairs"):
@@ -146,7 +143,7 @@ class Reproduction:
         s = self.s
         epochs, lr = (s.ad_epochs, s.ad_lr) if long else (s.dpo_epochs, s.dpo_lr)
         self._train(seed, name, "dpo", self.path(f"seed{seed}", "sft"), self.path("data", "tok", "pairs_pairs.jsonl"),
-                    s.iters(s.pair_records, epochs), lr, ["--dpo-beta", str(beta)] + (["--reverse"] if reverse else []))
+                    s.iters(s.world.pair_records, epochs), lr, ["--dpo-beta", str(beta)] + (["--reverse"] if reverse else []))
 
     def aligndistil(self, seed, name, extra, on_policy=False):
         s = self.s
@@ -161,7 +158,7 @@ class Reproduction:
             flags += ["--rollout", "on-policy", "--max-new-tokens", str(s.max_new_tokens)]
         tp, pp = s.on_policy_layout if on_policy and s.on_policy_layout else (s.ad_tp, s.ad_pp)
         self._train(seed, name, "aligndistil", os.path.join(d, "sft"), self.path("data", "tok", data),
-                    s.iters(s.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=tp, pp=pp)
+                    s.iters(s.world.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=tp, pp=pp)
 
     def reward_accuracy(self, seed):
         d = self.path(f"seed{seed}")
