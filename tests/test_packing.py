@@ -1,6 +1,7 @@
 """Issue 17: sequence packing. Packed and unpacked runs give the same iteration-1 loss and the
 same gradients for SFT, DPO and AlignDistil (off- and on-policy) at TP2 PP2 (with sequence
-parallelism) and DP2; packs never split a record; a record that does not fit is a clear error."""
+parallelism; DP2 in the trainer tests); packs never split a record; a record that does not fit is
+a clear error; per-sequence sums over a context-parallel group."""
 
 import os
 
@@ -90,11 +91,12 @@ def _argvs(setup, tmp):
     }
 
 
-@pytest.mark.parametrize("layout,world", [
-    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"], 4),
-    ([], 2),  # DP2
-], ids=["tp2pp2_sp", "dp2"])
-def test_packed_equals_unpacked_loss_and_gradients(setup, tmp_path, layout, world):
+def test_packed_equals_unpacked_loss_and_gradients(setup, tmp_path):
+    """At TP2 PP2 with sequence parallelism. DP2 packed runs are checked against the unpacked
+    references in test_train_dpo.py (DPO, dense float64), test_train_aligndistil.py (on-policy
+    trajectory) and off-policy at TP2 with sequence parallelism and recompute (trajectory)."""
+    layout, world = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                     "--sequence-parallel"], 4
     argvs = _argvs(setup, tmp_path)
     results = run_distributed(first_step_packed_and_unpacked, world, args=([a + layout for a in argvs.values()],),
                               timeout=900)

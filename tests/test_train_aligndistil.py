@@ -58,8 +58,8 @@ def _train(setup, tmp, name, world, *extra, iters=5):
 
 def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
     """Loss, gradient norm and metrics of iteration 1 against the float64 reference; the whole
-    trajectory (loss, grad_norm) equal across TP/PP/DP layouts and micro-batch sizes 1, 2, 4, with
-    --clip-grad small enough that clipping acts at every step (issue 19 items 1, 5)."""
+    trajectory (loss, grad_norm) equal across TP/PP/DP layouts, micro-batch sizes 1, 2, 4 and packed
+    rows, with --clip-grad small enough that clipping acts at every step (issue 19 items 1, 5; 17)."""
     ref = dense_first_iteration(setup)
     clip = ["--clip-grad", "0.004"]
     runs = {
@@ -67,8 +67,8 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         "tp2pp2_mbs1": _train(setup, tmp_path, "tp2pp2", 4, *clip, "--tensor-model-parallel-size", "2",
                               "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"),
         "dp2_mbs4": _train(setup, tmp_path, "dp2", 2, *clip, "--use-distributed-optimizer", "--micro-batch-size", "4"),
-        "tp2_sp_recompute": _train(setup, tmp_path, "tp2sp", 2, *clip, "--tensor-model-parallel-size", "2",
-                                   "--sequence-parallel", "--recompute-granularity", "full"),
+        "tp2_sp_recompute_packed": _train(setup, tmp_path, "tp2sp", 2, *clip, "--tensor-model-parallel-size", "2",
+                                          "--sequence-parallel", "--recompute-granularity", "full", "--pack-sequences"),
     }
     assert ref["grad_norm"] > 0.004  # clipping really acts at iteration 1
     for name, metrics in runs.items():
@@ -288,7 +288,8 @@ def test_on_policy_runs_logs_rollouts_and_is_layout_independent(setup, tmp_path)
     # TP2 with sequence parallelism: sampling runs with it off (a decode step has one position)
     tp2 = _train(onp, tmp_path, "onp_tp2", 2, *extra, "--tensor-model-parallel-size", "2", "--sequence-parallel",
                  iters=4)
-    dp2 = _train(onp, tmp_path, "onp_dp2", 2, *extra, iters=4)  # each replica samples its half
+    # each replica samples its half; responses packed into rows (issue 17)
+    dp2 = _train(onp, tmp_path, "onp_dp2", 2, *extra, "--pack-sequences", iters=4)
     for m in tp1:
         assert {"rollout_s", "response_len_mean", "eos_rate", "kl", "alpha_mean"} <= set(m)
         assert 1 <= m["response_len_mean"] <= 6 and 0 <= m["eos_rate"] <= 1

@@ -58,8 +58,8 @@ def test_dpo_first_loss_matches_dense_reference(setup, tmp_path, reverse):
     assert abs(expected["loss"] - 0.6931) > 1e-3  # policy != reference: a non-trivial margin
     assert 0 < expected["reward_accuracy"] < 1  # a mix, so a wrong count shows
     layouts = [("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])]
-    if not reverse:  # data parallelism once is enough
-        layouts.append(("dp2", 2, []))
+    if not reverse:  # data parallelism once is enough; packed pairs (issue 17) against the same reference
+        layouts.append(("dp2_packed", 2, ["--pack-sequences"]))
     for name, world, layout in layouts:
         save = str(tmp_path / name)
         assert run_distributed(run_train, world, args=(dpo_argv(setup, save, *extra, *layout, iters=1),),
