@@ -27,14 +27,16 @@ GIB = 2**30
 
 @dataclass
 class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    micro_batch: int = 1
-    global_batch: int = 128
-    seq_length: int = 2048
-    bf16: bool = True
-    distributed_optimizer: bool = True
+    """A launch as the planner sees it (the flags of the same meaning in brackets)."""
+
+    tp: int = 1  # [--tensor-model-parallel-size]
+    pp: int = 1  # [--pipeline-model-parallel-size]
+    dp: int = 1  # data-parallel replicas: world size / (tp * pp)
+    micro_batch: int = 1  # records per micro-batch [--micro-batch-size]
+    global_batch: int = 128  # records per optimizer step [--global-batch-size]
+    seq_length: int = 2048  # positions per row [--seq-length]
+    bf16: bool = True  # [--bf16]
+    distributed_optimizer: bool = True  # [--use-distributed-optimizer]
     sequence_parallel: bool = False
     recompute: str | None = None  # None | "full"
     frozen_models: int = 2  # AlignDistil 2, DPO 1, SFT 0

@@ -1,6 +1,6 @@
 """Issue 17: sequence packing. Packed and unpacked runs give the same iteration-1 loss and the
 same gradients for SFT, DPO and AlignDistil (off- and on-policy) at TP2 PP2 (with sequence
-parallelism; DP2 in the trainer tests); packs never split a record; a record that does not fit is
+parallelism) and TP2 DP2; packs never split a record; a record that does not fit is
 a clear error; per-sequence sums over a context-parallel group."""
 
 import os
@@ -54,6 +54,12 @@ def test_block_causal_mask_keeps_attention_inside_each_sequence():
     assert batch.loss_mask[0].tolist() == [0, 1, 1, 1, 1, 0]  # targets 2 3 4 | 6 7
 
 
+def packing_launch(argvs):
+    """Inside a run_distributed rank: :func:`first_step_packed_and_unpacked`, then
+    :func:`split_sequence_sums` over all ranks (one launch for both tests)."""
+    return {"packing": first_step_packed_and_unpacked(argvs), "context_parallel": split_sequence_sums()}
+
+
 def first_step_packed_and_unpacked(argvs):
     """Inside a run_distributed rank: for each argv, iteration 1's forward-backward without and
     with --pack-sequences. Returns, per argv, both runs' global loss and example count, this
@@ -91,31 +97,45 @@ def _argvs(setup, tmp):
     }
 
 
-def test_packed_equals_unpacked_loss_and_gradients(setup, tmp_path):
-    """At TP2 PP2 with sequence parallelism. DP2 packed runs are checked against the unpacked
-    references in test_train_dpo.py (DPO, dense float64), test_train_aligndistil.py (on-policy
-    trajectory) and off-policy at TP2 with sequence parallelism and recompute (trajectory)."""
-    layout, world = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                     "--sequence-parallel"], 4
-    argvs = _argvs(setup, tmp_path)
-    results = run_distributed(first_step_packed_and_unpacked, world, args=([a + layout for a in argvs.values()],),
+LAYOUTS = {"tp2pp2_sp": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                         "--sequence-parallel"],
+           "tp2dp2": ["--tensor-model-parallel-size", "2"]}
+
+
+@pytest.fixture(scope="module")
+def launch(setup, tmp_path_factory):
+    """One launch of 4 ranks for the packing comparisons (TP2 PP2 with sequence parallelism, then
+    TP2 DP2) and the context-parallel sums."""
+    argvs = _argvs(setup, tmp_path_factory.mktemp("packing_runs"))
+    cases = [(layout, name) for layout in LAYOUTS for name in argvs]
+    results = run_distributed(packing_launch, 4, args=([argvs[name] + LAYOUTS[layout] for layout, name in cases],),
                               timeout=900)
+    return {"cases": cases, "results": results}
+
+
+def test_packed_equals_unpacked_loss_and_gradients(launch):
+    """SFT, DPO, AlignDistil off- and on-policy at TP2 PP2 (SP) and TP2 DP2: iteration-1 loss and
+    every rank's policy gradient shard (DP2 packed runs are also checked over whole trajectories in
+    test_train_dpo.py and test_train_aligndistil.py)."""
+    cases = launch["cases"]
+    results = [r["packing"] for r in launch["results"]]
     for rank, per_rank in enumerate(results):
-        for name, runs in zip(argvs, per_rank):
+        for case, runs in zip(cases, per_rank):
             unpacked, packed = runs["unpacked"], runs["packed"]
-            assert packed["examples"] == unpacked["examples"] == 8, (name, rank)
-            assert unpacked["most_in_a_row"] == 1 and packed["most_in_a_row"] > 1, (name, rank)  # really packed
-            assert packed["micro_batches"] <= unpacked["micro_batches"], (name, rank)
-            assert packed["loss"] == pytest.approx(unpacked["loss"], rel=1e-5), (name, rank)
+            assert packed["examples"] == unpacked["examples"] == 8, (case, rank)
+            assert unpacked["most_in_a_row"] == 1 and packed["most_in_a_row"] > 1, (case, rank)  # really packed
+            assert packed["micro_batches"] <= unpacked["micro_batches"], (case, rank)
+            assert packed["loss"] == pytest.approx(unpacked["loss"], rel=1e-5), (case, rank)
             g_u, g_p = unpacked["grad"], packed["grad"]
-            assert g_u.abs().max() > 0, (name, rank)
+            assert g_u.abs().max() > 0, (case, rank)
             torch.testing.assert_close(g_p, g_u, rtol=1e-5, atol=1e-5 * float(g_u.abs().max()),
-                                       msg=lambda m, name=name, rank=rank: f"{name} rank {rank}: {m}")
+                                       msg=lambda m, case=case, rank=rank: f"{case} rank {rank}: {m}")
 
 
 def split_sequence_sums():
-    """Inside a run_distributed rank of 2: the positions of two sequences split between the ranks
-    (as context parallelism splits them); per-sequence sums over the group and their gradients."""
+    """Inside a run_distributed rank: the positions of two packed sequences split in contiguous
+    parts over the ranks (as context parallelism splits them); per-sequence sums over the group and
+    their gradients."""
     import torch.distributed as dist
 
     from megatron_aligndistil.loss.objectives import sequence_sums, token_mean
@@ -124,8 +144,9 @@ def split_sequence_sums():
     g = torch.Generator().manual_seed(0)
     full = torch.randn(1, 10, generator=g, dtype=torch.float64)
     batch = build_micro_batch([[(0, ([1, 2], [3, 4, 5])), (1, ([6], [7, 8, 9, 10, 11, 12]))]], seq_len=10, packed=True)
-    lo, hi = (0, 5) if rank == 0 else (5, 10)
-    part = build_micro_batch([[]], seq_len=5)
+    part_idx = torch.arange(10).tensor_split(dist.get_world_size())[rank]
+    lo, hi = int(part_idx[0]), int(part_idx[-1]) + 1
+    part = build_micro_batch([[]], seq_len=hi - lo)
     for name in ("tokens", "labels", "loss_mask", "seq_index", "positions"):
         setattr(part, name, getattr(batch, name)[:, lo:hi])
     part.num_sequences = 2
@@ -136,13 +157,13 @@ def split_sequence_sums():
     return {"sums": sums.detach(), "grad": values.grad, "full": full, "mask": batch.loss_mask, "index": batch.seq_index}
 
 
-def test_sequence_sums_over_a_context_parallel_group_equal_the_whole_sequence():
-    ranks = run_distributed(split_sequence_sums, 2, timeout=120)
+def test_sequence_sums_over_a_context_parallel_group_equal_the_whole_sequence(launch):
+    ranks = [r["context_parallel"] for r in launch["results"]]  # 4 ranks: sequence 1 spans three of them
     full, mask, index = ranks[0]["full"][0], ranks[0]["mask"][0], ranks[0]["index"][0]
     want = torch.stack([full[(index == k) & (mask > 0)].sum() for k in range(2)])
     counts = torch.stack([((index == k) & (mask > 0)).sum() for k in range(2)]).double()
     for r in ranks:
         torch.testing.assert_close(r["sums"], want)
-    grad = torch.cat([ranks[0]["grad"][0], ranks[1]["grad"][0]])  # d(sum of token means)/d(value)
+    grad = torch.cat([r["grad"][0] for r in ranks])  # d(sum of token means)/d(value)
     expected = torch.where((mask > 0) & (index >= 0), 1.0 / counts[index.clamp(min=0)], torch.zeros(10, dtype=torch.float64))
     torch.testing.assert_close(grad, expected)

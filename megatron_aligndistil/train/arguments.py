@@ -194,38 +194,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# flag -> (lower bound, lower inclusive, upper bound, upper inclusive, applies only when given)
-# Checked for every method that has the flag; a None value (flag not given) is never checked.
+# flag -> (lower bound, lower inclusive, upper bound, upper inclusive). Checked for every method
+# that has the flag (AlignDistil's: rollout_batch_size, max_new_tokens, eps, beta0, temperature,
+# top_k, top_p, r; DPO's: dpo_beta); a None value (flag not given) is never checked.
+_AT_LEAST_1 = (1, True, None, None)
+_POSITIVE = (0, False, None, None)
+_NON_NEGATIVE = (0, True, None, None)
+_UNIT_OPEN_RIGHT = (0, True, 1, False)
 _RANGES = {
-    "tensor_model_parallel_size": (1, True, None, None),
-    "pipeline_model_parallel_size": (1, True, None, None),
-    "recompute_num_layers": (1, True, None, None),
-    "micro_batch_size": (1, True, None, None),
-    "global_batch_size": (1, True, None, None),
-    "train_iters": (1, True, None, None),
+    **dict.fromkeys(("tensor_model_parallel_size", "pipeline_model_parallel_size", "recompute_num_layers",
+                     "micro_batch_size", "global_batch_size", "train_iters", "save_interval", "log_interval",
+                     "exit_interval", "world_size",
+                     "rollout_batch_size", "max_new_tokens"), _AT_LEAST_1),
+    **dict.fromkeys(("lr", "adam_eps", "eps", "beta0", "dpo_beta"), _POSITIVE),
+    **dict.fromkeys(("min_lr", "weight_decay", "clip_grad", "temperature", "top_k", "r"), _NON_NEGATIVE),
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), _UNIT_OPEN_RIGHT),
     "seq_length": (2, True, None, None),
-    "lr": (0, False, None, None),
-    "min_lr": (0, True, None, None),
-    "weight_decay": (0, True, None, None),
-    "adam_beta1": (0, True, 1, False),
-    "adam_beta2": (0, True, 1, False),
-    "adam_eps": (0, False, None, None),
-    "clip_grad": (0, True, None, None),
-    "save_interval": (1, True, None, None),
-    "log_interval": (1, True, None, None),
-    "exit_interval": (1, True, None, None),
-    "world_size": (1, True, None, None),
-    # AlignDistil
-    "rollout_batch_size": (1, True, None, None),
-    "max_new_tokens": (1, True, None, None),
-    "temperature": (0, True, None, None),
     "top_p": (0, False, 1, True),
-    "top_k": (0, True, None, None),
-    "r": (0, True, None, None),
-    "eps": (0, False, None, None),
-    "beta0": (0, False, None, None),
-    # DPO
-    "dpo_beta": (0, False, None, None),
 }
 
 
