@@ -3,22 +3,18 @@ same gradients for SFT, DPO and AlignDistil (off- and on-policy) at TP2 PP2 (wit
 parallelism) and TP2 DP2; packs never split a record; a record that does not fit is
 a clear error; per-sequence sums over a context-parallel group."""
 
-import os
 
 import pytest
 import torch
 
 from megatron_aligndistil.data.batching import block_causal_mask, build_micro_batch, input_length, pack_records
 from megatron_aligndistil.testing import run_distributed
-from train_fixtures import aligndistil_argv, dpo_argv, make_aligndistil_setup, make_dpo_data
+from train_fixtures import aligndistil_argv, dpo_argv, make_setup_with_pairs
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("packing"))
-    out = make_aligndistil_setup(root)
-    out["pairs"] = make_dpo_data(os.path.join(root, "pairs.jsonl"))
-    return out
+    return make_setup_with_pairs(str(tmp_path_factory.mktemp("packing")))
 
 
 def test_packs_hold_whole_records_within_the_row_length():

@@ -10,15 +10,12 @@ import torch.nn.functional as F
 from megatron_aligndistil.data.batching import global_batch_indices
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import dpo_argv, make_aligndistil_setup, make_dpo_data, run_train
+from train_fixtures import dpo_argv, make_setup_with_pairs, run_train
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("dpo"))
-    s = make_aligndistil_setup(root)
-    s["pairs"] = make_dpo_data(os.path.join(root, "pairs.jsonl"))
-    return s
+    return make_setup_with_pairs(str(tmp_path_factory.mktemp("dpo")))
 
 
 def dense_dpo_loss(setup, reverse, beta=0.1, global_batch=8, seed=1234):

@@ -32,6 +32,13 @@ def make_aligndistil_setup(root, tied=False):
     return out
 
 
+def make_setup_with_pairs(root):
+    """:func:`make_aligndistil_setup` plus preference pairs (``"pairs"``) for DPO."""
+    out = make_aligndistil_setup(root)
+    out["pairs"] = make_dpo_data(os.path.join(root, "pairs.jsonl"))
+    return out
+
+
 def aligndistil_argv(setup, save, *extra, iters=5):
     return ["aligndistil", "--load", setup["policy"], "--dpo-load", setup["dpo"], "--rev-load", setup["rev"],
             "--data-path", setup["data"], "--save", save, "--global-batch-size", "8",
