@@ -74,8 +74,8 @@ class Method:
         seq_len = padded_length([longest], multiple)
         out = []
         for group in groups:
-            first = sorted({i for row in group for i, _ in row})  # sequences numbered by record, then j
-            number = {i: n * self.sequences_per_record for n, i in enumerate(first)}
+            records_here = sorted({i for row in group for i, _ in row})  # numbered by record, then j
+            number = {i: n * self.sequences_per_record for n, i in enumerate(records_here)}
             group = group + [[]] * (rows - len(group))  # a short last micro-batch gets empty rows
             out.append(build_micro_batch([[(number[i] + j, per_record[i][j]) for i, j in row] for row in group],
                                          seq_len, packed=pack_length is not None))
