@@ -44,7 +44,9 @@ def main(argv=None):
     ap.add_argument("--no-greedy", action="store_true", help="skip the greedy response per prompt")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--chat-template-kwargs", default=None, help='JSON, e.g. \'{"enable_thinking": false}\'')
+    ap.add_argument("--chat-template-kwargs", default=None,
+                    help='JSON for the chat template (e.g. \'{"enable_thinking": false}\'), or the training '
+                         "data's <prefix>_report.json to render prompts as preprocessing did")
     ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
     ap.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON results")
@@ -64,10 +66,12 @@ def main(argv=None):
         ap.error("--reward-model needs --baseline NAME (win rates are against a baseline policy)")
     if args.samples_per_prompt < 0 or args.max_new_tokens < 1 or args.temperature < 0:
         ap.error("--samples-per-prompt must be >= 0, --max-new-tokens >= 1, --temperature >= 0")
+    from megatron_aligndistil.data.preprocess import template_kwargs_arg
+
     try:
-        template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
-    except json.JSONDecodeError as exc:
-        ap.error(f"--chat-template-kwargs: invalid JSON ({exc.msg})")
+        template_kwargs = template_kwargs_arg(args.chat_template_kwargs)
+    except UserError as exc:
+        ap.error(str(exc))
 
     def run():
         import torch

@@ -74,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--stop-token-ids", type=int, nargs="*", default=None)
+    ap.add_argument("--chat-template-kwargs", default=None,
+                    help='JSON for the chat template (e.g. \'{"enable_thinking": false}\'), or the training '
+                         "data's <prefix>_report.json to render prompts as preprocessing did")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
 
@@ -99,7 +102,11 @@ def main(argv=None):
             tok = AutoTokenizer.from_pretrained(args.tokenizer or src)
         from megatron_aligndistil.eval.policy_eval import render_prompts
 
-        prompts = [it["prompt_ids"] if "prompt_ids" in it else render_prompts([it], tok)[0] for it in items]
+        from megatron_aligndistil.data.preprocess import template_kwargs_arg
+
+        template_kwargs = template_kwargs_arg(args.chat_template_kwargs)
+        prompts = [it["prompt_ids"] if "prompt_ids" in it else render_prompts([it], tok, template_kwargs)[0]
+                   for it in items]
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,

@@ -28,12 +28,15 @@ def main(argv=None):
     ap.add_argument("--max-prompt-length", type=int, default=1024)
     ap.add_argument("--max-length", type=int, default=2048, help="prompt + longest response, tokens")
     ap.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    ap.add_argument("--chat-template-kwargs", default=None,
+                    help='JSON for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3 without '
+                         "thinking); recorded in <prefix>_report.json (docs/training.md)")
     args = ap.parse_args(argv)
 
     def run():
         from transformers import AutoTokenizer
 
-        from megatron_aligndistil.data.preprocess import RecordError, load_records, preprocess
+        from megatron_aligndistil.data.preprocess import RecordError, load_records, preprocess, template_kwargs_arg
 
         if (os.sep in args.tokenizer or args.tokenizer.startswith(".")) and not os.path.isdir(args.tokenizer):
             raise UserError(f"--tokenizer {args.tokenizer}: no such directory")
@@ -44,9 +47,11 @@ def main(argv=None):
                             f"({str(exc).strip().splitlines()[0][:200]})") from None
         if not tokenizer.chat_template:
             raise UserError(f"--tokenizer {args.tokenizer} has no chat template")
+        template_kwargs = template_kwargs_arg(args.chat_template_kwargs)
         try:
             report = preprocess(load_records(args.input, args.split), tokenizer, args.output_prefix,
-                                args.max_prompt_length, args.max_length, strict=args.strict)
+                                args.max_prompt_length, args.max_length, strict=args.strict,
+                                chat_template_kwargs=template_kwargs)
         except RecordError as exc:
             raise UserError(f"{args.input}: {exc}") from None
         print(json.dumps(report.summary(), indent=2))

@@ -7,6 +7,11 @@ tokenized separately, as generation sees them, so ``decode(prompt_ids + response
 chat-formatted text. Bad records (missing field, empty turn, wrong roles, chosen and rejected
 with different prompts) are reported with their index and dropped (``strict`` raises instead);
 records over the length limits are dropped and counted.
+
+``chat_template_kwargs`` go to every ``apply_chat_template`` call (e.g. ``{"enable_thinking":
+false}`` for Qwen3) and are recorded in ``<prefix>_report.json``; ``tools/generate.py`` and
+``tools/eval_policy.py`` take the same value, or that report, so prompts are rendered at sampling
+and evaluation time as they were for training (:func:`template_kwargs_arg`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Report:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)  # (index, reason) of the first problems
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def add_drop(self, index: int, reason: str):
         self.dropped[reason.split(":")[0]] += 1
@@ -37,7 +43,30 @@ class Report:
 
     def summary(self) -> dict:
         return {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
-                "first_problems": [f"record {i}: {r}" for i, r in self.examples]}
+                "first_problems": [f"record {i}: {r}" for i, r in self.examples],
+                "chat_template_kwargs": self.chat_template_kwargs}
+
+
+def template_kwargs_arg(value: str | None, flag: str = "--chat-template-kwargs") -> dict:
+    """The chat-template arguments a flag gives: a JSON object (``'{"enable_thinking": false}'``)
+    or the path of a preprocessing ``*_report.json`` (the arguments the data was rendered with)."""
+    if not value:
+        return {}
+    if os.path.isfile(value):
+        try:
+            obj = json.load(open(value)).get("chat_template_kwargs")
+        except (json.JSONDecodeError, AttributeError):
+            obj = None
+        if not isinstance(obj, dict):
+            raise UserError(f"{flag} {value}: not a preprocessing report with 'chat_template_kwargs'")
+        return obj
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag}: neither a file nor valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{flag}: a JSON object is needed, e.g. '{{\"enable_thinking\": false}}'")
+    return obj
 
 
 def load_records(source: str, split: str = "train_prefs"):
@@ -94,11 +123,13 @@ def _check_conversation(messages, name: str):
                           "ending with assistant)")
 
 
-def split_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
+def split_conversation(tokenizer, messages, chat_template_kwargs: dict | None = None):
     """(prompt_ids, response_ids) of a conversation whose last turn is the response."""
+    kwargs = chat_template_kwargs or {}
     try:
-        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
+                                                    **kwargs)
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - jinja raises its own types for records it cannot render
         raise RecordError(f"chat template failed: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not full_text.startswith(prompt_text):
@@ -115,12 +146,13 @@ def split_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
 
 
 def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 1024,
-               max_length: int = 2048, strict: bool = False, progress: bool = True) -> Report:
+               max_length: int = 2048, strict: bool = False, progress: bool = True,
+               chat_template_kwargs: dict | None = None) -> Report:
     """Write ``<prefix>_pairs.jsonl`` (DPO), ``<prefix>_chosen.jsonl`` (off-policy distillation/SFT)
     and ``<prefix>_prompts.jsonl`` (on-policy). Returns the report (also ``<prefix>_report.json``)."""
     from tqdm import tqdm
 
-    report = Report()
+    report = Report(chat_template_kwargs=dict(chat_template_kwargs or {}))
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     paths = {k: f"{output_prefix}_{k}.jsonl" for k in ("pairs", "chosen", "prompts")}
     files = {k: open(p + ".tmp", "w") for k, p in paths.items()}
@@ -136,8 +168,8 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
                     _check_conversation(rec[key], key)
                 if rec["chosen"][:-1] != rec["rejected"][:-1]:
                     raise RecordError("chosen and rejected have different prompts")
-                prompt_ids, chosen_ids = split_conversation(tokenizer, rec["chosen"])
-                _, rejected_ids = split_conversation(tokenizer, rec["rejected"])
+                prompt_ids, chosen_ids = split_conversation(tokenizer, rec["chosen"], report.chat_template_kwargs)
+                _, rejected_ids = split_conversation(tokenizer, rec["rejected"], report.chat_template_kwargs)
                 if len(prompt_ids) > max_prompt_length:
                     raise RecordError(f"prompt too long: {len(prompt_ids)} > {max_prompt_length} tokens")
                 longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
