@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from megatron_aligndistil.pipeline import Job, run_jobs
 
@@ -40,3 +41,33 @@ def test_a_failure_stops_new_jobs_and_is_raised(tmp_path):
     assert ran == [] and not (tmp_path / "done" / "a").exists()  # not marked done: rerun retries it
     with pytest.raises(ValueError, match="unknown jobs"):
         run_jobs([Job("x", lambda: None, ("nope",))], str(tmp_path / "done"))
+
+
+def test_base_models_made_in_parallel_threads_are_reproducible(tmp_path):
+    """The reproduction makes each seed's base model in a pipeline thread; torch's global RNG is
+    shared by threads, so without a lock the draws of two seeds interleave and a rerun trains
+    from other weights (seen: three runs, three different SFT iteration-1 losses)."""
+    import glob
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from hf_fixtures import tiny_tokenizer
+    from megatron_aligndistil.eval.reproduce import FULL, Reproduction
+
+    def weights(run, seed):
+        return load_file(glob.glob(run.path(f"seed{seed}", "hf_base", "*.safetensors"))[0])
+
+    runs = []
+    for attempt in range(3):
+        run = Reproduction(str(tmp_path / f"run{attempt}"), FULL)
+        tiny_tokenizer().save_pretrained(run.path("tokenizer"))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(run.make_base, (1, 2)))
+        runs.append(run)
+    first = {seed: weights(runs[0], seed) for seed in (1, 2)}
+    assert any(not torch.equal(first[1][k], first[2][k]) for k in first[1])  # the seeds differ
+    for run in runs[1:]:
+        for seed in (1, 2):
+            again = weights(run, seed)
+            assert all(torch.equal(first[seed][k], again[k]) for k in first[seed]), (seed, run.run)

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -25,6 +26,7 @@ from .stats import fmt_ci, mean_ci
 from .world import WorldConfig
 
 PREFIX = "reproduce"
+_GLOBAL_RNG = threading.Lock()  # held while a stage seeds and draws from torch's global RNG
 
 
 @dataclass
@@ -115,10 +117,14 @@ class Reproduction:
         from ..convert.hf import convert_hf_to_megatron
 
         tok = AutoTokenizer.from_pretrained(self.path("tokenizer"))
-        torch.manual_seed(seed)
         cfg = Qwen2Config(**MODEL, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         hf = self.path(f"seed{seed}", "hf_base")
-        Qwen2ForCausalLM(cfg).save_pretrained(hf)
+        # the stages run in threads and the init draws from torch's global RNG: without the lock
+        # two seeds' bases interleave their draws and neither is reproducible
+        with _GLOBAL_RNG:
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(cfg)
+        model.save_pretrained(hf)
         tok.save_pretrained(hf)
         convert_hf_to_megatron(hf, self.path(f"seed{seed}", "base"), progress=False, overwrite=True)
 
