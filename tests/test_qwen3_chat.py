@@ -77,7 +77,7 @@ def test_template_kwargs_are_recorded_and_read_back(tok, tmp_path):
     assert template_kwargs_arg(prefix + "_report.json") == {"enable_thinking": False}
     assert template_kwargs_arg('{"enable_thinking": false}') == {"enable_thinking": False}
     assert template_kwargs_arg(None) == {}
-    for bad, message in (("{enable_thinking: false}", "neither a file nor valid JSON"),
+    for bad, message in (("{enable_thinking: false}", r"--chat-template-kwargs \(not a file\): malformed JSON"),
                          ("[1, 2]", "a JSON object is needed"),
                          (prefix + "_chosen.jsonl", "not a preprocessing report")):
         with pytest.raises(UserError, match=message):

@@ -60,13 +60,10 @@ def template_kwargs_arg(value: str | None, flag: str = "--chat-template-kwargs")
         if not isinstance(obj, dict):
             raise UserError(f"{flag} {value}: not a preprocessing report with 'chat_template_kwargs'")
         return obj
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{flag}: neither a file nor valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{flag}: a JSON object is needed, e.g. '{{\"enable_thinking\": false}}'")
-    return obj
+    from .records import parse_json_object
+
+    return parse_json_object(value, f"{flag} (not a file)", "a JSON object is needed, e.g. "
+                             "'{\"enable_thinking\": false}'", error=UserError)
 
 
 def load_records(source: str, split: str = "train_prefs"):

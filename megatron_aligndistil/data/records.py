@@ -38,6 +38,19 @@ class Dataset:
         return len(self.records)
 
 
+def parse_json_object(text: str, where: str, not_object: str, error=None) -> dict:
+    """``text`` as a JSON object, or ``error`` (default :class:`DataError`) with ``where``:
+    ``<where>: malformed JSON (...)`` or ``<where>: <not_object>``."""
+    error = error or DataError
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: {not_object}")
+    return obj
+
+
 def _check_ids(value, where: str, field_name: str, vocab_size: int, allow_empty: bool):
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise DataError(f"{where}: field {field_name!r} must be a list of integer token ids")
@@ -67,12 +80,7 @@ def read_jsonl(path: str, kind: str, vocab_size: int, max_tokens: int | None = N
                 continue
             where = f"{path}:{lineno}"
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: a record must be a JSON object")
+                obj = parse_json_object(line, where, "a record must be a JSON object")
                 for name in fields:
                     if name not in obj:
                         raise DataError(f"{where}: missing field {name!r} (a {kind} record has {list(fields)})")
