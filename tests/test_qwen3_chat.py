@@ -14,7 +14,11 @@ from megatron_aligndistil.cli_errors import UserError
 from megatron_aligndistil.data.preprocess import preprocess, split_conversation, template_kwargs_arg
 from megatron_aligndistil.eval.policy_eval import render_prompts
 
-QWEN3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "qwen3-tokenizer")
+# beside the checkout (../shared), or where QWEN3_TOKENIZER_DIR points; the workplace keeps it in /work/shared
+QWEN3 = next((d for d in (os.environ.get("QWEN3_TOKENIZER_DIR", ""),
+                          os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                       "qwen3-tokenizer"),
+                          "/work/shared/data/qwen3-tokenizer") if d and os.path.isdir(d)), "")
 THINK = "<think>\n\n</think>\n\n"
 CODE = "def add(x, y):\n    if x is None:\n        return y\n    return x + y\n"
 
@@ -31,8 +35,9 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def tok():
-    if not os.path.isdir(QWEN3):
-        pytest.skip(f"the real Qwen3 tokenizer is not at {QWEN3}")
+    if not QWEN3:
+        pytest.skip("the real Qwen3 tokenizer is not beside the checkout (../shared/data/qwen3-tokenizer); "
+                    "set QWEN3_TOKENIZER_DIR")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(QWEN3)
