@@ -48,6 +48,13 @@ def test_block_causal_mask_keeps_attention_inside_each_sequence():
     assert torch.equal(allowed, expected)
     assert batch.seq_index[0].tolist() == [0, 0, 0, 1, 1, -1]
     assert batch.loss_mask[0].tolist() == [0, 1, 1, 1, 1, 0]  # targets 2 3 4 | 6 7
+    # TransformerEngine's THD format (the GPU path): the same blocks as cu_seqlens, padding a segment
+    from megatron_aligndistil.train.schedule import attention_kwargs
+
+    params = attention_kwargs(batch, thd=True)["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 5, 6] and params.max_seqlen_q == 3
+    with pytest.raises(ValueError, match="one row per micro-batch"):
+        attention_kwargs(build_micro_batch([[(0, ([1], [2]))], [(1, ([3], [4]))]], seq_len=2, packed=True), thd=True)
 
 
 def packing_launch(argvs):
