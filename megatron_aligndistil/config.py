@@ -17,7 +17,7 @@ from .cli_errors import UserError
 TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
 DIRECTIONS = ("reverse", "forward")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-ROLLOUT_ENGINES = ("megatron",)
+ROLLOUT_ENGINES = ("megatron", "vllm")
 
 
 class ConfigError(UserError):
@@ -124,16 +124,20 @@ class RolloutConfig:
 
     engine: str = "megatron"
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU while it samples
 
     def __post_init__(self):
         if self.engine not in ROLLOUT_ENGINES:
             raise ConfigError(f"rollout engine must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
         return cls(engine=args.rollout_engine, sampling=SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, stop_ids=tuple(stop_ids), seed=args.seed))
+            top_k=args.top_k, stop_ids=tuple(stop_ids), seed=args.seed),
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
 
 
 @dataclass

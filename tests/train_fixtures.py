@@ -18,14 +18,15 @@ def make_distill_data(path, n=24, vocab=1001, seed=0, max_prompt=8, max_response
     return path
 
 
-def make_aligndistil_setup(root, tied=False):
-    """Returns {"policy"|"dpo"|"rev": converted dir, "hf_*": HF dir, "data": jsonl}."""
+def make_aligndistil_setup(root, tied=False, **model):
+    """Returns {"policy"|"dpo"|"rev": converted dir, "hf_*": HF dir, "data": jsonl}. ``model``:
+    :func:`hf_fixtures.tiny_hf_model` overrides (e.g. ``hidden_size``)."""
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
 
     out = {}
     for seed, role in enumerate(("policy", "dpo", "rev")):
         hf_dir = os.path.join(root, f"hf_{role}")
-        save_tiny_hf(hf_dir, "qwen2", tied=tied, seed=seed)
+        save_tiny_hf(hf_dir, "qwen2", tied=tied, seed=seed, **model)
         out[f"hf_{role}"] = hf_dir
         out[role] = convert_hf_to_megatron(hf_dir, os.path.join(root, role), progress=False)
     out["data"] = make_distill_data(os.path.join(root, "data.jsonl"))

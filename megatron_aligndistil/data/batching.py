@@ -42,6 +42,9 @@ class MicroBatch:
     segments: list  # per row: [(start, length), ...]
     num_sequences: int
     packed: bool = False
+    # float32 [b, s], the rollout engine's log-prob of each target where loss_mask is 1 (on-policy
+    # sequences sampled by an engine that reports them; None otherwise)
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -80,24 +83,27 @@ def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def input_length(sequence) -> int:
-    """Model input positions of one (prompt_ids, response_ids) sequence: all tokens but the last."""
-    prompt, response = sequence
-    return len(prompt) + len(response) - 1
+    """Model input positions of one (prompt_ids, response_ids[, sampler_logprobs]) sequence: all
+    tokens but the last."""
+    return len(sequence[0]) + len(sequence[1]) - 1
 
 
 def build_micro_batch(rows, seq_len: int, pad_id: int = 0, packed: bool = False) -> MicroBatch:
     """``rows``: per row, a list of (sequence number, (prompt_ids, response_ids)). Each sequence's
     inputs are prompt+response minus the last token, placed back to back from position 0; the
-    mask marks targets inside the response; the rest of the row is padding."""
+    mask marks targets inside the response; the rest of the row is padding. A sequence may carry
+    a third element, the sampler's log-prob of each response id (``sampler_logprobs``)."""
     b = len(rows)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((b, seq_len), dtype=torch.float32)
     seq_index = torch.full((b, seq_len), -1, dtype=torch.long)
+    sampler = None
     segments, count = [], 0
     for i, row in enumerate(rows):
         start, spans = 0, []
-        for number, (prompt, response) in row:
+        for number, sequence in row:
+            prompt, response = sequence[0], sequence[1]
             ids = list(prompt) + list(response)
             n = len(ids) - 1
             if start + n > seq_len:
@@ -105,13 +111,18 @@ def build_micro_batch(rows, seq_len: int, pad_id: int = 0, packed: bool = False)
             tokens[i, start: start + n] = torch.tensor(ids[:-1])
             labels[i, start: start + n] = torch.tensor(ids[1:])
             mask[i, start + len(prompt) - 1: start + n] = 1.0  # targets ids[len(prompt)] ... ids[-1]
+            if len(sequence) > 2:
+                if len(sequence[2]) != len(response):
+                    raise ValueError(f"{len(sequence[2])} sampler log-probs for {len(response)} response tokens")
+                sampler = torch.zeros((b, seq_len), dtype=torch.float32) if sampler is None else sampler
+                sampler[i, start + len(prompt) - 1: start + n] = torch.tensor(sequence[2], dtype=torch.float32)
             seq_index[i, start: start + n] = number
             spans.append((start, n))
             start += n
             count += 1
         segments.append(spans)
     positions = torch.arange(seq_len).unsqueeze(0).expand(b, -1).contiguous()
-    return MicroBatch(tokens, positions, labels, mask, seq_index, segments, count, packed)
+    return MicroBatch(tokens, positions, labels, mask, seq_index, segments, count, packed, sampler)
 
 
 def make_micro_batch(sequences, seq_len: int, pad_id: int = 0) -> MicroBatch:

@@ -9,15 +9,23 @@ An engine has two methods:
   the replica gets the same list. ``sequence_ids`` (global sample indices) seed the randomness,
   so samples do not depend on the layout or on how prompts are batched.
 * ``sync_weights(policy)``: make the engine sample from ``policy``'s current weights; called by
-  the trainer after every optimizer step (a no-op for engines that read the policy in place).
+  the trainer after every optimizer step (engines that read the policy in place only rebind it).
+* ``offload()``: free what the engine holds until the next ``sync_weights`` (the trainer calls it
+  after each rollout; a no-op unless the engine has memory of its own to give back).
+
+Engines that report the sampler's log-probs (``reports_logprobs``) let the trainer measure the
+training-inference mismatch (:func:`logprob_mismatch`).
 
 :class:`~megatron_aligndistil.rollout.megatron.MegatronEngine` (``--rollout-engine megatron``) is
-the in-framework TP/PP KV-cached sampler.
+the in-framework TP/PP KV-cached sampler; :class:`~megatron_aligndistil.rollout.vllm.VLLMEngine`
+(``--rollout-engine vllm``) is vLLM colocated with training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ..config import RolloutConfig, SamplingParams
 
@@ -32,6 +40,8 @@ class Rollout:
 class RolloutEngine:
     """The interface (see the module doc)."""
 
+    reports_logprobs = False  # Rollout.logprobs is filled
+
     def generate(self, prompts: list[list[int]], sequence_ids: list[int] | None = None,
                  max_new_tokens: list[int] | None = None) -> list[Rollout]:
         raise NotImplementedError
@@ -39,14 +49,65 @@ class RolloutEngine:
     def sync_weights(self, policy) -> None:
         raise NotImplementedError
 
+    def offload(self) -> None:
+        pass
 
-def make_engine(config: RolloutConfig, policy, vocab_size: int) -> RolloutEngine:
-    """The engine ``config.engine`` names, sampling from ``policy`` (this rank's pipeline stage)."""
+
+def make_engine(config: RolloutConfig, policy, arch, max_model_len: int, checkpoint: str | None = None) -> RolloutEngine:
+    """The engine ``config.engine`` names, sampling from ``policy`` (this rank's pipeline stage of
+    a model of ``arch``); ``max_model_len``: the longest prompt + response; ``checkpoint``: where
+    the policy came from (vLLM reads the original HF config there). Collective for ``vllm``."""
     if config.engine == "megatron":
         from .megatron import MegatronEngine
 
-        return MegatronEngine(policy, vocab_size, config.sampling)
+        return MegatronEngine(policy, arch.vocab_size, config.sampling)
+    if config.engine == "vllm":
+        from .vllm import VLLMEngine, engine_hf_config
+
+        return VLLMEngine(policy, arch, config.sampling, max_model_len, hf_config=engine_hf_config(arch, checkpoint),
+                          gpu_memory_utilization=config.gpu_memory_utilization)
     raise ValueError(f"unknown rollout engine {config.engine!r}")
 
 
-__all__ = ["Rollout", "RolloutEngine", "RolloutConfig", "SamplingParams", "make_engine"]
+MISMATCH_SUMS = ("abs_diff", "tokens", "seq_ratio", "sequences")  # summed over micro-batches and ranks
+MISMATCH_MAXES = ("abs_diff_max", "seq_log_ratio_max")  # max-reduced
+
+
+@torch.no_grad()
+def logprob_mismatch(policy_logits: torch.Tensor, batch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-inference mismatch of one micro-batch whose sequences carry the sampler's log-probs
+    (``batch.sampler_logprobs [b, s]``, aligned with ``loss_mask``): per response token
+    d = log p_megatron - log p_sampler, from the policy's (vocab-parallel) logits ``[b, s, V/TP]``.
+
+    Returns float64 ``sums`` (:data:`MISMATCH_SUMS`: sum |d|, tokens, sum over sequences of the
+    sequence ratio exp(sum_t d) = p_megatron(y) / p_sampler(y), sequences) and ``maxes``
+    (:data:`MISMATCH_MAXES`: max |d|, max over sequences of |sum_t d|)."""
+    from ..data.batching import masked
+    from ..loss import vocab_parallel_logprobs
+    from ..loss.objectives import sequence_sums
+
+    dev = policy_logits.device
+    mask = batch.loss_mask.to(dev)
+    logp = vocab_parallel_logprobs(policy_logits.detach(), batch.labels.to(dev), vocab_size=vocab_size)
+    d = masked(logp.double() - batch.sampler_logprobs.to(dev).double(), mask)
+    per_sequence = sequence_sums(torch.stack([d, mask.double()], -1), batch)
+    present = per_sequence[:, 1] > 0  # sequences of this micro-batch (all have response tokens)
+    seq_log_ratio = per_sequence[present, 0]
+    sums = torch.stack([d.abs().sum(), mask.double().sum(), seq_log_ratio.exp().sum(),
+                        torch.tensor(float(seq_log_ratio.numel()), dtype=torch.float64, device=dev)])
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    maxes = torch.stack([d.abs().max() if d.numel() else zero,
+                         seq_log_ratio.abs().max() if seq_log_ratio.numel() else zero])
+    return sums, maxes
+
+
+def mismatch_metrics(sums: dict, maxes: dict) -> dict:
+    """metrics.jsonl fields from the global sums and maxes of :func:`logprob_mismatch`."""
+    return {"rollout_logp_diff_mean": sums["abs_diff"] / max(sums["tokens"], 1.0),
+            "rollout_logp_diff_max": maxes["abs_diff_max"],
+            "rollout_seq_ratio_mean": sums["seq_ratio"] / max(sums["sequences"], 1.0),
+            "rollout_seq_log_ratio_max": maxes["seq_log_ratio_max"]}
+
+
+__all__ = ["Rollout", "RolloutEngine", "RolloutConfig", "SamplingParams", "make_engine", "logprob_mismatch",
+           "mismatch_metrics"]

@@ -9,7 +9,8 @@ from . import Rollout, RolloutEngine
 
 class MegatronEngine(RolloutEngine):
     """Samples from ``model`` (this rank's pipeline stage of the policy) in place: the trained
-    weights are the sampled weights, so :meth:`sync_weights` has nothing to copy."""
+    weights are the sampled weights, so :meth:`sync_weights` only rebinds the model (the
+    evaluator samples several policies with one engine)."""
 
     def __init__(self, model, vocab_size: int, params: SamplingParams, kv_cache: bool = True):
         self.model = model
@@ -27,5 +28,4 @@ class MegatronEngine(RolloutEngine):
         return [Rollout(o["response_ids"], o["stopped"]) for o in out]
 
     def sync_weights(self, policy) -> None:
-        if policy is not self.model:
-            raise ValueError("the Megatron engine samples from the policy it was built with")
+        self.model = policy

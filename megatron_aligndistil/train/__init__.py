@@ -33,6 +33,10 @@ def build_trainer(args):
     rollout = None
     if method.on_policy:
         rollout = RolloutConfig.from_args(args, checkpointing.stop_token_ids(args.load, args.stop_token_ids, required=True))
+        if rollout.engine == "vllm":  # a missing extra stops the run here, before any model is built
+            from ..rollout.vllm import import_vllm
+
+            import_vllm()
     return Trainer(TrainingConfig.from_args(args), method, rollout=rollout, flags=args).setup()
 
 

