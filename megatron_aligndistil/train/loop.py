@@ -282,7 +282,9 @@ class Trainer:
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         if self.method.on_policy:
+            t0 = time.time()
             self.engine.sync_weights(self.stage.policy)
+            rollout["weight_sync_s"] = time.time() - t0
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed += self.cfg.global_batch_size
