@@ -94,4 +94,7 @@ def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.destroy_process_group()
+        except ValueError:  # already destroyed (vLLM's engine tears the world group down on its way out)
+            pass

@@ -142,9 +142,11 @@ def on_policy(args):
             m = read_metrics(os.path.join(save, "metrics.jsonl"))[1:]
             it = sum(x["elapsed_s"] for x in m) / len(m)
             roll = sum(x["rollout_s"] for x in m) / len(m)
+            sync = sum(x["weight_sync_s"] for x in m) / len(m)
             row = {"engine": engine, "on_policy_shape": args.on_policy_shape, "nproc": args.nproc,
                    "global_batch": args.global_batch, "prompt": args.prompt, "new": args.new,
-                   "iteration_s": it, "rollout_s": roll, "rollout_share": roll / it, "run_s": time.time() - t0}
+                   "iteration_s": it, "rollout_s": roll, "rollout_share": roll / it, "weight_sync_s": sync,
+                   "response_len_mean": sum(x["response_len_mean"] for x in m) / len(m), "run_s": time.time() - t0}
             if "rollout_logp_diff_max" in m[-1]:
                 row.update({k: max(x[k] for x in m) for k in ("rollout_logp_diff_mean", "rollout_logp_diff_max")})
             print(json.dumps(row), flush=True)
