@@ -183,7 +183,10 @@ class VLLMEngine(RolloutEngine):
             json.dump(config, f)
         kwargs = dict(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
                       dtype=config["torch_dtype"], seed=params.seed, tensor_parallel_size=tp,
-                      max_model_len=max_model_len, max_num_seqs=max_num_seqs, logprobs_mode="raw_logprobs",
+                      # vLLM refuses a length past the model's positions (--seq-length + 1 can be one more:
+                      # the last token is only a target, so at most that one sampled token is lost)
+                      max_model_len=min(max_model_len, arch.max_position_embeddings), max_num_seqs=max_num_seqs,
+                      logprobs_mode="raw_logprobs",
                       enable_prefix_caching=True)
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
