@@ -91,10 +91,10 @@ def logprob_mismatch(policy_logits: torch.Tensor, batch, vocab_size: int) -> tup
     logp = vocab_parallel_logprobs(policy_logits.detach(), batch.labels.to(dev), vocab_size=vocab_size)
     d = masked(logp.double() - batch.sampler_logprobs.to(dev).double(), mask)
     per_sequence = sequence_sums(torch.stack([d, mask.double()], -1), batch)
-    present = per_sequence[:, 1] > 0  # sequences of this micro-batch (all have response tokens)
-    seq_log_ratio = per_sequence[present, 0]
-    sums = torch.stack([d.abs().sum(), mask.double().sum(), seq_log_ratio.exp().sum(),
-                        torch.tensor(float(seq_log_ratio.numel()), dtype=torch.float64, device=dev)])
+    present = per_sequence[:, 1] > 0  # sequences with response tokens (masks, not indexing: no host sync)
+    seq_log_ratio = torch.where(present, per_sequence[:, 0], torch.zeros_like(per_sequence[:, 0]))
+    sums = torch.stack([d.abs().sum(), mask.double().sum(), torch.where(present, seq_log_ratio.exp(), 0.0).sum(),
+                        present.double().sum()])
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     maxes = torch.stack([d.abs().max() if d.numel() else zero,
                          seq_log_ratio.abs().max() if seq_log_ratio.numel() else zero])
