@@ -52,8 +52,10 @@ def layer_params(arch: QwenArch) -> int:
     return qkv + a * d * h + 3 * h * f + 2 * h + (2 * d if arch.qk_layernorm else 0)
 
 
-def stage_params(arch: QwenArch, lay: Layout) -> int:
-    """Parameters on one GPU of the biggest pipeline stage (TP-sharded parts divided by TP)."""
+def stage_params(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
+    """Parameters on one GPU of pipeline stage ``stage`` (None: the biggest stage; TP-sharded parts
+    divided by TP). The first stage holds the embedding, the last the final norm and the output
+    layer (a copy of the embedding when tied and PP > 1)."""
     per_layer = layer_params(arch) / lay.tp
     layers = arch.num_layers // lay.pp * per_layer
     emb = arch.padded_vocab_size * arch.hidden_size / lay.tp
@@ -62,7 +64,9 @@ def stage_params(arch: QwenArch, lay: Layout) -> int:
     last = layers + last_out + arch.hidden_size
     if lay.pp == 1:
         return int(layers + emb + last_out + arch.hidden_size)
-    return int(max(first, last))
+    if stage is None:
+        return int(max(first, last))
+    return int(first if stage == 0 else last if stage == lay.pp - 1 else layers)
 
 
 def largest_block_params(arch: QwenArch, lay: Layout) -> int:
@@ -87,12 +91,15 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
     return norms + attn + scores + mlp
 
 
-def plan_memory(arch: QwenArch, lay: Layout) -> dict:
-    """Bytes per GPU by term, and the total."""
+def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
+    """Bytes per GPU by term, and the total. ``stage``: a GPU of that pipeline stage (its own
+    weights, the micro-batches 1F1B keeps in flight there, ``PP - stage``, and the logits on the
+    last stage only); None: a bound for every stage, the biggest stage's weights with the first
+    stage's activations and the last stage's logits."""
     pb = 2 if lay.bf16 else 4
-    w = stage_params(arch, lay)
+    w = stage_params(arch, lay, stage)
     micro_batches = max(1, lay.global_batch // (lay.micro_batch * lay.dp))
-    in_flight = min(lay.pp, micro_batches)
+    in_flight = min(lay.pp - (stage or 0), micro_batches)
     layers = arch.num_layers // lay.pp
     s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
     act = layers * in_flight * activation_bytes_per_layer(arch, lay)
@@ -103,6 +110,8 @@ def plan_memory(arch: QwenArch, lay: Layout) -> dict:
     p2p = (in_flight if lay.pp > 1 else 0) * e * s * pipeline_rows(b, 1 + lay.frozen_models) * arch.hidden_size * rep
     v_local = arch.padded_vocab_size / lay.tp
     logits = (1 + lay.frozen_models + 1) * pb * s * b * v_local + 4 * 4 * min(lay.chunk_elements, s * b * v_local)
+    if stage is not None and stage != lay.pp - 1:
+        logits = 0
     frozen = lay.frozen_models * pb * w
     if lay.offload_frozen and lay.frozen_models:  # current block + the one being prefetched
         frozen = 2 * pb * largest_block_params(arch, lay)
@@ -118,9 +127,10 @@ def plan_memory(arch: QwenArch, lay: Layout) -> dict:
     return terms
 
 
-def host_bytes_per_gpu(arch: QwenArch, lay: Layout) -> int:
-    """Pinned host memory per GPU for offloaded frozen weights (0 without offloading)."""
-    return lay.frozen_models * (2 if lay.bf16 else 4) * stage_params(arch, lay) if lay.offload_frozen else 0
+def host_bytes_per_gpu(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
+    """Pinned host memory per GPU (of ``stage``, None: the biggest) for offloaded frozen weights
+    (0 without offloading)."""
+    return lay.frozen_models * (2 if lay.bf16 else 4) * stage_params(arch, lay, stage) if lay.offload_frozen else 0
 
 
 def suggest(arch: QwenArch, gpu_memory_gb: float, gpus_per_node: int = 8, max_nodes: int = 32,

@@ -4,6 +4,9 @@ Used by the tests and the benchmarks::
 
     results = run_distributed(check_fn, world_size=4, layout=Layout(tp=2, pp=2), args=(...,))
 
+Two rank functions ride along: :func:`megatron_logits` (a model's full logits at any layout) and
+:func:`measure_training` (a training run's peak memory).
+
 ``check_fn`` must be importable (a module-level function). Each rank gets the same ``args``; the
 process group and, if ``layout`` is given, Megatron's parallel state exist when it runs. The
 return value of every rank is saved with ``torch.save`` and returned as a list indexed by rank. If
@@ -109,3 +112,89 @@ def run_distributed(fn, world_size: int, args=(), kwargs=None, layout=None, seed
                     p.kill()
             for p in procs:
                 p.join(timeout=10)
+
+
+def megatron_logits(arch_fields: dict, full, tokens: torch.Tensor):
+    """One rank: load a full Megatron state dict (or a converted checkpoint directory) at the
+    current layout and run ``tokens`` ``[b, s]``; returns the TP-gathered logits ``[b, s, padded
+    vocab]`` on the last stage, None elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .models import qwen, sharding
+
+    arch = qwen.QwenArch(**arch_fields)
+    model = qwen.build_model(arch, qwen.transformer_config(arch))
+    if isinstance(full, str):
+        from .convert.io import TensorStore
+
+        with TensorStore(full) as store:
+            sharding.load_from_store(model, store)
+    else:
+        sharding.load_full_state_dict(model, full)
+    model.eval()
+    seq = tokens.shape[1]
+
+    def forward_step(data_iter, model):
+        batch = next(data_iter)
+        out = model(batch, torch.arange(seq).unsqueeze(0).expand_as(batch), None)
+
+        def collect(logits):
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            torch.distributed.all_gather(parts, logits.contiguous(),
+                                         group=parallel_state.get_tensor_model_parallel_group())
+            return torch.zeros(()), {"logits": torch.cat(parts, -1)}
+
+        return out, collect
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
+            num_microbatches=1, seq_length=seq, micro_batch_size=tokens.shape[0], forward_only=True,
+        )
+    return out[0]["logits"] if out else None
+
+
+def _memory_status() -> dict:
+    """This process's resident memory from /proc/self/status, bytes: RssAnon, VmHWM, VmRSS."""
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "VmHWM", "VmRSS", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def measure_training(argv: list[str], full: bool = False):
+    """One rank: train with ``argv`` (the trainer's command line) and return the peak anonymous
+    memory above the start of model building, in bytes (sampled every millisecond). ``full``:
+    a dict instead, with also the process's peak RSS (``VmHWM``) and the baseline. Set
+    ``MALLOC_MMAP_THRESHOLD_=65536`` before the ranks start, so RSS follows live tensors."""
+    import threading
+
+    import megatron.core.models.gpt  # noqa: F401 - imports outside the measurement
+    import megatron.core.optimizer  # noqa: F401
+
+    from .train import build_trainer
+    from .train.arguments import parse_args
+
+    args = parse_args(argv)
+    base = _memory_status()["RssAnon"]
+    peak = [base]
+    done = [False]
+
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], _memory_status()["RssAnon"])
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    trainer = build_trainer(args)
+    trainer.train()
+    done[0] = True
+    t.join()
+    if not full:
+        return peak[0] - base
+    return {"peak_anon_above_base": peak[0] - base, "base_anon": base, "vm_hwm": _memory_status()["VmHWM"]}

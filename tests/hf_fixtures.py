@@ -1,6 +1,37 @@
-"""Tiny random Hugging Face Qwen models (no download) for conversion tests."""
+"""Tiny random Hugging Face Qwen models (no download) for conversion tests, and the real Qwen3
+tokenizer with conversations that exercise its chat template."""
+
+import os
 
 import torch
+
+# beside the checkout (../shared), or where QWEN3_TOKENIZER_DIR points; the workplace keeps it in /work/shared
+QWEN3 = next((d for d in (os.environ.get("QWEN3_TOKENIZER_DIR", ""),
+                          os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                       "qwen3-tokenizer"),
+                          "/work/shared/data/qwen3-tokenizer") if d and os.path.isdir(d)), "")
+CODE = "def add(x, y):\n    if x is None:\n        return y\n    return x + y\n"
+CONVERSATIONS = {
+    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a red fruit."},
+               {"role": "assistant", "content": "A cherry."}],
+    "multi_turn": [{"role": "user", "content": "Say owl."}, {"role": "assistant", "content": "owl"},
+                   {"role": "user", "content": "Twice now."}, {"role": "assistant", "content": "owl owl"}],
+    "unicode": [{"role": "user", "content": "Übersetze: 你好, мир 🌍"}, {"role": "assistant", "content": "Hallo, Welt 🌍"}],
+    "code": [{"role": "user", "content": "Fix the indentation:\n" + CODE.replace("    ", "\t")},
+             {"role": "assistant", "content": "```python\n" + CODE + "```"}],
+}
+
+
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer (about 7 s to load); the calling test skips where it is absent."""
+    import pytest
+
+    if not QWEN3:
+        pytest.skip("the real Qwen3 tokenizer is not beside the checkout (../shared/data/qwen3-tokenizer); "
+                    "set QWEN3_TOKENIZER_DIR")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(QWEN3)
 
 
 def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.float32, seed=0,
@@ -35,8 +66,13 @@ def tiny_tokenizer(vocab_size=300):
 
 
 def save_tiny_hf(path, model_type="qwen2", tied=False, dtype=torch.float32, max_shard_size="200KB", **kw):
-    """A tiny HF model + tokenizer saved like a hub checkpoint (sharded safetensors + index)."""
+    """A tiny HF model + tokenizer saved like a hub checkpoint (sharded safetensors + index). The
+    tokenizer is filled up with placeholder tokens to the model's vocab_size, so that random ids
+    over the whole vocab are tokens (ids past a checkpoint's tokenizer carry no probability)."""
     model = tiny_hf_model(model_type, tied=tied, dtype=dtype, **kw)
     model.save_pretrained(path, max_shard_size=max_shard_size)
-    tiny_tokenizer().save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.add_tokens([f"<extra_{i}>" for i in range(model.config.vocab_size - len(tok))])
+    assert len(tok) == model.config.vocab_size
+    tok.save_pretrained(path)
     return model

@@ -10,48 +10,7 @@ from hf_fixtures import tiny_hf_model
 from megatron_aligndistil.convert.mapping import hf_tensor_names, hf_to_megatron, megatron_to_hf
 from megatron_aligndistil.models.qwen import ArchitectureError, QwenArch
 from megatron_aligndistil.parallel import Layout
-from megatron_aligndistil.testing import run_distributed
-
-
-def megatron_logits(arch_fields, full, tokens):
-    """One rank: load a full Megatron state dict (or a converted checkpoint directory) at the
-    current layout; return the TP-gathered logits on the last stage, None elsewhere."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_aligndistil.models import qwen, sharding
-
-    arch = QwenArch(**arch_fields)
-    model = qwen.build_model(arch, qwen.transformer_config(arch))
-    if isinstance(full, str):
-        from megatron_aligndistil.convert.io import TensorStore
-
-        with TensorStore(full) as store:
-            sharding.load_from_store(model, store)
-    else:
-        sharding.load_full_state_dict(model, full)
-    model.eval()
-    seq = tokens.shape[1]
-
-    def forward_step(data_iter, model):
-        batch = next(data_iter)
-        out = model(batch, torch.arange(seq).unsqueeze(0).expand_as(batch), None)
-
-        def collect(logits):
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            parts = [torch.empty_like(logits) for _ in range(tp)]
-            torch.distributed.all_gather(parts, logits.contiguous(),
-                                         group=parallel_state.get_tensor_model_parallel_group())
-            return torch.zeros(()), {"logits": torch.cat(parts, -1)}
-
-        return out, collect
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
-            num_microbatches=1, seq_length=seq, micro_batch_size=tokens.shape[0], forward_only=True,
-        )
-    return out[0]["logits"] if out else None
+from megatron_aligndistil.testing import megatron_logits, run_distributed
 
 
 def megatron_logits_of_all(cases):

@@ -13,8 +13,7 @@ import torch
 from hf_fixtures import save_tiny_hf
 from megatron_aligndistil.models.qwen import QwenArch
 from megatron_aligndistil.parallel import Layout
-from megatron_aligndistil.testing import run_distributed
-from test_convert_mapping import megatron_logits
+from megatron_aligndistil.testing import megatron_logits, run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))

@@ -27,11 +27,12 @@ def _tool(argv):
 
 
 def hf_greedy_text(hf, tok, instruction: str, max_new_tokens: int) -> str:
-    """transformers' greedy decoding of ``instruction`` in the chat template, as the evaluator's text."""
+    """transformers' greedy decoding of ``instruction`` in the chat template, as the evaluator's text
+    (over the tokenizer's ids: the embedding rows past them are never sampled)."""
     ids = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.eos_token_id)
+                      pad_token_id=tok.eos_token_id, suppress_tokens=list(range(len(tok), hf.config.vocab_size)))
     return tok.decode([t for t in gen[0, ids.shape[1]:].tolist() if t != tok.eos_token_id], skip_special_tokens=True)
 
 
@@ -102,7 +103,7 @@ def test_megatron_tp2_pp2_and_hf_export_give_identical_outputs(world_model):
                                       return_dict=True)["input_ids"]
         x = torch.tensor([ids + resp])
         with torch.no_grad():
-            lp = [torch.log_softmax(mdl(x).logits[0, len(ids) - 1: -1].double(), -1)
+            lp = [torch.log_softmax(mdl(x).logits[0, len(ids) - 1: -1, : len(tok)].double(), -1)
                   .gather(-1, torch.tensor(resp)[:, None]).sum() for mdl in (hf, other)]
         diffs.append(float(lp[0] - lp[1]))
     assert res["hf"]["kl_from_dpo"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3)

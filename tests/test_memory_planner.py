@@ -9,8 +9,7 @@ import torch
 from megatron_aligndistil.loss.vocab_parallel import CPU_CHUNK_ELEMENTS
 from megatron_aligndistil.memory import GIB, Layout, plan_memory, suggest
 from megatron_aligndistil.models.qwen import QwenArch
-from megatron_aligndistil.testing import run_distributed
-from memory_probe import measure_training
+from megatron_aligndistil.testing import measure_training, run_distributed
 
 # (tp, pp, dp, extra flags). Measured on the project machine: 220 / 89 / 137 / 201 MiB against
 # predicted 204 / 87 / 149 / 184 MiB (errors -7.5%, -2.0%, +9.0%, -8.3%).

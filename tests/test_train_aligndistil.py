@@ -8,44 +8,14 @@ import shutil
 import pytest
 import torch
 
-from loss_reference import dense_aligndistil
-from megatron_aligndistil.data.batching import global_batch_indices
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import aligndistil_argv, launch_train, make_aligndistil_setup, run_train
+from train_fixtures import aligndistil_argv, dense_first_iteration, launch_train, make_aligndistil_setup, run_train
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_aligndistil_setup(str(tmp_path_factory.mktemp("aligndistil")))
-
-
-def dense_first_iteration(setup, global_batch=8, seed=1234):
-    """Iteration 1 from the HF models in float64: the paper's loss (mean over sequences of the
-    token mean), the norm of its gradient w.r.t. the policy's parameters, and the logged metrics
-    (kl, alpha, tvd: means over all response tokens of the global batch)."""
-    from transformers import AutoModelForCausalLM
-
-    records = [json.loads(line) for line in open(setup["data"])]
-    batch = [records[i] for i in global_batch_indices(len(records), 0, global_batch, seed)]
-    models = {r: AutoModelForCausalLM.from_pretrained(setup[f"hf_{r}"], dtype=torch.float64).eval()
-              for r in ("policy", "dpo", "rev")}
-    per_seq, sums, tokens = [], {"kl": 0.0, "alpha": 0.0, "tvd": 0.0}, 0
-    for rec in batch:
-        ids = torch.tensor([rec["prompt_ids"] + rec["response_ids"]])
-        zp = models["policy"](ids[:, :-1]).logits[0]
-        with torch.no_grad():
-            zd, zr = (models[r](ids[:, :-1]).logits[0] for r in ("dpo", "rev"))
-        out = dense_aligndistil(zp, zd, zr)
-        start = len(rec["prompt_ids"]) - 1  # logits whose target is the first response token
-        per_seq.append(out["loss"][start:].mean())
-        for k in sums:
-            sums[k] += float(out[k][start:].detach().sum())
-        tokens += len(rec["response_ids"])
-    loss = torch.stack(per_seq).mean()
-    loss.backward()
-    grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in models["policy"].parameters())))
-    return {"loss": float(loss), "grad_norm": grad_norm, "tokens": tokens, **{k: v / tokens for k, v in sums.items()}}
 
 
 def _train(setup, tmp, name, world, *extra, iters=5):
@@ -59,7 +29,8 @@ def _train(setup, tmp, name, world, *extra, iters=5):
 def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
     """Loss, gradient norm and metrics of iteration 1 against the float64 reference; the whole
     trajectory (loss, grad_norm) equal across TP/PP/DP layouts, micro-batch sizes 1, 2, 4 and packed
-    rows, with --clip-grad small enough that clipping acts at every step (issue 19 items 1, 5; 17)."""
+    rows, with --clip-grad small enough that clipping acts at every step (issue 19 items 1, 5; 17),
+    and JSONL or indexed records (issue 16)."""
     ref = dense_first_iteration(setup)
     clip = ["--clip-grad", "0.004"]
     runs = {
@@ -67,8 +38,10 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         "tp2pp2_mbs1": _train(setup, tmp_path, "tp2pp2", 4, *clip, "--tensor-model-parallel-size", "2",
                               "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"),
         "dp2_mbs4": _train(setup, tmp_path, "dp2", 2, *clip, "--use-distributed-optimizer", "--micro-batch-size", "4"),
-        "tp2_sp_recompute_packed": _train(setup, tmp_path, "tp2sp", 2, *clip, "--tensor-model-parallel-size", "2",
-                                          "--sequence-parallel", "--recompute-granularity", "full", "--pack-sequences"),
+        # and the records read from the Megatron indexed dataset (issue 16 item 3)
+        "tp2_sp_recompute_packed_indexed": _train(
+            dict(setup, data=setup["data_indexed"]), tmp_path, "tp2sp", 2, *clip, "--tensor-model-parallel-size", "2",
+            "--sequence-parallel", "--recompute-granularity", "full", "--pack-sequences"),
     }
     assert ref["grad_norm"] > 0.004  # clipping really acts at iteration 1
     for name, metrics in runs.items():
@@ -237,7 +210,9 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
     shutil.copytree(setup["dpo"], other)
     arch = QwenArch.from_json_file(os.path.join(setup["policy"], "qwen_arch.json"))
     (other / "qwen_arch.json").write_text(dataclasses.replace(arch, vocab_size=2000).to_json())
-    with pytest.raises(ValueError, match="--dpo-load .* vocab_size 2000 differs"):
+    check_compatible(arch, setup["policy"], str(other), "dpo")  # the same tokenizer: compared over its ids
+    os.remove(other / "tokenizer.json")  # which ids the two share is unknown
+    with pytest.raises(ValueError, match="--dpo-load .* vocab_size 2000 differs from the policy's 1001"):
         check_compatible(arch, setup["policy"], str(other), "dpo")
 
 

@@ -18,6 +18,38 @@ def make_distill_data(path, n=24, vocab=1001, seed=0, max_prompt=8, max_response
     return path
 
 
+def dense_first_iteration(setup, global_batch=8, seed=1234, vocab=None):
+    """Iteration 1 from the HF models in float64: the paper's loss (mean over sequences of the
+    token mean), the norm of its gradient w.r.t. the policy's parameters, and the logged metrics
+    (kl, alpha, tvd: means over all response tokens of the global batch). ``vocab``: only ids
+    below it carry probability (the logits are cut there)."""
+    from transformers import AutoModelForCausalLM
+
+    from loss_reference import dense_aligndistil
+    from megatron_aligndistil.data.batching import global_batch_indices
+
+    records = [json.loads(line) for line in open(setup["data"])]
+    batch = [records[i] for i in global_batch_indices(len(records), 0, global_batch, seed)]
+    models = {r: AutoModelForCausalLM.from_pretrained(setup[f"hf_{r}"], dtype=torch.float64).eval()
+              for r in ("policy", "dpo", "rev")}
+    per_seq, sums, tokens = [], {"kl": 0.0, "alpha": 0.0, "tvd": 0.0}, 0
+    for rec in batch:
+        ids = torch.tensor([rec["prompt_ids"] + rec["response_ids"]])
+        zp = models["policy"](ids[:, :-1]).logits[0, :, :vocab]
+        with torch.no_grad():
+            zd, zr = (models[r](ids[:, :-1]).logits[0, :, :vocab] for r in ("dpo", "rev"))
+        out = dense_aligndistil(zp, zd, zr)
+        start = len(rec["prompt_ids"]) - 1  # logits whose target is the first response token
+        per_seq.append(out["loss"][start:].mean())
+        for k in sums:
+            sums[k] += float(out[k][start:].detach().sum())
+        tokens += len(rec["response_ids"])
+    loss = torch.stack(per_seq).mean()
+    loss.backward()
+    grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in models["policy"].parameters())))
+    return {"loss": float(loss), "grad_norm": grad_norm, "tokens": tokens, **{k: v / tokens for k, v in sums.items()}}
+
+
 def make_aligndistil_setup(root, tied=False, **model):
     """Returns {"policy"|"dpo"|"rev": converted dir, "hf_*": HF dir, "data": jsonl}. ``model``:
     :func:`hf_fixtures.tiny_hf_model` overrides (e.g. ``hidden_size``)."""
@@ -30,7 +62,20 @@ def make_aligndistil_setup(root, tied=False, **model):
         out[f"hf_{role}"] = hf_dir
         out[role] = convert_hf_to_megatron(hf_dir, os.path.join(root, role), progress=False)
     out["data"] = make_distill_data(os.path.join(root, "data.jsonl"))
+    out["data_indexed"] = write_indexed(out["data"], "distill", vocab=1001)
     return out
+
+
+def write_indexed(jsonl, kind, vocab):
+    """The records of ``jsonl`` as a Megatron indexed dataset beside it; returns its prefix."""
+    from megatron_aligndistil.data.indexed import IndexedWriter
+
+    prefix = jsonl[: -len(".jsonl")] + "_indexed"
+    writer = IndexedWriter(prefix, kind, vocab)
+    for line in open(jsonl):
+        writer.add(json.loads(line))
+    writer.commit()
+    return prefix
 
 
 def make_setup_with_pairs(root):

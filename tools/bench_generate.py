@@ -51,7 +51,8 @@ def _rank(engine_name, fields, full, prompts, new, kv_cache):
     sharding.load_full_state_dict(model, full)
     params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
     t0 = time.time()
-    engine = make_engine(RolloutConfig(engine_name, params), model, arch, max_model_len=len(prompts[0]) + new)
+    engine = make_engine(RolloutConfig(engine_name, params), model, arch, arch.vocab_size,
+                         max_model_len=len(prompts[0]) + new)
     if engine_name == "megatron":
         engine.kv_cache = kv_cache
     startup = time.time() - t0

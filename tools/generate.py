@@ -96,7 +96,8 @@ def main(argv=None):
                                                      args.pipeline_model_parallel_size))
         src = checkpointing.weights_dir(args.load)
         arch = qwen.read_arch(src)
-        items = read_items(args.prompts, arch.vocab_size)
+        vocab_size = checkpointing.tokenizer_vocab_size(arch, args.load)  # ids that carry probability
+        items = read_items(args.prompts, vocab_size)
         tok = None
         if any("prompt_ids" not in it for it in items):
             from transformers import AutoTokenizer
@@ -114,7 +115,7 @@ def main(argv=None):
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 stop_ids=tuple(checkpointing.stop_token_ids(args.load, args.stop_token_ids)))
-        engine = make_engine(RolloutConfig(args.rollout_engine, params), model, arch,
+        engine = make_engine(RolloutConfig(args.rollout_engine, params), model, arch, vocab_size,
                              max_model_len=max(map(len, prompts)) + params.max_new_tokens, checkpoint=args.load)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = list(range(rank, len(prompts), dp))

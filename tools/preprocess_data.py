@@ -6,7 +6,9 @@
     python tools/preprocess_data.py --input prefs.jsonl --tokenizer ckpt/policy --output-prefix data/tiny
 
 Writes <prefix>_pairs.jsonl (DPO), <prefix>_chosen.jsonl (off-policy AlignDistil / SFT),
-<prefix>_prompts.jsonl (on-policy) and <prefix>_report.json (kept / dropped with reasons).
+<prefix>_prompts.jsonl (on-policy) and <prefix>_report.json (kept / dropped with reasons), and the
+same records as Megatron indexed datasets <prefix>_{pairs,chosen,prompts}.bin/.idx, which the
+trainers map instead of reading (--data-path <prefix>_pairs, no extension; docs/training.md).
 """
 
 import argparse

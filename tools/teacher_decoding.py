@@ -62,7 +62,8 @@ def main(argv=None):
             width = max(len(s) for s in seqs)
             x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
             last = torch.tensor([len(s) - 1 for s in seqs])
-            z = {n: m(x).logits[torch.arange(len(seqs)), last].float() for n, m in models.items()}
+            # the tokenizer's ids only, as the trainer's loss (rows past it are embedding padding)
+            z = {n: m(x).logits[torch.arange(len(seqs)), last, : len(tok)].float() for n, m in models.items()}
             nxt = torch.multinomial(torch.softmax(teacher(z["sft"], z["dpo"], z["rev"]), -1), 1, generator=g)[:, 0]
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:

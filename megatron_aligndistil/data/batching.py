@@ -19,6 +19,7 @@ same inside a block as in the sequence alone (tests/test_packing.py checks packe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +52,14 @@ class MicroBatch:
         return self.tokens.shape[0]
 
 
-def sample_order(num_records: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Record order for one epoch: a permutation seeded by (seed, epoch), the same on every rank."""
+@functools.lru_cache(maxsize=2)
+def sample_order(num_records: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
+    """Record order for one epoch: a permutation seeded by (seed, epoch), the same on every rank
+    (int64 ``[num_records]``, 8 bytes a record, kept for the epoch's next global batches)."""
     if not shuffle:
-        return list(range(num_records))
+        return torch.arange(num_records)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_records, generator=g).tolist()
+    return torch.randperm(num_records, generator=g)
 
 
 def global_batch_indices(num_records: int, consumed: int, global_batch: int, seed: int,
@@ -66,7 +69,7 @@ def global_batch_indices(num_records: int, consumed: int, global_batch: int, see
     while len(out) < global_batch:
         epoch, offset = divmod(consumed + len(out), num_records)
         order = sample_order(num_records, epoch, seed, shuffle)
-        out.extend(order[offset: offset + global_batch - len(out)])
+        out.extend(order[offset: offset + global_batch - len(out)].tolist())
     return out
 
 

@@ -146,13 +146,19 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
                max_length: int = 2048, strict: bool = False, progress: bool = True,
                chat_template_kwargs: dict | None = None) -> Report:
     """Write ``<prefix>_pairs.jsonl`` (DPO), ``<prefix>_chosen.jsonl`` (off-policy distillation/SFT)
-    and ``<prefix>_prompts.jsonl`` (on-policy). Returns the report (also ``<prefix>_report.json``)."""
+    and ``<prefix>_prompts.jsonl`` (on-policy), and the same records as Megatron indexed datasets
+    ``<prefix>_{pairs,chosen,prompts}.bin/.idx`` (``--data-path <prefix>_pairs``, no extension).
+    Returns the report (also ``<prefix>_report.json``)."""
     from tqdm import tqdm
+
+    from .indexed import IndexedWriter
 
     report = Report(chat_template_kwargs=dict(chat_template_kwargs or {}))
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     paths = {k: f"{output_prefix}_{k}.jsonl" for k in ("pairs", "chosen", "prompts")}
     files = {k: open(p + ".tmp", "w") for k, p in paths.items()}
+    indexed = {k: IndexedWriter(f"{output_prefix}_{k}", kind, len(tokenizer))
+               for k, kind in (("pairs", "dpo"), ("chosen", "distill"), ("prompts", "prompt"))}
     try:
         for index, rec in enumerate(tqdm(records, disable=not progress, desc="tokenize", unit="rec")):
             report.total += 1
@@ -178,16 +184,24 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
                 report.add_drop(index, str(exc))
                 continue
             report.kept += 1
-            files["pairs"].write(json.dumps({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
-                                             "rejected_ids": rejected_ids}) + "\n")
-            files["chosen"].write(json.dumps({"prompt_ids": prompt_ids, "response_ids": chosen_ids}) + "\n")
-            files["prompts"].write(json.dumps({"prompt_ids": prompt_ids}) + "\n")
+            out = {"pairs": {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids},
+                   "chosen": {"prompt_ids": prompt_ids, "response_ids": chosen_ids},
+                   "prompts": {"prompt_ids": prompt_ids}}
+            for k, record in out.items():
+                files[k].write(json.dumps(record) + "\n")
+                indexed[k].add(record)
+    except BaseException:
+        for writer in indexed.values():
+            writer.abort()
+        raise
     finally:
         for f in files.values():
             f.close()
     if report.kept == 0:  # nothing to train on: no empty outputs, a clear error instead
         for p in paths.values():
             os.remove(p + ".tmp")
+        for writer in indexed.values():
+            writer.abort()
         hint = ""
         if any(r.startswith("chat template: the response does not end") for _, r in report.examples):
             hint = (f"; the tokenizer's eos_token {tokenizer.eos_token!r} is not the chat template's end-of-turn "
@@ -196,6 +210,7 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
                           + "; ".join(f"record {i}: {r}" for i, r in report.examples[:3]) + hint)
     for k, p in paths.items():
         os.replace(p + ".tmp", p)
+        indexed[k].commit()
     with open(f"{output_prefix}_report.json", "w") as f:
         json.dump(report.summary(), f, indent=2)
     return report

@@ -1,8 +1,11 @@
-"""Tokenized JSONL records (SPEC section 3), validated with errors that name file, line and field.
+"""Tokenized records (SPEC section 3), validated with errors that name file, line and field.
 
     distillation / SFT : {"prompt_ids": [...], "response_ids": [...]}
     DPO                : {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}
     on-policy          : {"prompt_ids": [...]}
+
+JSON lines are the readable format, read whole into every rank; the same records in Megatron's
+indexed format (``data.indexed``) are mapped, not read. :func:`read_records` takes either.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ class Dataset:
 
     path: str
     kind: str
-    records: list = field(default_factory=list)
-    lines: list = field(default_factory=list)  # 1-based source line of each record
+    records: list = field(default_factory=list)  # a list (JSONL) or a lazy sequence (indexed)
+    lines: list = field(default_factory=list)  # JSONL: 1-based source line of each record
     skipped: Counter = field(default_factory=Counter)
 
     def __len__(self):
@@ -60,6 +63,18 @@ def _check_ids(value, where: str, field_name: str, vocab_size: int, allow_empty:
     if bad:
         raise DataError(f"{where}: field {field_name!r} has token id {bad[0]} outside the vocabulary "
                         f"[0, {vocab_size})")
+
+
+def read_records(path: str, kind: str, vocab_size: int, max_tokens: int | None = None,
+                 skip_bad: bool = False) -> Dataset:
+    """``--data-path``: a JSONL file, or the prefix of an indexed dataset (``PREFIX.bin`` and
+    ``PREFIX.idx``; ``data.indexed``). Same checks and errors for both."""
+    from .indexed import indexed_prefix, read_indexed
+
+    prefix = indexed_prefix(path)
+    if prefix is not None:
+        return read_indexed(prefix, kind, vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
+    return read_jsonl(path, kind, vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
 
 
 def read_jsonl(path: str, kind: str, vocab_size: int, max_tokens: int | None = None,

@@ -133,15 +133,20 @@ class PolicyEvaluator:
         arch = qwen.read_arch(path)
         if self.arch is None:
             self.arch, self._checkpoint = arch, path
+            self.vocab_size = checkpointing.tokenizer_vocab_size(arch, path)  # ids that carry probability
         elif self.settings.engine != "megatron" and arch != self.arch:
             raise UserError(f"{path}: its architecture differs from {self._checkpoint}'s; one "
                             f"--rollout-engine {self.settings.engine} samples models of one architecture")
-        elif arch.vocab_size != self.arch.vocab_size:
-            raise UserError(f"{path}: vocab_size {arch.vocab_size} differs from the other models' "
-                             f"{self.arch.vocab_size}")
+        elif arch.vocab_size != self.arch.vocab_size and (
+                arch.padded_vocab_size != self.arch.padded_vocab_size
+                or checkpointing.tokenizer_vocab_size(arch, path) != self.vocab_size):
+            # the same tokenizer in the same number of embedding rows compares over its ids
+            raise UserError(f"{path}: vocab_size {arch.vocab_size} differs from {self._checkpoint}'s "
+                             f"{self.arch.vocab_size}, and their tokenizers or embedding rows differ")
         for i, p in enumerate(self.prompts):
-            if p and max(p) >= arch.vocab_size:
-                raise UserError(f"prompt {i}: token id {max(p)} is outside {path}'s vocabulary ({arch.vocab_size})")
+            if p and max(p) >= self.vocab_size:
+                raise UserError(f"prompt {i}: token id {max(p)} is outside the vocabulary of {path}'s tokenizer "
+                                f"({self.vocab_size} ids)")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, path)
         return model.eval()
@@ -159,7 +164,7 @@ class PolicyEvaluator:
         from ..rollout import make_engine
 
         if self._engine is None:
-            self._engine = make_engine(RolloutConfig(self.settings.engine, params), model, self.arch,
+            self._engine = make_engine(RolloutConfig(self.settings.engine, params), model, self.arch, self.vocab_size,
                                        max_model_len=max(map(len, self.prompts)) + params.max_new_tokens,
                                        checkpoint=self._checkpoint)
         elif self._engine_model is not model:
@@ -208,7 +213,7 @@ class PolicyEvaluator:
 
         def score(logits, batch):
             labels = batch.labels.to(logits[0].device)
-            return torch.stack([sequence_sums(vocab_parallel_logprobs(z, labels, vocab_size=self.arch.vocab_size), batch)
+            return torch.stack([sequence_sums(vocab_parallel_logprobs(z, labels, vocab_size=self.vocab_size), batch)
                                 for z in logits]).double()
 
         got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,

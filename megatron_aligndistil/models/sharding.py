@@ -97,8 +97,21 @@ def full_name(model, local_name: str) -> str:
     return name
 
 
+def _vocab_rows_reader(read, stored_rows: int):
+    """``read`` of a vocab tensor with ``stored_rows`` rows as if it had any number: rows past
+    the stored ones read as zeros, stored rows past the model's are never read."""
+    def read_rows(name, dim, a, b):
+        part = read(name, dim, min(a, stored_rows), min(b, stored_rows))
+        if part.shape[0] == b - a:
+            return part
+        out = part.new_zeros((b - a,) + tuple(part.shape[1:]))
+        out[: part.shape[0]] = part
+        return out
+    return read_rows
+
+
 @torch.no_grad()
-def _load(model, has, full_shape, read, source: str, strict: bool) -> None:
+def _load(model, has, full_shape, read, source: str, strict: bool, vocab_rows: bool = False) -> None:
     tp_rank, tp = _tp()
     for local_name, param in model.named_parameters():
         name = full_name(model, local_name)
@@ -106,9 +119,13 @@ def _load(model, has, full_shape, read, source: str, strict: bool) -> None:
             if strict:
                 raise UserError(f"{source}: tensor {name!r} (for parameter {local_name}) is missing")
             continue
-        shape = full_shape(name)
+        shape, read_part = full_shape(name), read
+        if vocab_rows and name in (EMBEDDING, OUTPUT):  # the model's rows, whatever the source's
+            rows = param.shape[0] * (tp if getattr(param, "tensor_model_parallel", False) else 1)
+            read_part = _vocab_rows_reader(read, shape[0])
+            shape = (rows,) + tuple(shape[1:])
         ranges = shard_ranges(name, shape, param, tp_rank, tp)
-        parts = [read(name, dim, a, b) for dim, a, b in ranges]
+        parts = [read_part(name, dim, a, b) for dim, a, b in ranges]
         part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
         if part.shape != param.shape:
             raise UserError(
@@ -127,10 +144,13 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = Tr
           lambda n, dim, a, b: full[n].narrow(dim, a, b - a), "state dict", strict)
 
 
-def load_from_store(model, store, strict: bool = True) -> None:
+def load_from_store(model, store, strict: bool = True, vocab_rows: bool = False) -> None:
     """Like :func:`load_full_state_dict`, reading only this rank's slices from a
-    :class:`~megatron_aligndistil.convert.io.TensorStore` (memory: one shard at a time)."""
-    _load(model, store.__contains__, store.shape, store.get_slice, store.path, strict)
+    :class:`~megatron_aligndistil.convert.io.TensorStore` (memory: one shard at a time).
+    ``vocab_rows``: the embedding / output layer may have more or fewer rows than the model;
+    the model's rows are read, zeros past the stored ones (for a model whose vocab_size differs
+    from the one it is built with, compared over a shared tokenizer's ids only)."""
+    _load(model, store.__contains__, store.shape, store.get_slice, store.path, strict, vocab_rows)
 
 
 @torch.no_grad()

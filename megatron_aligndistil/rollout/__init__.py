@@ -23,7 +23,7 @@ the in-framework TP/PP KV-cached sampler; :class:`~megatron_aligndistil.rollout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,17 +53,23 @@ class RolloutEngine:
         pass
 
 
-def make_engine(config: RolloutConfig, policy, arch, max_model_len: int, checkpoint: str | None = None) -> RolloutEngine:
+def make_engine(config: RolloutConfig, policy, arch, vocab_size: int, max_model_len: int,
+                checkpoint: str | None = None) -> RolloutEngine:
     """The engine ``config.engine`` names, sampling from ``policy`` (this rank's pipeline stage of
-    a model of ``arch``); ``max_model_len``: the longest prompt + response; ``checkpoint``: where
-    the policy came from (vLLM reads the original HF config there). Collective for ``vllm``."""
+    a model of ``arch``) over ids ``[0, vocab_size)`` (the tokenizer's:
+    ``checkpointing.tokenizer_vocab_size``); ``max_model_len``: the longest prompt + response;
+    ``checkpoint``: where the policy came from (vLLM reads the original HF config there).
+    Collective for ``vllm``."""
     if config.engine == "megatron":
         from .megatron import MegatronEngine
 
-        return MegatronEngine(policy, arch.vocab_size, config.sampling)
+        return MegatronEngine(policy, vocab_size, config.sampling)
     if config.engine == "vllm":
         from .vllm import VLLMEngine, engine_hf_config
 
+        # vLLM holds only the tokenizer's rows of the embedding and output layer, so it samples
+        # and reports log-probs over the same ids as the trainer
+        arch = replace(arch, vocab_size=vocab_size)
         return VLLMEngine(policy, arch, config.sampling, max_model_len, hf_config=engine_hf_config(arch, checkpoint),
                           gpu_memory_utilization=config.gpu_memory_utilization)
     raise ValueError(f"unknown rollout engine {config.engine!r}")

@@ -152,25 +152,77 @@ def check_resumable(args, ckpt_dir: str) -> None:
     raise CheckpointError(f"--save {args.save} holds {ckpt_dir} of another run: {'; '.join(diff)}. {what}")
 
 
+def _tokenizer_file(path: str) -> str | None:
+    """``tokenizer.json`` of the checkpoint at ``path`` (for a run's ``iter_`` directory: its
+    ``--load``'s, as the export does); None when there is none."""
+    d = weights_dir(path)
+    f = os.path.join(d, "tokenizer.json")
+    if os.path.exists(f):
+        return f
+    args_json = os.path.join(os.path.dirname(os.path.abspath(d)), "args.json")
+    if is_training_checkpoint(d) and os.path.exists(args_json):
+        load = json.load(open(args_json)).get("load")
+        if load and os.path.isdir(load) and os.path.abspath(load) != os.path.abspath(path):
+            return _tokenizer_file(load)
+    return None
+
+
 def _tokenizer_digest(path: str) -> str | None:
-    f = os.path.join(path, "tokenizer.json")
-    return hashlib.sha256(open(f, "rb").read()).hexdigest() if os.path.exists(f) else None
+    f = _tokenizer_file(path)
+    return hashlib.sha256(open(f, "rb").read()).hexdigest() if f else None
+
+
+def tokenizer_vocab_size(arch: qwen.QwenArch, path: str) -> int:
+    """The ids of the model at ``path`` that carry probability: ``[0, n)``, n = the tokenizer's
+    size (largest id of ``tokenizer.json``, added tokens included, + 1); ``arch.vocab_size``
+    when the checkpoint has no tokenizer.json.
+
+    Checkpoints pad the embedding past the tokenizer: Qwen's 151,669 ids sit in a vocab_size
+    of 151,936 or 152,064, itself padded to 152,576 rows here. Rows past n are excluded from
+    every softmax of this package (loss, log-probs, sampling, the vLLM engine), so ids the
+    tokenizer cannot produce never carry mass. Raises when the tokenizer outgrows the model."""
+    f = _tokenizer_file(path)
+    if f is None:
+        return arch.vocab_size
+    from tokenizers import Tokenizer
+
+    try:
+        n = max(Tokenizer.from_file(f).get_vocab(with_added_tokens=True).values()) + 1
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise UserError(f"{f}: not a readable tokenizer ({exc})") from exc
+    if n > arch.vocab_size:
+        raise UserError(f"{f}: the tokenizer has ids up to {n - 1}, past the model's vocab_size "
+                        f"{arch.vocab_size} ({path}): ids without an embedding row")
+    return n
 
 
 def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, role: str) -> None:
-    """The frozen model ``role`` must share the policy's architecture, vocab and tokenizer."""
+    """The frozen model ``role`` must share the policy's architecture and tokenizer.
+
+    Its ``vocab_size`` may differ from the policy's (151,936 vs 152,064, or an HF trainer's
+    ``resize_token_embeddings(len(tokenizer))``) when the shared tokenizer fits both: the models
+    are compared over the tokenizer's ids only, and the frozen model is built with the policy's
+    vocab rows (``load_weights(..., vocab_rows=True)``)."""
     other_dir = weights_dir(other_path)
     other = qwen.read_arch(other_dir)
     flag = {"dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}.get(role, role)
     if other.vocab_size != arch.vocab_size:
-        raise UserError(f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
-                         f"{arch.vocab_size}; the models must share one vocabulary")
-    if other != arch:
-        diff = {k: (getattr(arch, k), getattr(other, k)) for k in arch.__dataclass_fields__
-                if getattr(arch, k) != getattr(other, k) and k != "torch_dtype"}
-        if diff:
-            raise UserError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
-    mine, theirs = _tokenizer_digest(weights_dir(policy_path)), _tokenizer_digest(other_dir)
+        sizes = (f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
+                 f"{arch.vocab_size} (--load {policy_path})")
+        if _tokenizer_file(policy_path) is None or _tokenizer_file(other_path) is None:
+            raise UserError(f"{sizes}, and without both tokenizer.json files the ids the models share "
+                            "are unknown; give models of one vocab_size")
+        n = tokenizer_vocab_size(arch, policy_path)
+        tokenizer_vocab_size(other, other_path)  # the tokenizer fits the frozen model too
+        if other.padded_vocab_size != arch.padded_vocab_size and is_training_checkpoint(other_dir):
+            raise UserError(f"{sizes}: compared over the tokenizer's {n} ids this works from a converted "
+                            f"checkpoint or a run's release/ export, not from a training checkpoint "
+                            f"({other.padded_vocab_size} vs {arch.padded_vocab_size} padded rows)")
+    diff = {k: (getattr(arch, k), getattr(other, k)) for k in arch.__dataclass_fields__
+            if getattr(arch, k) != getattr(other, k) and k not in ("torch_dtype", "vocab_size")}
+    if diff:
+        raise UserError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
+    mine, theirs = _tokenizer_digest(policy_path), _tokenizer_digest(other_path)
     if mine and theirs and mine != theirs:
         raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 
@@ -199,10 +251,11 @@ def is_training_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, "common.pt"))
 
 
-def load_weights(model, path: str) -> None:
+def load_weights(model, path: str, vocab_rows: bool = False) -> None:
     """Collective when ``path`` is a training checkpoint: load this rank's slices of the weights
     from a converted directory / ``release/`` export, or the policy weights of an ``iter_``
-    checkpoint (at any TP/PP: Megatron reshards them)."""
+    checkpoint (at any TP/PP: Megatron reshards them). ``vocab_rows``: a converted checkpoint's
+    embedding / output rows may differ in number from the model's (:func:`check_compatible`)."""
     d = weights_dir(path)
     if is_training_checkpoint(d):
         from megatron.core import dist_checkpointing
@@ -214,7 +267,7 @@ def load_weights(model, path: str) -> None:
         model.load_state_dict(state["model"])
         return
     with TensorStore(d) as store:
-        sharding.load_from_store(model, store)
+        sharding.load_from_store(model, store, vocab_rows=vocab_rows)
 
 
 def export_training_checkpoint(ckpt_dir: str, out: str) -> str:

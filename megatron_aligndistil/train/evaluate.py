@@ -12,7 +12,7 @@ import torch
 
 from .. import parallel, platform
 from ..config import DPOConfig
-from ..data.records import read_jsonl
+from ..data.records import read_records
 from ..models import qwen
 from . import checkpointing
 from .dpo import DPO
@@ -33,12 +33,13 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
     parallel.init_model_parallel(parallel.Layout(tp, pp))
     arch = qwen.read_arch(checkpointing.weights_dir(model_path))
     checkpointing.check_compatible(arch, model_path, ref_path, "ref")
-    data = read_jsonl(data_path, "dpo", arch.vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
+    vocab_size = checkpointing.tokenizer_vocab_size(arch, model_path)  # ids that carry probability
+    data = read_records(data_path, "dpo", vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
     config = qwen.transformer_config(arch)
     models = []
     for path in (model_path, ref_path):
         model = qwen.build_model(arch, config)
-        checkpointing.load_weights(model, path)
+        checkpointing.load_weights(model, path, vocab_rows=path == ref_path)
         models.append(model)
     stage = LockstepStage(models[0], models[1:]).eval()
     method = DPO(DPOConfig(beta=beta), ref_path)
@@ -49,7 +50,7 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
     batches, seq_len = method.micro_batches(mine, rows) if mine else ([], 1)
 
     def score(logits, batch):
-        _, _, vec, _ = score_micro_batch(method, dict(zip(("policy", "ref"), logits)), batch, arch.vocab_size)
+        _, _, vec, _ = score_micro_batch(method, dict(zip(("policy", "ref"), logits)), batch, vocab_size)
         return vec.double()  # [loss, pairs, tokens, correct, chosen reward, rejected reward]
 
     got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,

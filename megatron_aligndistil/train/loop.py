@@ -25,7 +25,7 @@ from .. import parallel, platform
 from ..cli_errors import UserError
 from ..config import RolloutConfig, TrainingConfig
 from ..data.batching import global_batch_indices
-from ..data.records import read_jsonl
+from ..data.records import read_records
 from ..models import qwen
 from ..rollout import MISMATCH_MAXES, MISMATCH_SUMS, logprob_mismatch, mismatch_metrics
 from . import checkpointing
@@ -90,6 +90,11 @@ class Trainer:
         if cfg.seq_length > self.arch.max_position_embeddings:
             raise UserError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings "
                             f"{self.arch.max_position_embeddings} ({policy_source})")
+        # ids [0, vocab_size) carry probability; the rest of the embedding rows are padding
+        self.vocab_size = checkpointing.tokenizer_vocab_size(self.arch, cfg.load)
+        if self.vocab_size < self.arch.padded_vocab_size and torch.distributed.get_rank() == 0:
+            print(f"vocabulary: {self.vocab_size} tokenizer ids of {self.arch.padded_vocab_size} embedding rows "
+                  f"(config vocab_size {self.arch.vocab_size}); the other rows carry no probability", flush=True)
         self._load_data()  # a bad record fails in seconds, before any model is built
         frozen = self.method.frozen_models()
         self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
@@ -112,7 +117,7 @@ class Trainer:
         if self.method.on_policy:  # after _resume: an engine with weights of its own syncs the resumed policy
             from ..rollout import make_engine
 
-            self.engine = make_engine(self.rollout_config, self.stage.policy, self.arch,
+            self.engine = make_engine(self.rollout_config, self.stage.policy, self.arch, self.vocab_size,
                                       max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
@@ -123,7 +128,7 @@ class Trainer:
 
     def _load_data(self):
         cfg = self.cfg
-        self.data = read_jsonl(cfg.data_path, self.method.data_kind, self.arch.vocab_size,
+        self.data = read_records(cfg.data_path, self.method.data_kind, self.vocab_size,
                                max_tokens=cfg.seq_length if self.method.on_policy else cfg.seq_length + 1,
                                skip_bad=cfg.skip_bad_records)
         if self.data.skipped and torch.distributed.get_rank() == 0:
@@ -152,7 +157,7 @@ class Trainer:
         if not self.resume_dir:
             checkpointing.load_weights(policy, policy_source)
         for model, spec in zip(frozen_models, frozen):
-            checkpointing.load_weights(model, spec.path)
+            checkpointing.load_weights(model, spec.path, vocab_rows=True)
         self.stage = LockstepStage(policy, frozen_models)
         module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
         ddp_config = DistributedDataParallelConfig(
@@ -251,7 +256,7 @@ class Trainer:
         """Forward and backward over this rank's micro-batches (one schedule call); gradients
         reduced over DP and divided by the global example count. Returns the step's global sums
         of the statistics (``loss``, ``sequences``, the method's ``stat_names``)."""
-        vocab_size = self.arch.vocab_size
+        vocab_size = self.vocab_size
 
         def score(outputs, batch):
             loss, n_examples, vec, bad = score_micro_batch(self.method, dict(zip(self.roles, outputs)), batch,

@@ -1,0 +1,216 @@
+"""Tokenized records in Megatron's mmap'd indexed-dataset format (``megatron.core.datasets.indexed_dataset``).
+
+``PREFIX.bin`` holds the token ids, ``PREFIX.idx`` the sequence lengths, byte offsets and document
+boundaries. Each record is one *document* whose sequences are its fields in the JSONL order
+(:data:`~megatron_aligndistil.data.records.KINDS`)::
+
+    distillation / SFT : [prompt, response]            (``<prefix>_chosen``)
+    DPO                : [prompt, chosen, rejected]    (``<prefix>_pairs``)
+    on-policy          : [prompt]                      (``<prefix>_prompts``; any document's first
+                                                        sequence serves as a prompt)
+
+``--data-path PREFIX`` (no extension) selects this format. Nothing is read whole: every rank maps
+both files, validates them with vectorised passes over the index and one streamed pass over the
+ids, and reads a record's ids only when a batch needs them, so its resident memory does not grow
+with the dataset (``docs/training.md`` has the measurements). Damaged files are refused with the
+file named: a truncated ``.bin``, an ``.idx`` of another ``.bin``, documents of the wrong shape,
+empty fields, records past ``--seq-length``, ids outside the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter
+
+import numpy as np
+
+from .records import KINDS, DataError, Dataset
+
+HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
+_FIXED = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+           8: np.uint16}  # Megatron's DType codes
+_SCAN_TOKENS = 1 << 24  # ids read per step of the vocabulary scan (64 MiB of int32)
+
+
+def indexed_prefix(path: str) -> str | None:
+    """The indexed-dataset prefix ``path`` names (``PREFIX``, ``PREFIX.bin`` or ``PREFIX.idx``),
+    or None when it names something else (a JSONL file)."""
+    for suffix in (".bin", ".idx"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    if os.path.isfile(path):
+        return None
+    return path if os.path.exists(path + ".idx") or os.path.exists(path + ".bin") else None
+
+
+class IndexedWriter:
+    """Write records of ``kind`` to ``PREFIX.bin``/``PREFIX.idx`` (both published together on
+    :meth:`commit`: a crash leaves no half-written pair). ``vocab_size`` picks the id dtype
+    (uint16 below 65,500 ids, else int32, as Megatron's preprocessing does)."""
+
+    def __init__(self, prefix: str, kind: str, vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        self.prefix, self.fields = prefix, KINDS[kind]
+        self.dtype = DType.optimal_dtype(vocab_size)
+        self._builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=self.dtype)
+
+    def add(self, record: dict) -> None:
+        seqs = [record[name] for name in self.fields]
+        self._builder.add_document(np.fromiter((t for s in seqs for t in s), dtype=self.dtype),
+                                   [len(s) for s in seqs])
+
+    def commit(self) -> None:
+        self._builder.finalize(self.prefix + ".idx.tmp")
+        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
+        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+
+    def abort(self) -> None:
+        self._builder.data_file.close()
+        for suffix in (".bin.tmp", ".idx.tmp"):
+            if os.path.exists(self.prefix + suffix):
+                os.remove(self.prefix + suffix)
+
+
+def _check_files(prefix: str) -> tuple[type, int, int]:
+    """Header and sizes of the pair, before Megatron's reader (which asserts) sees it."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for f in (idx, bin_):
+        if not os.path.isfile(f):
+            raise DataError(f"{f} not found: --data-path {prefix} names an indexed dataset, which is "
+                            f"{prefix}.idx and {prefix}.bin (tools/preprocess_data.py writes both)")
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_FIXED)
+    if len(head) < _FIXED or head[:9] != HEADER:
+        raise DataError(f"{idx}: not a Megatron indexed-dataset index (no {HEADER!r} header)")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
+    if version != 1 or code not in _DTYPES:
+        raise DataError(f"{idx}: unsupported index (version {version}, dtype code {code})")
+    if size < _FIXED + 12 * n_seq + 8 * n_doc:
+        raise DataError(f"{idx}: truncated ({size} bytes; its header announces {n_seq} sequences "
+                        f"in {n_doc - 1} documents)")
+    return _DTYPES[code], n_seq, n_doc
+
+
+class _IndexedRecords:
+    """``records[i]``: a dict of id lists, read from the mapped ``.bin`` on demand."""
+
+    def __init__(self, dataset, fields: tuple, kept: np.ndarray | None):
+        self._dataset, self._fields, self._kept = dataset, fields, kept
+        self._first = dataset.document_indices  # first sequence of each document
+
+    def __len__(self):
+        return len(self._first) - 1 if self._kept is None else len(self._kept)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        doc = int(i) if self._kept is None else int(self._kept[i])
+        if not 0 <= doc < len(self._first) - 1:
+            raise IndexError(i)
+        first = int(self._first[doc])
+        return {name: self._dataset[first + k].tolist() for k, name in enumerate(self._fields)}
+
+
+def _bad_tokens(prefix: str, dtype, pointers: np.ndarray, lengths: np.ndarray, vocab_size: int):
+    """Sequence indices holding an id outside ``[0, vocab_size)`` with the first such id of each:
+    one streamed pass over the ``.bin`` in ``_SCAN_TOKENS`` blocks (read, not mapped, so the scan
+    leaves no pages resident)."""
+    bad_pos, bad_ids = [], []
+    with open(prefix + ".bin", "rb") as f:
+        start = 0
+        while True:
+            block = np.fromfile(f, dtype=dtype, count=_SCAN_TOKENS)
+            if not block.size:
+                break
+            wrong = (block >= vocab_size) if dtype == np.uint16 or dtype == np.uint8 else (
+                (block < 0) | (block >= vocab_size))
+            if wrong.any():
+                where = np.flatnonzero(wrong)
+                bad_pos.append(where + start)
+                bad_ids.append(block[where])
+            start += block.size
+    if not bad_pos:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos, ids = np.concatenate(bad_pos), np.concatenate(bad_ids).astype(np.int64)
+    token_start = pointers // np.dtype(dtype).itemsize
+    seq = np.searchsorted(token_start, pos, side="right") - 1
+    seq_first, first = np.unique(seq, return_index=True)
+    return seq_first, ids[first]
+
+
+def read_indexed(prefix: str, kind: str, vocab_size: int, max_tokens: int | None = None,
+                 skip_bad: bool = False) -> Dataset:
+    """The :class:`~megatron_aligndistil.data.records.Dataset` of ``PREFIX.bin/.idx`` with the
+    checks of ``read_jsonl`` (``max_tokens``, ``skip_bad``); errors name the file and the record
+    (0-based document number)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    fields = KINDS[kind]
+    dtype, n_seq, n_doc = _check_files(prefix)
+    bin_bytes = os.path.getsize(prefix + ".bin")
+    dataset = IndexedDataset(prefix, mmap=True)
+    lengths = dataset.sequence_lengths
+    pointers = dataset.index.sequence_pointers
+    first = dataset.document_indices
+    described = int(lengths.sum(dtype=np.int64)) * np.dtype(dtype).itemsize
+    if bin_bytes != described:
+        raise DataError(f"{prefix}.bin: {bin_bytes} bytes, but {prefix}.idx describes {described} "
+                        f"({'a truncated .bin' if bin_bytes < described else 'not the .bin of this .idx'}; "
+                        "rerun tools/preprocess_data.py)")
+    expected_pointers = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * np.dtype(dtype).itemsize
+    if n_seq and not np.array_equal(pointers, expected_pointers) or first[0] != 0 or first[-1] != n_seq or (
+            np.diff(first) < 0).any():
+        raise DataError(f"{prefix}.idx: inconsistent index (sequence offsets or document boundaries)")
+    per_doc = np.diff(first)
+    shape_ok = per_doc >= 1 if kind == "prompt" else per_doc == len(fields)
+    if not shape_ok.all():
+        doc = int(np.flatnonzero(~shape_ok)[0])
+        named = {1: "prompts", 2: "prompt/response (distillation, SFT)", 3: "prompt/chosen/rejected (DPO)"}
+        raise DataError(f"{prefix}.idx: record {doc} has {per_doc[doc]} sequences, but {kind} data has "
+                        f"{len(fields)} ({', '.join(fields)}); this file holds "
+                        f"{named.get(int(per_doc[doc]), 'another layout')}")
+    reasons = np.zeros(n_doc - 1, dtype=np.int8)  # 0 kept, else 1-based index into messages
+    messages: list[str] = []
+
+    def mark(docs: np.ndarray, message) -> None:
+        docs = docs[reasons[docs] == 0]
+        if not docs.size:
+            return
+        if not skip_bad:
+            raise DataError(f"{prefix}: record {int(docs[0])}: {message(int(docs[0]))}")
+        messages.append(message(int(docs[0])).split(" (")[0])
+        reasons[docs] = len(messages)
+
+    seq_lengths = [lengths[first[:-1] + k] for k in range(len(fields))]
+    for k, name in enumerate(fields):
+        empty = np.flatnonzero(seq_lengths[k] == 0)
+        mark(empty, lambda d, name=name: f"field {name!r} is empty")
+    if max_tokens is not None:
+        total = seq_lengths[0].astype(np.int64) + (np.maximum.reduce(seq_lengths[1:]) if len(fields) > 1 else 0)
+        long_ = np.flatnonzero(total > max_tokens)
+        mark(long_, lambda d: f"{int(total[d])} tokens (prompt + response) exceed the limit of {max_tokens} "
+                              "(--seq-length + 1)")
+    bad_seq, bad_id = _bad_tokens(prefix, dtype, pointers, lengths, vocab_size)
+    if bad_seq.size:
+        doc_of = np.searchsorted(first, bad_seq, side="right") - 1
+        in_fields = (bad_seq - first[doc_of]) < len(fields)  # prompt data: later sequences are unused
+        for field_index in range(len(fields)):
+            sel = in_fields & (bad_seq - first[doc_of] == field_index)
+            order = {int(d): int(t) for d, t in zip(doc_of[sel], bad_id[sel])}
+            mark(np.unique(doc_of[sel]), lambda d, name=fields[field_index]: (
+                f"field {name!r} has token id {order[d]} outside the vocabulary [0, {vocab_size})"))
+    skipped = Counter()
+    kept = None
+    if reasons.any():
+        for code, n in zip(*np.unique(reasons[reasons > 0], return_counts=True)):
+            skipped[messages[code - 1]] += int(n)
+        kept = np.flatnonzero(reasons == 0)
+        if not kept.size:
+            raise DataError(f"{prefix}: no usable {kind} records ({int((reasons > 0).sum())} skipped)")
+    if n_doc - 1 == 0:
+        raise DataError(f"{prefix}: no usable {kind} records")
+    return Dataset(prefix, kind, records=_IndexedRecords(dataset, fields, kept), skipped=skipped)
