@@ -173,17 +173,19 @@ def read_indexed(prefix: str, kind: str, vocab_size: int, max_tokens: int | None
         raise DataError(f"{prefix}.idx: record {doc} has {per_doc[doc]} sequences, but {kind} data has "
                         f"{len(fields)} ({', '.join(fields)}); this file holds "
                         f"{named.get(int(per_doc[doc]), 'another layout')}")
-    reasons = np.zeros(n_doc - 1, dtype=np.int8)  # 0 kept, else 1-based index into messages
-    messages: list[str] = []
+    dropped = np.zeros(n_doc - 1, dtype=bool)
+    skipped = Counter()
 
     def mark(docs: np.ndarray, message) -> None:
-        docs = docs[reasons[docs] == 0]
+        """Refuse (or with ``skip_bad`` drop and count, as ``read_jsonl`` does) records ``docs``."""
+        docs = docs[~dropped[docs]]
         if not docs.size:
             return
         if not skip_bad:
             raise DataError(f"{prefix}: record {int(docs[0])}: {message(int(docs[0]))}")
-        messages.append(message(int(docs[0])).split(" (")[0])
-        reasons[docs] = len(messages)
+        dropped[docs] = True
+        for d in docs.tolist():
+            skipped[message(d).split(" (")[0]] += 1
 
     seq_lengths = [lengths[first[:-1] + k] for k in range(len(fields))]
     for k, name in enumerate(fields):
@@ -203,14 +205,11 @@ def read_indexed(prefix: str, kind: str, vocab_size: int, max_tokens: int | None
             order = {int(d): int(t) for d, t in zip(doc_of[sel], bad_id[sel])}
             mark(np.unique(doc_of[sel]), lambda d, name=fields[field_index]: (
                 f"field {name!r} has token id {order[d]} outside the vocabulary [0, {vocab_size})"))
-    skipped = Counter()
     kept = None
-    if reasons.any():
-        for code, n in zip(*np.unique(reasons[reasons > 0], return_counts=True)):
-            skipped[messages[code - 1]] += int(n)
-        kept = np.flatnonzero(reasons == 0)
+    if dropped.any():
+        kept = np.flatnonzero(~dropped)
         if not kept.size:
-            raise DataError(f"{prefix}: no usable {kind} records ({int((reasons > 0).sum())} skipped)")
+            raise DataError(f"{prefix}: no usable {kind} records ({int(dropped.sum())} skipped)")
     if n_doc - 1 == 0:
         raise DataError(f"{prefix}: no usable {kind} records")
     return Dataset(prefix, kind, records=_IndexedRecords(dataset, fields, kept), skipped=skipped)
