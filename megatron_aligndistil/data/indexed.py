@@ -31,7 +31,7 @@ HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEA
 _FIXED = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
            8: np.uint16}  # Megatron's DType codes
-_SCAN_TOKENS = 1 << 24  # ids read per step of the vocabulary scan (64 MiB of int32)
+_SCAN_TOKENS = 1 << 22  # ids read per step of the vocabulary scan (16 MiB of int32)
 
 
 def indexed_prefix(path: str) -> str | None:
@@ -126,8 +126,8 @@ def _bad_tokens(prefix: str, dtype, pointers: np.ndarray, lengths: np.ndarray, v
             block = np.fromfile(f, dtype=dtype, count=_SCAN_TOKENS)
             if not block.size:
                 break
-            wrong = (block >= vocab_size) if dtype == np.uint16 or dtype == np.uint8 else (
-                (block < 0) | (block >= vocab_size))
+            # negative ids read as unsigned are huge: one comparison, one temporary
+            wrong = (block.view(block.dtype.str.replace("i", "u")) if block.dtype.kind == "i" else block) >= vocab_size
             if wrong.any():
                 where = np.flatnonzero(wrong)
                 bad_pos.append(where + start)
@@ -161,8 +161,10 @@ def read_indexed(prefix: str, kind: str, vocab_size: int, max_tokens: int | None
         raise DataError(f"{prefix}.bin: {bin_bytes} bytes, but {prefix}.idx describes {described} "
                         f"({'a truncated .bin' if bin_bytes < described else 'not the .bin of this .idx'}; "
                         "rerun tools/preprocess_data.py)")
-    expected_pointers = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * np.dtype(dtype).itemsize
-    if n_seq and not np.array_equal(pointers, expected_pointers) or first[0] != 0 or first[-1] != n_seq or (
+    expected_pointers = np.zeros(n_seq, dtype=np.int64)  # one temporary of 8 bytes a sequence
+    np.cumsum(lengths[:-1], out=expected_pointers[1:])
+    expected_pointers *= np.dtype(dtype).itemsize
+    if not np.array_equal(pointers, expected_pointers) or first[0] != 0 or first[-1] != n_seq or (
             np.diff(first) < 0).any():
         raise DataError(f"{prefix}.idx: inconsistent index (sequence offsets or document boundaries)")
     per_doc = np.diff(first)
@@ -196,6 +198,7 @@ def read_indexed(prefix: str, kind: str, vocab_size: int, max_tokens: int | None
         long_ = np.flatnonzero(total > max_tokens)
         mark(long_, lambda d: f"{int(total[d])} tokens (prompt + response) exceed the limit of {max_tokens} "
                               "(--seq-length + 1)")
+    del expected_pointers
     bad_seq, bad_id = _bad_tokens(prefix, dtype, pointers, lengths, vocab_size)
     if bad_seq.size:
         doc_of = np.searchsorted(first, bad_seq, side="right") - 1
