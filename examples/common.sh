@@ -31,17 +31,17 @@ launch() {
     # The paper's code (OpenRLHF's schedule): warmup 0.1, cosine to 0.1 x lr, for every stage.
     # Its TVD is sum |p_dpo - p_rev| without the 1/2 and its r is 10 off-policy, 15 on-policy:
     # --tvd-without-half --tvd-scale 10 here is exactly that (= --tvd-scale 20 with the paper's 1/2).
-    dpo)     args=(dpo --load "$base" --data-path "$data"_pairs.jsonl --save "$runs"/dpo --dpo-beta 0.1
+    dpo)     args=(dpo --load "$base" --data-path "$data"_pairs --save "$runs"/dpo --dpo-beta 0.1
                    --lr 1e-6 --min-lr 1e-7) ;;
-    rev)     args=(dpo --load "$base" --data-path "$data"_pairs.jsonl --save "$runs"/rev --dpo-beta 0.1
+    rev)     args=(dpo --load "$base" --data-path "$data"_pairs --save "$runs"/rev --dpo-beta 0.1
                    --lr 1e-6 --min-lr 1e-7 --reverse) ;;
     aligndistil)
              args=(aligndistil --rollout off-policy --load "$base" --dpo-load "$runs"/dpo --rev-load "$runs"/rev
-                   --data-path "$data"_chosen.jsonl --save "$runs"/aligndistil --lr 1e-6 --min-lr 1e-7
+                   --data-path "$data"_chosen --save "$runs"/aligndistil --lr 1e-6 --min-lr 1e-7
                    --tvd-without-half --tvd-scale 10 --beta0 0.1) ;;
     aligndistil-onpolicy)
              args=(aligndistil --rollout on-policy --load "$base" --dpo-load "$runs"/dpo --rev-load "$runs"/rev
-                   --data-path "$data"_prompts.jsonl --save "$runs"/aligndistil_onpolicy --lr 1e-6 --min-lr 1e-7
+                   --data-path "$data"_prompts --save "$runs"/aligndistil_onpolicy --lr 1e-6 --min-lr 1e-7
                    --tvd-without-half --tvd-scale 15 --beta0 0.1) ;;
     *) echo "usage: $0 dpo|rev|aligndistil|aligndistil-onpolicy" >&2; exit 2 ;;
   esac
