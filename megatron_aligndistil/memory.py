@@ -44,6 +44,9 @@ class Layout:
     flash_attention: bool = True  # TE/flash on GPU; the CPU local spec materialises scores
     chunk_elements: int = GPU_CHUNK_ELEMENTS
     offload_frozen: bool = False  # --offload-frozen-models: frozen weights streamed from host memory
+    # TE/apex fused Adam (GPU clusters): no temporaries. False: torch's single-tensor AdamW (CPU),
+    # whose step allocates two temporaries of each parameter's size in turn (sqrt, then division)
+    fused_optimizer: bool = True
 
 
 def layer_params(arch: QwenArch) -> int:
@@ -75,6 +78,15 @@ def largest_block_params(arch: QwenArch, lay: Layout) -> int:
     return int(max(layer_params(arch), arch.padded_vocab_size * arch.hidden_size) / lay.tp)
 
 
+def largest_param(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
+    """Elements of the biggest single parameter on one GPU of ``stage`` (None: any stage): the
+    embedding / output layer shard on the first and last stage, else a layer's biggest matrix."""
+    h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+    layer = max(h * (a * d + 2 * g * d), 2 * h * f, a * d * h, h * f) / lay.tp
+    holds_vocab = stage is None or stage == 0 or stage == lay.pp - 1
+    return int(max(layer, arch.padded_vocab_size * h / lay.tp if holds_vocab else 0))
+
+
 def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
     """Activations one layer keeps for backward, for one micro-batch (policy only)."""
     e = 2 if lay.bf16 else 4
@@ -92,7 +104,9 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
 
 
 def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
-    """Bytes per GPU by term, and the total. ``stage``: a GPU of that pipeline stage (its own
+    """Bytes per GPU by term, and the total: the larger of the backward peak (every term but
+    ``optimizer_step_temporaries``) and the optimizer-step peak (weights, gradients, optimizer
+    state, resident frozen weights and ``optimizer_step_temporaries``). ``stage``: a GPU of that pipeline stage (its own
     weights, the micro-batches 1F1B keeps in flight there, ``PP - stage``, and the logits on the
     last stage only); None: a bound for every stage, the biggest stage's weights with the first
     stage's activations and the last stage's logits."""
@@ -123,7 +137,14 @@ def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
         "activations": act + p2p,
         "logits_and_loss": logits,
     }
-    terms["total"] = sum(terms.values())
+    # the optimizer step is a second peak: no activations or logits then, but the optimizer's own
+    # temporaries (and streamed frozen blocks are gone)
+    step_temporaries = 0 if lay.fused_optimizer else 2 * 4 * largest_param(arch, lay, stage)
+    step_peak = (terms["policy_weights"] + terms["main_grads"] + terms["optimizer_state"] + step_temporaries
+                 + (0 if lay.offload_frozen else frozen))
+    backward_peak = sum(terms.values())
+    terms["optimizer_step_temporaries"] = step_temporaries
+    terms["total"] = max(backward_peak, step_peak)  # the larger of the two phases
     return terms
 
 

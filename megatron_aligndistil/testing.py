@@ -29,7 +29,26 @@ class DistributedError(RuntimeError):
     """A rank of a :func:`run_distributed` job failed or the job timed out."""
 
 
-def _worker(rank, world_size, port, outdir, fn, args, kwargs, layout, seed):
+# Ranks start from a fork server that has imported these once per calling process (the server
+# is single-threaded after them): each rank skips ~10 s of imports on a 2-core machine. Every
+# rank gets the caller's current environment. ALIGNDISTIL_START_METHOD=spawn starts each rank as
+# a fresh interpreter instead.
+_PRELOAD = ["torch", "numpy", "megatron.core.parallel_state", "megatron.core.models.gpt",
+            "megatron.core.optimizer", "megatron.core.pipeline_parallel", "transformers",
+            "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3"]
+
+
+def _context():
+    method = os.environ.get("ALIGNDISTIL_START_METHOD", "forkserver")
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _worker(rank, world_size, port, outdir, fn, args, kwargs, layout, seed, env):
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment now, not the fork server's at its start
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -59,13 +78,14 @@ def run_distributed(fn, world_size: int, args=(), kwargs=None, layout=None, seed
     """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the list of results."""
     from .parallel import free_port
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory(prefix="aligndistil-dist-") as outdir:
         port = free_port()
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, port, outdir, fn, tuple(args), dict(kwargs or {}), layout, seed),
+                args=(r, world_size, port, outdir, fn, tuple(args), dict(kwargs or {}), layout, seed,
+                      dict(os.environ)),
                 daemon=False,
             )
             for r in range(world_size)
@@ -169,9 +189,13 @@ def _memory_status() -> dict:
 def measure_training(argv: list[str], full: bool = False):
     """One rank: train with ``argv`` (the trainer's command line) and return the peak anonymous
     memory above the start of model building, in bytes (sampled every millisecond). ``full``:
-    a dict instead, with also the process's peak RSS (``VmHWM``) and the baseline. Set
-    ``MALLOC_MMAP_THRESHOLD_=65536`` before the ranks start, so RSS follows live tensors."""
+    a dict instead, with also the process's peak RSS (``VmHWM``) and the baseline. Allocations
+    above 64 KiB are mmap'd from here on (glibc ``mallopt``, as ``MALLOC_MMAP_THRESHOLD_=65536``
+    at start-up), so RSS follows live tensors."""
+    import ctypes
     import threading
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
 
     import megatron.core.models.gpt  # noqa: F401 - imports outside the measurement
     import megatron.core.optimizer  # noqa: F401

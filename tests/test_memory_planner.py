@@ -51,7 +51,8 @@ def test_planner_predicts_measured_cpu_peak_within_25_percent(model_and_data, mo
         measured = max(run_distributed(measure_training, tp * pp * dp, args=(argv,)))
         lay = Layout(tp=tp, pp=pp, dp=dp, micro_batch=2, global_batch=4, seq_length=256, bf16=False,
                      distributed_optimizer="--use-distributed-optimizer" in extra, flash_attention=False,
-                     recompute="full" if "full" in extra else None, chunk_elements=CPU_CHUNK_ELEMENTS)
+                     recompute="full" if "full" in extra else None, chunk_elements=CPU_CHUNK_ELEMENTS,
+                     fused_optimizer=False)
         predicted = plan_memory(arch, lay)["total"]
         errors.append((tp, pp, dp, measured / 2**20, predicted / 2**20, predicted / measured - 1))
     print("(tp, pp, dp, measured MiB, predicted MiB, relative error):", errors)
