@@ -85,3 +85,28 @@ def test_offloaded_teachers_leave_two_blocks_on_the_gpu_and_fit_32b_on_one_node(
     assert host_bytes_per_gpu(arch, off) == resident["frozen_weights"] and host_bytes_per_gpu(arch, lay) == 0
     assert suggest(arch, 80, sequence_parallel=True, recompute="full")[0]["nodes"] == 2
     assert suggest(arch, 80, sequence_parallel=True, recompute="full", offload_frozen=True)[0]["nodes"] == 1
+
+
+# peak MiB per rank measured by tools/bench_real_shape.py (docs/scaling.md): Qwen2.5-0.5B shape,
+# TP2 PP2, fp32, seq 128, micro-batch 1, global batch 4; (stage 0 ranks, stage 1 ranks)
+MEASURED_05B = {"aligndistil": ((4254, 4257), (4266, 4263)), "offload": ((4261, 4248), (4255, 4256)),
+                "sft": ((3054, 3049), (3054, 3058))}
+
+
+def test_planner_per_stage_matches_the_measured_0p5b_run_within_5_percent():
+    from megatron_aligndistil.memory import host_bytes_per_gpu
+
+    arch = QwenArch.from_hf_config(dict(
+        model_type="qwen2", vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True))
+    base = dict(tp=2, pp=2, dp=1, micro_batch=1, global_batch=4, seq_length=128, bf16=False,
+                distributed_optimizer=False, flash_attention=False, chunk_elements=CPU_CHUNK_ELEMENTS,
+                fused_optimizer=False)
+    runs = {"aligndistil": {}, "offload": {"offload_frozen": True}, "sft": {"frozen_models": 0}}
+    for name, flags in runs.items():
+        lay = Layout(**base, **flags)
+        for stage, ranks in enumerate(MEASURED_05B[name]):
+            predicted = (plan_memory(arch, lay, stage=stage)["total"] + host_bytes_per_gpu(arch, lay, stage)) / 2**20
+            for measured in ranks:
+                assert abs(predicted / measured - 1) < 0.05, (name, stage, predicted, measured)
