@@ -106,10 +106,12 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
 def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
     """Bytes per GPU by term, and the total: the larger of the backward peak (every term but
     ``optimizer_step_temporaries``) and the optimizer-step peak (weights, gradients, optimizer
-    state, resident frozen weights and ``optimizer_step_temporaries``). ``stage``: a GPU of that pipeline stage (its own
-    weights, the micro-batches 1F1B keeps in flight there, ``PP - stage``, and the logits on the
-    last stage only); None: a bound for every stage, the biggest stage's weights with the first
-    stage's activations and the last stage's logits."""
+    state, resident frozen weights and ``optimizer_step_temporaries``).
+
+    ``stage``: a GPU of that pipeline stage (its own weights, the micro-batches 1F1B keeps in
+    flight there, ``PP - stage``, and the logits on the last stage only); None: a bound for every
+    stage, the biggest stage's weights with the first stage's activations and the last stage's
+    logits."""
     pb = 2 if lay.bf16 else 4
     w = stage_params(arch, lay, stage)
     micro_batches = max(1, lay.global_batch // (lay.micro_batch * lay.dp))
