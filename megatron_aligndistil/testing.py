@@ -176,7 +176,7 @@ def megatron_logits(arch_fields: dict, full, tokens: torch.Tensor):
     return out[0]["logits"] if out else None
 
 
-def _memory_status() -> dict:
+def memory_status() -> dict:
     """This process's resident memory from /proc/self/status, bytes: RssAnon, VmHWM, VmRSS."""
     out = {}
     for line in open("/proc/self/status"):
@@ -204,13 +204,13 @@ def measure_training(argv: list[str], full: bool = False):
     from .train.arguments import parse_args
 
     args = parse_args(argv)
-    base = _memory_status()["RssAnon"]
+    base = memory_status()["RssAnon"]
     peak = [base]
     done = [False]
 
     def sample():
         while not done[0]:
-            peak[0] = max(peak[0], _memory_status()["RssAnon"])
+            peak[0] = max(peak[0], memory_status()["RssAnon"])
             time.sleep(0.001)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -221,4 +221,4 @@ def measure_training(argv: list[str], full: bool = False):
     t.join()
     if not full:
         return peak[0] - base
-    return {"peak_anon_above_base": peak[0] - base, "base_anon": base, "vm_hwm": _memory_status()["VmHWM"]}
+    return {"peak_anon_above_base": peak[0] - base, "base_anon": base, "vm_hwm": memory_status()["VmHWM"]}

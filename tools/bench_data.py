@@ -52,12 +52,10 @@ def write(prefix: str, n: int, lo: int, hi: int) -> None:
 
 
 def _status() -> dict:
-    out = {}
-    for line in open("/proc/self/status"):
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) / 1024  # MiB
-    return out
+    """This process's memory from /proc/self/status, MiB."""
+    from megatron_aligndistil.testing import memory_status
+
+    return {k: v / 2**20 for k, v in memory_status().items()}
 
 
 def rank(path: str, global_batch: int, max_tokens: int) -> None:
