@@ -18,6 +18,7 @@ TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
 DIRECTIONS = ("reverse", "forward")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ROLLOUT_ENGINES = ("megatron", "vllm")
+MISMATCH_ACTIONS = ("error", "warn")
 
 
 class ConfigError(UserError):
@@ -120,24 +121,35 @@ class SamplingParams:
 
 @dataclass
 class RolloutConfig:
-    """On-policy rollouts: the engine and its sampling parameters."""
+    """On-policy rollouts: the engine and its sampling parameters. Engines that report their
+    own log-probs (vLLM): a step whose responses' mean ``|log p_policy - log p_engine|`` per token
+    (``rollout_logp_diff_mean``) exceeds ``max_logp_diff`` (None: the default of the policy's dtype,
+    ``rollout/agreement.py``) stops before its optimizer update (``mismatch_action`` "error") or
+    logs a warning ("warn")."""
 
     engine: str = "megatron"
     sampling: SamplingParams = field(default_factory=SamplingParams)
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU while it samples
+    max_logp_diff: float | None = None
+    mismatch_action: str = "error"
 
     def __post_init__(self):
         if self.engine not in ROLLOUT_ENGINES:
             raise ConfigError(f"rollout engine must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_logp_diff is not None and not self.max_logp_diff > 0:
+            raise ConfigError(f"max_logp_diff must be > 0, got {self.max_logp_diff}")
+        if self.mismatch_action not in MISMATCH_ACTIONS:
+            raise ConfigError(f"mismatch_action must be one of {MISMATCH_ACTIONS}, got {self.mismatch_action!r}")
 
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
         return cls(engine=args.rollout_engine, sampling=SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, stop_ids=tuple(stop_ids), seed=args.seed),
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_logp_diff=args.max_rollout_logp_diff,
+            mismatch_action=args.rollout_mismatch or "error")
 
 
 @dataclass

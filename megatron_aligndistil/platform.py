@@ -18,6 +18,15 @@ the shims below, once per process, so the *same* Megatron code paths run with gl
   Megatron's optimizers check for. (Plain wrappers, not a TorchFunctionMode: a mode is switched
   off inside ``autograd.Function``s such as activation recompute, where Megatron also allocates.)
 
+One shim is vLLM's (its CPU build, ``--rollout-engine vllm``), installed by
+:func:`name_vllm_cpu_shared_memory` when the engine starts on a CPU-only machine:
+
+* vLLM's CPU tensor-parallel communicator names its shared-memory segments after the launch's
+  init method, which is the same (``env://``) for every torchrun job: two jobs on one host, or a
+  job after one that was killed (its segments are left in ``/dev/shm``), fail with ``create shm in
+  SHMManager failed. errno: 17``. The segments are named after this job's rendezvous
+  (``MASTER_ADDR:MASTER_PORT``) instead.
+
 Nothing here changes numerics: every shim only changes *where* a tensor lives. Tests in
 ``tests/test_platform.py`` cover each shim; on a CUDA machine they assert that nothing is patched.
 """
@@ -230,3 +239,26 @@ def setup_platform() -> torch.device:
         return device()
     install_cpu_shims()
     return device()
+
+
+def name_vllm_cpu_shared_memory() -> bool:
+    """Name vLLM's CPU shared-memory segments after this job's rendezvous (see the module doc).
+    A no-op with CUDA or when vLLM's CPU communicator is absent; returns whether it patched."""
+    if has_cuda():
+        return False
+    try:
+        from vllm.distributed.device_communicators import cpu_communicator
+    except ImportError:
+        return False
+    shm = getattr(cpu_communicator, "_CPUSHMDistributed", None)
+    if shm is None or getattr(shm, "_aligndistil_named", False):
+        return shm is not None
+    original = shm.make_group_name
+
+    def make_group_name(communicator) -> str:
+        job = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}".replace("/", "_")
+        return f"aligndistil-{job}-{original(communicator).lstrip('/-')}"
+
+    shm.make_group_name = staticmethod(make_group_name)
+    shm._aligndistil_named = True
+    return True

@@ -76,3 +76,48 @@ def save_tiny_hf(path, model_type="qwen2", tied=False, dtype=torch.float32, max_
     assert len(tok) == model.config.vocab_size
     tok.save_pretrained(path)
     return model
+
+
+# ---- the real-configuration family: every public config in examples/configs/, shrunk
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+REAL_CONFIGS = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+QWEN2_HEAD_DIM = 32  # vLLM's CPU attention has no smaller head size
+
+
+def real_config(name, num_layers=2, init_std=None):
+    """The public ``config.json`` of ``name`` (examples/configs/) shrunk to a test size, keeping
+    every architectural flag: model type (q/k/v biases for Qwen2, q/k norm for Qwen3), tied or
+    untied embeddings, the vocabulary rows (151,936 / 152,064), the GQA ratio, rope theta, norm
+    eps, special ids. Shrunk: ``num_layers`` layers; 2 KV heads (TP2 splits whole groups) and
+    heads = 2 x the GQA ratio; Qwen3 keeps head_dim 128 with hidden 64 (hidden != heads x
+    head_dim); Qwen2 (head_dim = hidden / heads) gets head_dim 32; intermediate = 3 x hidden."""
+    import json
+
+    with open(os.path.join(CONFIG_DIR, name + ".json")) as f:
+        cfg = json.load(f)
+    ratio = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    heads = 2 * ratio
+    hidden = 64 if "head_dim" in cfg else heads * QWEN2_HEAD_DIM
+    cfg.update(num_hidden_layers=num_layers, num_key_value_heads=2, num_attention_heads=heads, hidden_size=hidden,
+               intermediate_size=3 * hidden, dtype="float32")
+    cfg.pop("torch_dtype", None)
+    cfg.pop("max_window_layers", None)
+    if init_std is not None:
+        cfg["initializer_range"] = init_std
+    return cfg
+
+
+def real_config_model(name, seed=0, dtype=torch.float32, num_layers=2, init_std=None):
+    """A random HF model of :func:`real_config` (biases and norms randomised, so a dropped or
+    swapped one shows in the logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = real_config(name, num_layers, init_std)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype).eval()

@@ -37,6 +37,12 @@ def test_every_config_field_comes_from_a_flag(method, extra):
             (10.0, False, False, "forward", 0.1)
         rollout = RolloutConfig.from_args(parse_args([method] + BASE + extra + ["--top-p", "0.9"]), [7])
         assert rollout.engine == "megatron" and rollout.sampling.top_p == 0.9 and rollout.sampling.stop_ids == (7,)
+        assert (rollout.max_logp_diff, rollout.mismatch_action, rollout.gpu_memory_utilization) == (None, "error", 0.5)
+        rollout = RolloutConfig.from_args(parse_args([method] + BASE + extra + [
+            "--rollout", "on-policy", "--rollout-engine", "vllm", "--max-rollout-logp-diff", "0.02",
+            "--rollout-mismatch", "warn", "--vllm-gpu-memory-utilization", "0.3"]), [7])
+        assert (rollout.engine, rollout.max_logp_diff, rollout.mismatch_action, rollout.gpu_memory_utilization) == \
+            ("vllm", 0.02, "warn", 0.3)
     if method == "dpo":
         assert DPOConfig.from_args(parse_args([method] + BASE + ["--reverse", "--dpo-beta", "0.2"])) == \
             DPOConfig(beta=0.2, reverse=True)
@@ -52,11 +58,14 @@ def test_every_config_field_comes_from_a_flag(method, extra):
     (lambda: SamplingParams(top_p=0.0), "top_p must be in"),
     (lambda: SamplingParams(temperature=-1.0), "temperature must be >= 0"),
     (lambda: RolloutConfig(engine="sglang"), "rollout engine must be one of"),
+    (lambda: RolloutConfig(max_logp_diff=0.0), "max_logp_diff must be > 0"),
+    (lambda: RolloutConfig(mismatch_action="ignore"), "mismatch_action must be one of"),
     (lambda: TrainingConfig("p", "s", "d", global_batch_size=8, seq_length=16, lr=1e-5, min_lr=1e-4),
      "--min-lr 0.0001 must not exceed --lr"),
     (lambda: TrainingConfig("p", "s", "d", global_batch_size=8, seq_length=16, lr=1e-5, micro_batch_size=3),
      "not a multiple of --micro-batch-size 3"),
-], ids=["eps", "weight", "direction", "alpha", "tau", "dpo_beta", "top_p", "temperature", "engine", "min_lr", "mbs"])
+], ids=["eps", "weight", "direction", "alpha", "tau", "dpo_beta", "top_p", "temperature", "engine", "logp_diff",
+        "mismatch_action", "min_lr", "mbs"])
 def test_configs_refuse_bad_values_naming_the_field(make, match):
     with pytest.raises(ConfigError, match=match):
         make()
@@ -80,3 +89,29 @@ def test_transformer_engine_on_request_without_cuda_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--transformer-impl transformer_engine needs CUDA"):
             use_transformer_engine("transformer_engine")
+
+
+AD = ["aligndistil"] + BASE + ["--dpo-load", "a", "--rev-load", "b"]
+
+
+@pytest.mark.parametrize("flag", [["--vllm-gpu-memory-utilization", "0.4"], ["--max-rollout-logp-diff", "0.1"],
+                                  ["--rollout-mismatch", "warn"]], ids=["gpu_memory", "logp_diff", "mismatch"])
+@pytest.mark.parametrize("run", [[], ["--rollout", "on-policy"], ["--rollout-engine", "vllm"]],
+                         ids=["off-policy", "megatron-engine", "vllm-off-policy"])
+def test_vllm_flags_on_a_run_without_vllm_are_refused(flag, run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(AD + run + flag)
+    assert exc.value.code == 2
+    assert f"{flag[0]} only act with --rollout on-policy --rollout-engine vllm" in capsys.readouterr().err
+    parse_args(AD + ["--rollout", "on-policy", "--rollout-engine", "vllm"] + flag)  # where vLLM samples: taken
+
+
+@pytest.mark.parametrize("value,ok", [("0", False), ("-1e-3", False), ("nan", False), ("1e-12", True)])
+def test_max_rollout_logp_diff_at_its_boundary(value, ok, capsys):
+    argv = AD + ["--rollout", "on-policy", "--rollout-engine", "vllm", f"--max-rollout-logp-diff={value}"]
+    if ok:
+        assert parse_args(argv).max_rollout_logp_diff == float(value)
+        return
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert f"--max-rollout-logp-diff {float(value)} is out of range (0, inf)" in capsys.readouterr().err

@@ -199,3 +199,78 @@ def test_export_writes_generation_config_when_the_source_had_none(tmp_path):
     out = convert_megatron_to_hf(mc, str(tmp_path / "out"), progress=False)
     assert os.path.exists(os.path.join(out, "generation_config.json"))
     GenerationConfig.from_pretrained(out)
+
+
+def _rewrite_single_file(directory, change):
+    """Rewrite a saved checkpoint as one model.safetensors after ``change(tensors)`` (a dict)."""
+    from safetensors.torch import save_file
+
+    tensors = _safetensors_dir(directory)
+    for f in os.listdir(directory):
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+            os.remove(os.path.join(directory, f))
+    change(tensors)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("model_type,extra,hint", [
+    ("qwen3", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"], "attention_bias false"),
+    ("qwen2", ["self_attn.q_norm.weight", "self_attn.k_norm.weight"], "only qwen3 has them"),
+], ids=["qwen3-biases", "qwen2-qk-norm"])
+def test_tensors_the_config_does_not_place_stop_the_conversion(tmp_path, model_type, extra, hint):
+    """Issue 26 item 6: every input tensor is mapped, or nothing is written and the unmapped
+    tensors are named (they were dropped while the converter printed 'wrote')."""
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf(hf_dir, model_type)
+
+    def add(tensors):
+        for suffix in extra:
+            tensors[f"model.layers.1.{suffix}"] = torch.randn(8)
+
+    _rewrite_single_file(hf_dir, add)
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "mc"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{len(extra)} tensor(s) are not placed by the {model_type} mapping" in r.stderr
+    assert all(f"model.layers.1.{suffix}" in r.stderr for suffix in extra) and hint in r.stderr
+    assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.tmp").exists()
+
+
+def test_tied_checkpoints_with_an_output_copy_and_old_rotary_buffers(tmp_path):
+    """A tied checkpoint may carry lm_head.weight: taken when it equals the embedding (and the
+    round trip gives the tied model), refused when it differs; rotary inv_freq buffers carry no
+    weight and are skipped."""
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf(hf_dir, "qwen2", tied=True)
+
+    def copy_head(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+
+    _rewrite_single_file(hf_dir, copy_head)
+    assert convert_hf_to_megatron.main(["--hf-path", str(hf_dir), "--save", str(tmp_path / "mc")]) == 0
+    assert convert_megatron_to_hf.main(["--load", str(tmp_path / "mc"), "--save", str(tmp_path / "out")]) == 0
+    assert "lm_head.weight" not in _safetensors_dir(tmp_path / "out")
+
+    def change_head(tensors):
+        tensors["lm_head.weight"][3, 0] += 1.0
+
+    _rewrite_single_file(hf_dir, change_head)
+    r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "mc2"))
+    assert r.returncode == 2 and "lm_head.weight differs from model.embed_tokens.weight" in r.stderr, r.stderr
+    assert not (tmp_path / "mc2").exists()
+
+
+def test_export_refuses_megatron_tensors_its_arch_does_not_place(tmp_path):
+    """The Megatron -> HF direction is strict too: a q/k/v bias in a Qwen3 checkpoint whose
+    qwen_arch.json has none is named, not dropped."""
+    hf_dir, mc = tmp_path / "hf", tmp_path / "mc"
+    save_tiny_hf(hf_dir, "qwen3")
+    assert convert_hf_to_megatron.main(["--hf-path", str(hf_dir), "--save", str(mc)]) == 0
+    _rewrite_single_file(mc, lambda t: t.update({"decoder.layers.0.self_attention.linear_qkv.bias": torch.randn(8)}))
+    r = _cli("convert_megatron_to_hf.py", "--load", str(mc), "--save", str(tmp_path / "out"))
+    assert r.returncode == 2 and "decoder.layers.0.self_attention.linear_qkv.bias" in r.stderr, r.stderr
+    assert "attention_bias false" in r.stderr and "qwen_arch.json" in r.stderr
+    assert not (tmp_path / "out").exists()
+    _rewrite_single_file(mc, lambda t: t.pop("decoder.final_layernorm.weight"))
+    r = _cli("convert_megatron_to_hf.py", "--load", str(mc), "--save", str(tmp_path / "out"))
+    assert r.returncode == 2 and "decoder.final_layernorm.weight" in r.stderr and "missing" in r.stderr

@@ -156,3 +156,31 @@ def test_a_step_scores_micro_batches_on_the_compute_device():
                 assert t.device.type == "meta", (method.name, t)
             assert stats.shape == (2 + len(method.stat_names),) and bad.shape == (len(roles),)
             assert loss.requires_grad
+
+
+def test_vllm_cpu_shared_memory_is_named_after_the_job(monkeypatch):
+    """Two torchrun jobs on one host (or one after a killed job) must not share vLLM's CPU
+    shared-memory segment names: they are named after the job's rendezvous."""
+    import importlib.util
+
+    from megatron_aligndistil import platform
+
+    if importlib.util.find_spec("vllm") is None or torch.cuda.is_available():
+        assert platform.name_vllm_cpu_shared_memory() is False
+        return
+    from types import SimpleNamespace
+
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    monkeypatch.setattr(cpu_communicator._CPUSHMDistributed, "make_group_name",
+                        cpu_communicator._CPUSHMDistributed.make_group_name)  # restored after the test
+    monkeypatch.setenv("VLLM_DIST_IDENT", "//")  # what vLLM derives from the env:// of every torchrun job
+    assert platform.name_vllm_cpu_shared_memory() is True
+    assert platform.name_vllm_cpu_shared_memory() is True  # once: a second call does not wrap it again
+    comm = SimpleNamespace(unique_name="tp:0", ranks=[0, 1])
+    names = set()
+    for port in ("29500", "29501"):
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", port)
+        names.add(cpu_communicator._CPUSHMDistributed.make_group_name(comm))
+    assert names == {"aligndistil-127.0.0.1:29500-tp:0-[0-1]-cpushm", "aligndistil-127.0.0.1:29501-tp:0-[0-1]-cpushm"}

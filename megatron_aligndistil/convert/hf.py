@@ -20,7 +20,16 @@ from tqdm import tqdm
 
 from ..models.qwen import ARCH_FILE, QwenArch, read_arch
 from .io import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
-from .mapping import hf_tensor_names, hf_tensor_shapes, hf_to_megatron, megatron_tensor_count, megatron_to_hf
+from .mapping import (
+    describe_unmapped,
+    hf_tensor_names,
+    hf_tensor_shapes,
+    hf_to_megatron,
+    megatron_tensor_count,
+    megatron_tensor_names,
+    megatron_to_hf,
+    unmapped_tensors,
+)
 
 FORMAT_FILE = "megatron_aligndistil.json"
 FORMAT = {"format": "megatron-full-safetensors", "version": 1}
@@ -55,6 +64,10 @@ def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
         missing = [n for n in hf_tensor_names(arch) if n not in store]
         if missing:
             raise CheckpointError(f"{hf_path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        unmapped = unmapped_tensors(store.keys(), hf_tensor_names(arch), arch)
+        if unmapped:
+            raise CheckpointError(describe_unmapped(hf_path, unmapped, arch))
+        _check_tied_copy(store, arch, hf_path)
         # shapes from the safetensors headers, all checked before anything is written
         wrong = [(n, tuple(store.shape(n)), want) for n, want in hf_tensor_shapes(arch).items()
                  if tuple(store.shape(n)) != want]
@@ -83,6 +96,13 @@ def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_
     ``AutoModelForCausalLM.from_pretrained`` loads; returns the written directory."""
     arch = read_arch(load)
     with TensorStore(load) as store:
+        expected = megatron_tensor_names(arch)
+        missing = [n for n in expected if n not in store]
+        if missing:
+            raise CheckpointError(f"{load}: {len(missing)} tensors missing for its {ARCH_FILE}, e.g. {missing[:3]}")
+        unmapped = unmapped_tensors(store.keys(), expected, arch)
+        if unmapped:
+            raise CheckpointError(describe_unmapped(load, unmapped, arch).replace("config.json", ARCH_FILE))
         writer = ShardedWriter(save, max_shard_bytes, overwrite)
         for name, tensor in tqdm(megatron_to_hf(arch, store.get), total=len(hf_tensor_names(arch)),
                                  disable=not progress, desc="megatron -> hf", unit="tensor"):
@@ -98,6 +118,19 @@ def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
         } | {"_from_model_config": True})
     return writer.commit()
+
+
+def _check_tied_copy(store, arch: QwenArch, path: str) -> None:
+    """A tied checkpoint may carry ``lm_head.weight`` (some exporters save the tied copy); it is
+    dropped only when it equals the embedding, which is what the model uses."""
+    if not (arch.tie_word_embeddings and "lm_head.weight" in store):
+        return
+    import torch
+
+    if not torch.equal(store.get("lm_head.weight"), store.get("model.embed_tokens.weight")):
+        raise CheckpointError(f"{path}: config.json ties the embeddings (tie_word_embeddings true) but lm_head.weight "
+                              "differs from model.embed_tokens.weight; converting would drop the trained output "
+                              "layer. Set tie_word_embeddings false if the output layer is its own")
 
 
 def hf_config_from_arch(arch: QwenArch) -> dict:

@@ -109,6 +109,46 @@ def megatron_tensor_count(arch: QwenArch) -> int:
     return 2 + arch.num_layers * per_layer + int(not arch.tie_word_embeddings)
 
 
+def megatron_tensor_names(arch: QwenArch) -> list[str]:
+    """Every tensor name a converted checkpoint of ``arch`` holds (what :func:`hf_to_megatron`
+    yields, computed on meta tensors: nothing is allocated)."""
+    shapes = hf_tensor_shapes(arch)
+    return [name for name, _ in hf_to_megatron(arch, lambda n: torch.empty(shapes[n], device="meta"))]
+
+
+# HF tensors that carry no weight of their own: rotary inverse frequencies (recomputed from
+# rope_theta) that some older checkpoints saved as buffers
+IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def unmapped_tensors(names, expected, arch: QwenArch) -> list[str]:
+    """The tensors of ``names`` (a checkpoint's) that ``expected`` (what the mapping reads for
+    ``arch``) does not place: a converter that dropped them would write a different model."""
+    expected = set(expected)
+    return sorted(n for n in names if n not in expected and not n.endswith(IGNORED_HF_SUFFIXES)
+                  and not (arch.tie_word_embeddings and n == "lm_head.weight"))
+
+
+def describe_unmapped(path: str, unmapped: list[str], arch: QwenArch) -> str:
+    """A message naming the tensors :func:`unmapped_tensors` found, and the config flags that
+    would have placed the usual suspects."""
+    hints = []
+    if any(n.endswith(("_proj.bias", "linear_qkv.bias")) for n in unmapped) and not arch.qkv_bias:
+        hints.append("q/k/v biases under a config without them (Qwen3: attention_bias false)")
+    if any("q_norm" in n or "k_norm" in n or "q_layernorm" in n or "k_layernorm" in n for n in unmapped) \
+            and not arch.qk_layernorm:
+        hints.append(f"q/k norms under a {arch.model_type} config (only qwen3 has them)")
+    if any(n in ("lm_head.weight", "output_layer.weight") for n in unmapped) and arch.tie_word_embeddings:
+        hints.append("an output layer under tie_word_embeddings true")
+    if any(n.startswith(("model.layers.", "decoder.layers.")) and int(n.split(".")[2]) >= arch.num_layers
+           for n in unmapped):
+        hints.append(f"layers past num_hidden_layers {arch.num_layers}")
+    shown = ", ".join(unmapped[:6]) + (f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else "")
+    return (f"{path}: {len(unmapped)} tensor(s) are not placed by the {arch.model_type} mapping of its config and "
+            f"would be dropped: {shown}" + (f" ({'; '.join(hints)})" if hints else "")
+            + ". Fix config.json to match the weights; nothing was written")
+
+
 def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the full Megatron tensors, one at a time, from HF tensors fetched with ``get``."""
     rows = arch.padded_vocab_size

