@@ -146,3 +146,34 @@ def test_reward_model_judge_and_win_rates(tmp_path):
     assert results[1]["win"]["mean"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="differ in length"):
         win_rate([1.0], [1.0, 2.0], [0])
+
+
+def test_evaluator_guards(world_model, tmp_path, capsys):
+    """Issue 26 item 7: a causal LM given as --reward-model (a score head that would be newly
+    initialised) is refused; so is a policy whose tokenizer.json differs from the one that renders
+    the prompts, and --samples-per-prompt 0 (1 is the boundary that runs)."""
+    import shutil
+    import sys
+
+    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.eval.reward_model import RewardModelJudge
+
+    with pytest.raises(UserError, match=r"not a trained sequence-classification reward model: score\.weight is not "
+                                        r"in the checkpoint.*Qwen2ForCausalLM"):
+        RewardModelJudge(world_model["other"])
+
+    retok = tmp_path / "retokenized"
+    shutil.copytree(world_model["mcore"], retok)
+    tok = json.load(open(retok / "tokenizer.json"))
+    tok["added_tokens"].append(dict(tok["added_tokens"][-1], id=447, content="<extra_new>"))
+    json.dump(tok, open(retok / "tokenizer.json", "w"))
+    argv = [f"--policy=a={world_model['mcore']}", f"--policy=b={retok}", "--prompts", world_model["prompts"],
+            "--samples-per-prompt", "1", "--max-new-tokens", "2", "--no-greedy"]
+    assert run_distributed(_tool, 1, args=(argv,), timeout=200) == [2]
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import eval_policy
+
+    with pytest.raises(SystemExit):
+        eval_policy.main(argv[:1] + ["--prompts", world_model["prompts"], "--samples-per-prompt", "0"])
+    assert "--samples-per-prompt must be >= 1 (got 0)" in capsys.readouterr().err

@@ -338,3 +338,36 @@ def test_rng_states_round_trip_through_a_checkpoint(setup, tmp_path):
     with dropout would: the restore must give back torch's and the TP tracker's states (issue 19 item 7)."""
     argv = aligndistil_argv(setup, str(tmp_path / "rng"), "--tensor-model-parallel-size", "2", iters=1)
     assert run_distributed(rng_round_trip, 2, args=(argv,), timeout=600) == [True, True]
+
+
+def test_degenerate_teachers_are_refused(setup, tmp_path, capsys):
+    """Issue 26 item 5: a reverse teacher that is the DPO teacher (the same path, or a copy of its
+    weights) is refused naming both flags; teachers whose weights differ only where no probability
+    lives (padding rows) agree everywhere (TVD 0): iteration 1 stops before its update."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_aligndistil.train.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(aligndistil_argv(dict(setup, rev=setup["dpo"] + "/"), str(tmp_path / "same_path")))
+    assert f"--rev-load {setup['dpo']}/ is the DPO teacher (--dpo-load {setup['dpo']})" in capsys.readouterr().err
+
+    copy = tmp_path / "rev_copy"
+    shutil.copytree(setup["dpo"], copy)
+    r = launch_train(aligndistil_argv(dict(setup, rev=str(copy)), str(tmp_path / "copy"), iters=1))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--dpo-load {setup['dpo']} and --rev-load {copy} hold the same weights" in r.stderr, r.stderr[-2000:]
+
+    padded = tmp_path / "rev_padding_only"
+    shutil.copytree(setup["dpo"], padded)
+    for f in padded.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        if "output_layer.weight" in tensors:
+            tensors["output_layer.weight"][1001:] = 1.0  # rows past the 1001 ids: masked in every softmax
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    save = tmp_path / "tvd0"
+    r = launch_train(aligndistil_argv(dict(setup, rev=str(padded)), str(save), iters=1))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "iteration 1: the DPO teacher" in r.stderr and "give the same distribution at all" in r.stderr
+    assert "the token weight beta0/alpha is 100" in r.stderr and "stopped before the optimizer step" in r.stderr
+    assert not (save / "latest_checkpointed_iteration.txt").exists()

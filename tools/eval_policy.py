@@ -66,8 +66,9 @@ def main(argv=None):
         ap.error(f"--baseline {args.baseline!r} is not one of the --policy names {[n for n, _ in policies]}")
     if args.reward_model and not args.baseline:
         ap.error("--reward-model needs --baseline NAME (win rates are against a baseline policy)")
-    if args.samples_per_prompt < 0 or args.max_new_tokens < 1 or args.temperature < 0:
-        ap.error("--samples-per-prompt must be >= 0, --max-new-tokens >= 1, --temperature >= 0")
+    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        ap.error(f"--samples-per-prompt must be >= 1 (got {args.samples_per_prompt}), --max-new-tokens >= 1 "
+                 f"(got {args.max_new_tokens}), --temperature >= 0 (got {args.temperature})")
     from megatron_aligndistil.data.preprocess import template_kwargs_arg
 
     try:

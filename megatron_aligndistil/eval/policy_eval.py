@@ -117,7 +117,8 @@ class PolicyEvaluator:
             torch.distributed.broadcast_object_list(box, src=0)
             scratch = box[0]
         self.items, self.judge, self.settings, self.scratch = items, judge, settings, scratch
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer_path, scratch))
+        self.tokenizer_dir = resolve_checkpoint(tokenizer_path, scratch)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
         self.arch = None
         self.references = {}  # name -> frozen GPTModel (KL estimates)
@@ -131,6 +132,10 @@ class PolicyEvaluator:
         from ..train import checkpointing
 
         arch = qwen.read_arch(path)
+        mine, theirs = checkpointing.tokenizer_digest(self.tokenizer_dir), checkpointing.tokenizer_digest(path)
+        if mine and theirs and mine != theirs:  # prompts are rendered and responses decoded with one tokenizer
+            raise UserError(f"{path}: tokenizer.json differs from {self.tokenizer_dir}'s, whose tokenizer renders the "
+                            "prompts and decodes every response; evaluate models of one tokenizer together")
         if self.arch is None:
             self.arch, self._checkpoint = arch, path
             self.vocab_size = checkpointing.tokenizer_vocab_size(arch, path)  # ids that carry probability

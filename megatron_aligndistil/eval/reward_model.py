@@ -20,7 +20,15 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                                             output_loading_info=True)
+        self.model.eval()
+        if info.get("missing_keys"):  # e.g. a causal LM: its new score head would judge at random
+            missing = sorted(info["missing_keys"])
+            raise UserError(f"{path}: not a trained sequence-classification reward model: "
+                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                            f"{'is' if len(missing) == 1 else 'are'} not in the checkpoint and would be newly "
+                            f"initialised (its architectures: {self.model.config.architectures})")
         if self.model.config.num_labels != 1:
             raise UserError(f"{path}: a reward model needs one output (num_labels 1), "
                              f"this one has {self.model.config.num_labels}")

@@ -12,6 +12,10 @@ from ..loss.aligndistil import aligndistil_loss
 from .method import FrozenSpec, TokenMeanMethod
 
 
+# mean TVD per token at or below which two teachers count as the same model (float noise of equal logits)
+IDENTICAL_TVD = 1e-7
+
+
 class AlignDistil(TokenMeanMethod):
     name = "aligndistil"
     data_kind = "distill"
@@ -43,6 +47,21 @@ class AlignDistil(TokenMeanMethod):
         second = logits["rev"] if "rev" in logits else logits["ref"]
         out = aligndistil_loss(logits["policy"], logits["dpo"], second, self.loss_config, vocab_size=vocab_size)
         return {"objective": out.loss, "kl": out.kl, "alpha": out.alpha, "tvd": out.tvd}
+
+    def check_first_step(self, sums):
+        """Teachers that agree at every response token (TVD 0) carry no preference signal: alpha is
+        eps, the token weight beta0/eps (100 by default) and the teacher the DPO model itself."""
+        from ..cli_errors import UserError
+
+        if self.teachers[1].role == "rev" and sums["tokens"] > 0 and sums["tvd"] <= IDENTICAL_TVD * sums["tokens"]:
+            weight = (f"; the token weight beta0/alpha is {self.loss_config.beta0 / self.loss_config.eps:g}"
+                      if self.loss_config.constant_alpha is None else "")
+            raise UserError(
+                f"iteration 1: the DPO teacher (--dpo-load {self.teachers[0].path}) and the reverse-DPO teacher "
+                f"(--rev-load {self.teachers[1].path}) give the same distribution at all {int(sums['tokens'])} "
+                f"response tokens (mean TVD {sums['tvd'] / sums['tokens']:.3g}): the teacher is the DPO model "
+                f"itself{weight}. Check that --rev-load is the reverse-DPO model (DPO trained with --reverse); "
+                "stopped before the optimizer step")
 
     def metrics(self, sums):
         n = max(sums["tokens"], 1.0)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import MISMATCH_ACTIONS, ROLLOUT_ENGINES
 
@@ -177,6 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             errors.append("--dpo-load is required (the DPO teacher)")
         if bool(args.rev_load) == bool(args.ref_load):
             errors.append("give exactly one of --rev-load (AlignDistil) or --ref-load (vanilla DPO teacher)")
+        for flag, path in (("--rev-load", args.rev_load), ("--ref-load", args.ref_load)):
+            if path and args.dpo_load and os.path.realpath(path) == os.path.realpath(args.dpo_load):
+                errors.append(f"{flag} {path} is the DPO teacher (--dpo-load {args.dpo_load}): the two teachers "
+                              "must be different models")
         if args.rollout_batch_size not in (None, args.global_batch_size):
             errors.append(f"--rollout-batch-size {args.rollout_batch_size} must equal --global-batch-size "
                           f"{args.global_batch_size} (one optimizer step per rollout batch)")

@@ -167,7 +167,8 @@ def _tokenizer_file(path: str) -> str | None:
     return None
 
 
-def _tokenizer_digest(path: str) -> str | None:
+def tokenizer_digest(path: str) -> str | None:
+    """sha256 of the checkpoint's tokenizer.json (None when it has none)."""
     f = _tokenizer_file(path)
     return hashlib.sha256(open(f, "rb").read()).hexdigest() if f else None
 
@@ -222,7 +223,7 @@ def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, rol
             if getattr(arch, k) != getattr(other, k) and k not in ("torch_dtype", "vocab_size")}
     if diff:
         raise UserError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
-    mine, theirs = _tokenizer_digest(policy_path), _tokenizer_digest(other_path)
+    mine, theirs = tokenizer_digest(policy_path), tokenizer_digest(other_path)
     if mine and theirs and mine != theirs:
         raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 

@@ -49,6 +49,27 @@ class TrainingDiverged(UserError):
 ROLE_FLAGS = {"policy": "--load", "dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}
 
 
+def _refuse_identical_frozen_models(models, specs) -> None:
+    """Two frozen models of different roles with the same weights (e.g. --rev-load a copy of the
+    DPO teacher) make the method degenerate: refused, naming both flags. Each rank compares its own
+    shards; one all-reduce (collective over the world)."""
+    from megatron.core import parallel_state
+
+    if len(models) < 2:
+        return
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    differ = torch.tensor([float(any(not torch.equal(a, b) for a, b in zip(models[i].parameters(),
+                                                                          models[j].parameters())))
+                           for i, j in pairs], device=platform.device())
+    torch.distributed.all_reduce(differ, group=parallel_state.get_model_parallel_group())
+    for (i, j), d in zip(pairs, differ.tolist()):
+        if not d:
+            a, b = specs[i], specs[j]
+            raise UserError(f"{ROLE_FLAGS.get(a.role, a.role)} {a.path} and {ROLE_FLAGS.get(b.role, b.role)} {b.path} "
+                            f"hold the same weights: the {a.role} and {b.role} models must differ (AlignDistil's "
+                            "teacher extrapolates from their difference)")
+
+
 class Trainer:
     """``config``: the shared training options; ``method``: what is trained; ``rollout``: the
     on-policy engine's config (on-policy methods only); ``flags``: the parsed command line, written
@@ -158,6 +179,7 @@ class Trainer:
             checkpointing.load_weights(policy, policy_source)
         for model, spec in zip(frozen_models, frozen):
             checkpointing.load_weights(model, spec.path, vocab_rows=True)
+        _refuse_identical_frozen_models(frozen_models, frozen)
         self.stage = LockstepStage(policy, frozen_models)
         module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
         ddp_config = DistributedDataParallelConfig(
@@ -283,6 +305,8 @@ class Trainer:
         """One optimizer step on the next global batch; returns the metrics of this iteration."""
         batches, seq_len, rollout = self._local_micro_batches()
         sums = self.forward_backward(batches, seq_len)
+        if self.iteration == 0:
+            self.method.check_first_step(sums)
         if self.mismatch:  # before the update: a step on another model's samples is not taken
             self._check_rollout_mismatch(mismatch_metrics(*self._mismatch_sums))
         ok, grad_norm, _ = self.optimizer.step()

@@ -60,6 +60,10 @@ class Method:
         """metrics.jsonl fields from global sums of ``stat_names`` (plus loss, sequences)."""
         return {}
 
+    def check_first_step(self, sums: dict) -> None:
+        """Called with the global sums of the run's first iteration, before its optimizer step:
+        raise a ``UserError`` when they show the method cannot learn anything (degenerate inputs)."""
+
     def micro_batches(self, records, rows: int, multiple: int = 1, pack_length: int | None = None):
         """This rank's micro-batches for ``records``. Unpacked: ``rows`` // sequences per record
         records per micro-batch, one sequence per row, all rows padded to the longest sequence.
