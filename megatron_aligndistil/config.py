@@ -72,6 +72,12 @@ class AlignDistilLossConfig:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
+    def identity(self) -> dict:
+        """The fields that change the trajectory, keyed by their flags' dests (resume checks)."""
+        return {"r": self.r, "eps": self.eps, "beta0": self.beta0, "token_weight": self.token_weight,
+                "kl_direction": self.direction, "constant_alpha": self.constant_alpha,
+                "tvd_without_half": not self.tvd_half, "plausibility_threshold": self.plausibility_threshold}
+
     @classmethod
     def from_args(cls, args) -> "AlignDistilLossConfig":
         return _from_args(cls, args, direction=args.kl_direction, tvd_half=not args.tvd_without_half,
@@ -88,6 +94,9 @@ class DPOConfig:
     def __post_init__(self):
         if not self.beta > 0:
             raise ConfigError(f"dpo_beta must be > 0, got {self.beta}")
+
+    def identity(self) -> dict:
+        return {"dpo_beta": self.beta, "reverse": self.reverse}
 
     @classmethod
     def from_args(cls, args) -> "DPOConfig":
@@ -143,6 +152,12 @@ class RolloutConfig:
         if self.mismatch_action not in MISMATCH_ACTIONS:
             raise ConfigError(f"mismatch_action must be one of {MISMATCH_ACTIONS}, got {self.mismatch_action!r}")
 
+    def identity(self) -> dict:
+        """What the responses depend on (the seed is the trainer's), keyed by flag dests."""
+        p = self.sampling
+        return {"rollout_engine": self.engine, "max_new_tokens": p.max_new_tokens, "temperature": p.temperature,
+                "top_p": p.top_p, "top_k": p.top_k, "stop_token_ids": list(p.stop_ids)}
+
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
         return cls(engine=args.rollout_engine, sampling=SamplingParams(
@@ -192,6 +207,7 @@ class TrainingConfig:
     log_interval: int = 1
     tensorboard_dir: str | None = None
     no_progress: bool = False
+    override_opt_param_scheduler: bool = False
 
     def __post_init__(self):
         if self.global_batch_size % self.micro_batch_size:
@@ -204,6 +220,22 @@ class TrainingConfig:
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
 
+    def identity(self) -> dict:
+        """The fields that change the trajectory (inputs as absolute paths, optimizer, schedule,
+        batch, data order, precision) and the layout of the optimizer state: a resumed run must
+        keep them (``train/checkpointing.check_resumable``; the schedule's may be overridden)."""
+        import os
+
+        fields = {f: getattr(self, f) for f in TRAINING_IDENTITY}
+        return fields | {"load": os.path.realpath(self.load), "data_path": os.path.realpath(self.data_path)}
+
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":
         return _from_args(cls, args)
+
+
+# TrainingConfig fields of the run identity (besides the load and data paths)
+TRAINING_IDENTITY = ("global_batch_size", "seq_length", "seed", "no_shuffle", "skip_bad_records", "lr", "min_lr",
+                     "lr_warmup_fraction", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                     "clip_grad", "bf16", "train_iters", "tensor_model_parallel_size",
+                     "pipeline_model_parallel_size", "use_distributed_optimizer")

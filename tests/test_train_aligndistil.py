@@ -173,7 +173,7 @@ def test_kill_and_resume_continues_the_same_trajectory(setup, tmp_path):
         os.path.exists(os.path.join(tmp_path, "run", "tokenizer.json"))
     # another run's flags on the same --save: refused before anything is built or written
     other = aligndistil_argv(setup, save, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2")
-    other[other.index("--rev-load") + 1] = setup["dpo"]
+    other[other.index("--rev-load") + 1] = setup["policy"]
     r = launch_train(other, nproc=2)
     assert r.returncode == 1 and r.stderr.count("error:") == 1 and "holds" in r.stderr and "--rev-load" in r.stderr, r.stderr[-2000:]
     assert "--tensor-model-parallel-size 1 (saved) vs 2 (now)" in r.stderr

@@ -48,6 +48,10 @@ class AlignDistil(TokenMeanMethod):
         out = aligndistil_loss(logits["policy"], logits["dpo"], second, self.loss_config, vocab_size=vocab_size)
         return {"objective": out.loss, "kl": out.kl, "alpha": out.alpha, "tvd": out.tvd}
 
+    def identity(self):
+        return super().identity() | self.loss_config.identity() | {
+            "rollout": "on-policy" if self.on_policy else "off-policy"}
+
     def check_first_step(self, sums):
         """Teachers that agree at every response token (TVD 0) carry no preference signal: alpha is
         eps, the token weight beta0/eps (100 by default) and the teacher the DPO model itself."""

@@ -86,6 +86,10 @@ def _data_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
                    help="iterations between console log lines (metrics.jsonl and TensorBoard get every one)")
     g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, take --lr, --min-lr, --lr-warmup-fraction, --lr-decay-style, --weight-decay and "
+                        "--train-iters from this command line instead of refusing a change (Megatron-LM's flag; "
+                        "the change is recorded in args.json)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save a checkpoint and stop after this many iterations of this run (job chaining: "
                         "relaunch the same command to continue)")

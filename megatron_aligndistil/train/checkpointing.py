@@ -117,39 +117,67 @@ def checkpoint_problem(ckpt_dir: str) -> str | None:
     return None
 
 
-# flags a resumed run must share with the run that saved the checkpoint
+# flags a resumed run must share with the run that saved the checkpoint. The trainer's identity
+# (Trainer.run_identity) comes from the typed configs; this list reads args.json of checkpoints
+# written before run.json existed
 _IDENTITY_PATHS = ("load", "data_path", "dpo_load", "rev_load", "ref_load")
 _IDENTITY_VALUES = ("method", "reverse", "rollout", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "use_distributed_optimizer")
+LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")
+# what Megatron-LM's --override-opt_param-scheduler lets a resumed run change on purpose
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "weight_decay", "train_iters")
+_FLAG_NAMES = {"method": "method", "r": "--tvd-scale (--r)"}
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of an identity field."""
+    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def run_identity(args) -> dict:
-    """What identifies a run for resuming: method, inputs (absolute paths), layout of the optimizer state."""
+    """The identity of a run from its flags (``args.json`` of old checkpoints): method, inputs
+    (absolute paths), layout of the optimizer state."""
     ident = {k: getattr(args, k, None) for k in _IDENTITY_VALUES}
     ident.update({k: os.path.realpath(getattr(args, k)) if getattr(args, k, None) else None for k in _IDENTITY_PATHS})
     return ident
 
 
-def check_resumable(args, ckpt_dir: str) -> None:
-    """Refuse to resume ``ckpt_dir`` with flags of another run (method, inputs) or another TP/PP."""
+def _saved_identity(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, RUN_FILE)
     if os.path.exists(path):
         saved = json.load(open(path))
     else:  # checkpoints written before run.json: the run directory's args.json
         args_json = os.path.join(os.path.dirname(ckpt_dir), "args.json")
         saved = run_identity(argparse.Namespace(**json.load(open(args_json)))) if os.path.exists(args_json) else {}
-    mine = run_identity(args)
-    flag = {"method": "method", "data_path": "--data-path"}
-    diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {saved[k]} (saved) vs {mine[k]} (now)"
-            for k in mine if k in saved and saved[k] != mine[k]]
-    if not diff:
-        return
-    layout_only = all(k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")
-                      for k in mine if k in saved and saved[k] != mine[k])
-    what = ("its optimizer state resumes only at the saved TP/PP and optimizer (any data-parallel size); "
-            "relaunch with the saved layout" if layout_only else
-            "this launch is a different run; give a new --save directory (or the flags of the saved run)")
-    raise CheckpointError(f"--save {args.save} holds {ckpt_dir} of another run: {'; '.join(diff)}. {what}")
+    if saved.get("method") == "dpo" and saved.get("ref_load") is None and saved.get("load"):
+        saved["ref_load"] = saved["load"]  # written before the identity named DPO's default reference
+    return saved
+
+
+def check_resumable(identity: dict, save: str, ckpt_dir: str, override_schedule: bool = False) -> dict:
+    """Refuse to resume ``ckpt_dir`` when a field of ``identity`` (the trainer's
+    ``run_identity``: every flag that changes the trajectory, and the TP/PP layout) differs from
+    the saved run's, naming each flag with its saved and current value. Fields the saved identity
+    lacks (older checkpoints) are not compared. With ``override_schedule``
+    (``--override-opt_param-scheduler``) the :data:`SCHEDULE_FIELDS` may change: returns those
+    changes, ``{field: [saved, now]}``."""
+    saved = _saved_identity(ckpt_dir)
+    mine = json.loads(json.dumps(identity))  # the types the saved copy went through (tuples are lists)
+    diff = {k: [saved[k], mine[k]] for k in mine if k in saved and saved[k] != mine[k]}
+    allowed = {k: v for k, v in diff.items() if override_schedule and k in SCHEDULE_FIELDS}
+    refused = {k: v for k, v in diff.items() if k not in allowed}
+    if not refused:
+        return allowed
+    names = "; ".join(f"{flag_name(k)} {old} (saved) vs {new} (now)" for k, (old, new) in refused.items())
+    if all(k in LAYOUT_FIELDS for k in refused):
+        what = ("its optimizer state resumes only at the saved TP/PP and optimizer (any data-parallel size); "
+                "relaunch with the saved layout")
+    elif all(k in SCHEDULE_FIELDS for k in refused):
+        what = ("to change the learning-rate schedule on purpose, add --override-opt_param-scheduler (Megatron-LM's "
+                "flag; the change is recorded in args.json); otherwise relaunch with the saved values")
+    else:
+        what = "this launch is a different run; give a new --save directory (or the flags of the saved run)"
+    raise CheckpointError(f"--save {save} holds {ckpt_dir} of another run: {names}. {what}")
 
 
 def _tokenizer_file(path: str) -> str | None:
@@ -291,11 +319,24 @@ def export_training_checkpoint(ckpt_dir: str, out: str) -> str:
     return out
 
 
-def write_run_files(args, arch: qwen.QwenArch, load: str) -> None:
-    """Rank 0: the run directory describes itself (args, architecture, tokenizer for export)."""
+def write_run_files(args, arch: qwen.QwenArch, load: str, resumed_at: int | None = None,
+                    overrides: dict | None = None) -> None:
+    """Rank 0: the run directory describes itself (args, architecture, tokenizer for export).
+    ``args.json`` holds this launch's flags; a resume (``resumed_at``: its iteration) appends to
+    its ``resume_history`` the flags that changed since the previous launch and the identity
+    fields overridden on purpose (``overrides``, from :func:`check_resumable`)."""
     os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+    path = os.path.join(args.save, "args.json")
+    now = json.loads(json.dumps(vars(args), default=str))
+    history = []
+    if resumed_at is not None and os.path.exists(path):
+        before = json.load(open(path))
+        history = before.pop("resume_history", [])
+        changed = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
+        history.append({"iteration": resumed_at, "changed_flags": changed, "overridden_identity": overrides or {}})
+    with open(path + ".tmp", "w") as f:
+        json.dump(now | {"resume_history": history}, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
     with open(os.path.join(args.save, qwen.ARCH_FILE), "w") as f:
         f.write(arch.to_json())
 

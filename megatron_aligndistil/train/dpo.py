@@ -34,6 +34,9 @@ class DPO(Method):
     def frozen_models(self):
         return [FrozenSpec("ref", self.ref_load)]
 
+    def identity(self):
+        return super().identity() | self.config.identity()
+
     def sequences(self, record):
         chosen, rejected = record["chosen_ids"], record["rejected_ids"]
         if self.config.reverse:

@@ -104,8 +104,10 @@ class Trainer:
                             "micro-batch: use --micro-batch-size 1 (not available for DPO, two rows per pair), "
                             "or --transformer-impl local")
         self.resume_dir = checkpointing.latest_checkpoint(cfg.save)
+        self.overrides = {}
         if self.resume_dir:  # the same run, at the same layout, or a clear refusal
-            checkpointing.check_resumable(self.flags, self.resume_dir)
+            self.overrides = checkpointing.check_resumable(self.run_identity(), cfg.save, self.resume_dir,
+                                                           cfg.override_opt_param_scheduler)
         policy_source = self.resume_dir or cfg.load
         self.arch = qwen.read_arch(policy_source)
         if cfg.seq_length > self.arch.max_position_embeddings:
@@ -144,7 +146,9 @@ class Trainer:
         is_rank0 = torch.distributed.get_rank() == 0
         self.metrics = MetricsWriter(cfg.save, cfg.tensorboard_dir, enabled=is_rank0, resume_iteration=self.iteration)
         if is_rank0:
-            checkpointing.write_run_files(self.flags, self.arch, cfg.load)
+            checkpointing.write_run_files(self.flags, self.arch, cfg.load,
+                                          resumed_at=self.iteration if self.resume_dir else None,
+                                          overrides=self.overrides)
         return self
 
     def _load_data(self):
@@ -163,6 +167,10 @@ class Trainer:
         if self.resume_dir:
             state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer, self.scheduler)
             self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
+            if self.cfg.override_opt_param_scheduler:  # the restored param groups carry the old lr bounds
+                for group in self.optimizer.param_groups:
+                    group.update(max_lr=self.cfg.lr, min_lr=self.cfg.min_lr)
+                self.scheduler.step(increment=0)
             if torch.distributed.get_rank() == 0:
                 print(f"resuming from iteration {self.iteration} ({self.resume_dir})", flush=True)
 
@@ -229,7 +237,8 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr, lr_warmup_steps=warmup,
             lr_decay_steps=self.train_iters, lr_decay_style=a.lr_decay_style,
             start_wd=a.weight_decay, end_wd=a.weight_decay, wd_incr_steps=self.train_iters,
-            wd_incr_style="constant",
+            wd_incr_style="constant", override_opt_param_scheduler=a.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not a.override_opt_param_scheduler,
         )
 
     # ---------------------------------------------------------------- one iteration
@@ -439,9 +448,17 @@ class Trainer:
         self.metrics.close()
         return last
 
+    def run_identity(self) -> dict:
+        """Every setting that changes the trajectory, from the typed configs (the Python API and
+        the command line alike): training, method (teachers included), rollouts."""
+        ident = {"method": self.method.name} | self.cfg.identity() | self.method.identity()
+        if self.rollout_config is not None:
+            ident |= self.rollout_config.identity()
+        return ident
+
     def layout_record(self) -> dict:
         """What a checkpoint of this run must be resumed with (checked by ``check_resumable``)."""
-        return checkpointing.run_identity(self.flags) | {"data_parallel_size": self.dp_size}
+        return self.run_identity() | {"data_parallel_size": self.dp_size}
 
     def _log_line(self, m: dict) -> str:
         keys = ("loss", "kl", "alpha_mean", "tvd_mean", "reward_accuracy", "grad_norm", "lr", "elapsed_s")

@@ -10,6 +10,7 @@ method assumes one row is one sequence.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,11 @@ class Method:
     def metrics(self, sums: dict) -> dict:
         """metrics.jsonl fields from global sums of ``stat_names`` (plus loss, sequences)."""
         return {}
+
+    def identity(self) -> dict:
+        """The method's fields that change the trajectory, keyed by flag dests (frozen models'
+        paths absolute): part of the run identity checked on resume."""
+        return {spec.role + "_load": os.path.realpath(spec.path) for spec in self.frozen_models()}
 
     def check_first_step(self, sums: dict) -> None:
         """Called with the global sums of the run's first iteration, before its optimizer step:

@@ -1,0 +1,126 @@
+"""Issue 26 item 4: a resume keeps every setting that changes the trajectory. The identity comes
+from the typed configs (the Python API and the command line alike); each of its fields, changed
+alone, is refused naming the flag with its saved and current values; the schedule may change on
+purpose with Megatron-LM's --override-opt_param-scheduler, recorded in args.json."""
+
+import json
+import os
+
+import pytest
+
+from megatron_aligndistil.config import RolloutConfig, TrainingConfig
+from megatron_aligndistil.train import get_method
+from megatron_aligndistil.train.arguments import build_parser, parse_args
+from megatron_aligndistil.train.checkpointing import (
+    RUN_FILE,
+    SCHEDULE_FIELDS,
+    CheckpointError,
+    check_resumable,
+    flag_name,
+)
+
+BASE = ["--load", "p", "--save", "s", "--data-path", "d", "--global-batch-size", "8", "--seq-length", "16",
+        "--lr", "1e-3", "--train-iters", "4"]
+ARGV = {
+    "aligndistil": ["aligndistil"] + BASE + ["--dpo-load", "a", "--rev-load", "b", "--rollout", "on-policy",
+                                             "--constant-alpha", "1.5", "--plausibility-threshold", "0.1"],
+    "dpo": ["dpo"] + BASE + ["--ref-load", "r"],
+    "sft": ["sft"] + BASE,
+}
+
+
+def identity_of(argv):
+    """The trainer's run identity for a command line, built as the Python API builds a trainer
+    (typed configs, no flags namespace), without a launch."""
+    from megatron_aligndistil.train.loop import Trainer
+
+    args = parse_args(argv)
+    method = get_method(args.method).from_args(args)
+    rollout = RolloutConfig.from_args(args, [7]) if method.on_policy else None
+    return Trainer(TrainingConfig.from_args(args), method, rollout).run_identity()
+
+
+def _other(value):
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 0.25
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, list):
+        return value + [99]
+    return value + "_other"
+
+
+def _saved(tmp_path, identity):
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / RUN_FILE).write_text(json.dumps(identity))
+    return str(ckpt)
+
+
+@pytest.mark.parametrize("method", sorted(ARGV))
+def test_every_identity_field_changed_alone_is_refused(method, tmp_path):
+    ident = identity_of(ARGV[method])
+    ckpt = _saved(tmp_path, ident)
+    assert check_resumable(ident, "s", ckpt) == {}
+    options = {s for a in build_parser()._subparsers._group_actions[0].choices[method]._actions for s in a.option_strings}
+    for key, value in ident.items():
+        if key != "method":
+            assert flag_name(key).split(" ")[0] in options, key  # every field names a real flag
+        changed = dict(ident, **{key: _other(value)})
+        with pytest.raises(CheckpointError) as exc:
+            check_resumable(changed, "s", ckpt)
+        saved, now = json.loads(json.dumps([value, _other(value)]))
+        assert f"{flag_name(key)} {saved} (saved) vs {now} (now)" in str(exc.value), key
+        if key in SCHEDULE_FIELDS:
+            assert "--override-opt_param-scheduler" in str(exc.value)
+            assert check_resumable(changed, "s", ckpt, override_schedule=True) == {key: [saved, now]}
+        else:
+            with pytest.raises(CheckpointError):
+                check_resumable(changed, "s", ckpt, override_schedule=True)
+
+
+def test_the_identity_holds_what_the_issue_lists():
+    """The settings that change a trajectory (issue 26 item 4), all in the identity."""
+    want = {"lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "weight_decay", "clip_grad", "global_batch_size",
+            "seq_length", "seed", "r", "eps", "beta0", "token_weight", "kl_direction", "constant_alpha",
+            "tvd_without_half", "plausibility_threshold", "rollout", "rollout_engine", "max_new_tokens", "temperature",
+            "top_p", "top_k", "stop_token_ids", "dpo_load", "rev_load", "load", "data_path", "bf16", "train_iters"}
+    assert want <= set(identity_of(ARGV["aligndistil"]))
+    assert {"dpo_beta", "reverse", "ref_load"} <= set(identity_of(ARGV["dpo"]))
+
+
+def test_older_checkpoints_compare_what_they_saved(tmp_path):
+    """A run.json of an older version (fewer fields, DPO's default reference saved as None) resumes."""
+    ident = identity_of(ARGV["dpo"][:-2])  # no --ref-load: the reference is --load
+    old = {k: ident[k] for k in ("method", "load", "data_path", "tensor_model_parallel_size")} | {"ref_load": None}
+    assert check_resumable(ident, "s", _saved(tmp_path, old)) == {}
+
+
+def test_a_changed_lr_resumes_only_on_purpose(tmp_path):
+    """End to end: --lr changed on resume is refused; with --override-opt_param-scheduler the run
+    goes on with the new schedule and args.json records the change."""
+    from train_fixtures import aligndistil_argv, launch_train, make_aligndistil_setup, run_train
+
+    from megatron_aligndistil.testing import run_distributed
+    from megatron_aligndistil.train.metrics import read_metrics
+
+    setup = make_aligndistil_setup(str(tmp_path / "models"), num_layers=2)
+    save = str(tmp_path / "run")
+    first = aligndistil_argv(setup, save, "--save-interval", "2", "--exit-interval", "2", "--no-export", iters=4)
+    assert run_distributed(run_train, 1, args=(first,), timeout=300) == [0]
+    changed = aligndistil_argv(setup, save, "--lr", "2e-3", "--no-export", iters=4)
+    r = launch_train(changed)
+    assert r.returncode == 2 and "--lr 0.001 (saved) vs 0.002 (now)" in r.stderr, r.stderr[-2000:]
+    assert "add --override-opt_param-scheduler" in r.stderr
+    assert run_distributed(run_train, 1, args=(changed + ["--override-opt_param-scheduler"],), timeout=300) == [0]
+    metrics = read_metrics(os.path.join(save, "metrics.jsonl"))
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    # cosine from the new max 2e-3 to --min-lr 1e-4 over 4 steps, no warmup (int(0.2 x 4) = 0): step 2 of 4
+    assert metrics[2]["lr"] == pytest.approx(1e-4 + (2e-3 - 1e-4) * 0.5)
+    history = json.load(open(os.path.join(save, "args.json")))["resume_history"]
+    assert history == [{"iteration": 2, "overridden_identity": {"lr": [0.001, 0.002]},
+                        "changed_flags": {"lr": [0.001, 0.002], "override_opt_param_scheduler": [False, True],
+                                          "save_interval": [2, None], "exit_interval": [2, None]}}]
