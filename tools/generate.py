@@ -81,6 +81,11 @@ def main(argv=None):
                          "data's <prefix>_report.json to render prompts as preprocessing did")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size)):
+        if value < 1:
+            ap.error(f"{flag} {value} must be >= 1")
 
     def run():
         import torch
@@ -108,13 +113,25 @@ def main(argv=None):
         from megatron_aligndistil.data.preprocess import template_kwargs_arg
 
         template_kwargs = template_kwargs_arg(args.chat_template_kwargs)
+        if tok is not None and torch.distributed.get_rank() == 0:
+            from megatron_aligndistil.data.preprocess import warn_unread_template_kwargs
+
+            warn_unread_template_kwargs(tok, template_kwargs)
         prompts = [it["prompt_ids"] if "prompt_ids" in it else render_prompts([it], tok, template_kwargs)[0]
                    for it in items]
+        for i, p in enumerate(prompts):  # a prompt plus at least one new token must fit the model's positions
+            if len(p) >= arch.max_position_embeddings:
+                from megatron_aligndistil.cli_errors import UserError
+
+                raise UserError(f"{args.prompts}: prompt {i + 1} has {len(p)} tokens; the model takes "
+                                f"{arch.max_position_embeddings} positions (max_position_embeddings of {args.load}), "
+                                "so no token can follow it")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
         checkpointing.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 stop_ids=tuple(checkpointing.stop_token_ids(args.load, args.stop_token_ids)))
+        checkpointing.check_stop_ids(params.stop_ids, vocab_size, args.load)
         engine = make_engine(RolloutConfig(args.rollout_engine, params), model, arch, vocab_size,
                              max_model_len=max(map(len, prompts)) + params.max_new_tokens, checkpoint=args.load)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

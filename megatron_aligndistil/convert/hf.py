@@ -18,6 +18,7 @@ import os
 
 from tqdm import tqdm
 
+from ..cli_errors import writing
 from ..models.qwen import ARCH_FILE, QwenArch, read_arch
 from .io import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
 from .mapping import (
@@ -57,6 +58,9 @@ def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
     ``tp``/``pp`` are checked against the model (TP must divide heads and KV groups, PP the
     layers) and recorded; the checkpoint itself loads at any valid layout.
     """
+    from ..hub import local_or_hub
+
+    local_or_hub(hf_path, "--hf-path", hub=False)
     hf_config = _read_json(os.path.join(hf_path, "config.json"))
     arch = QwenArch.from_hf_config(hf_config)
     arch.check_layout(tp, pp)
@@ -75,19 +79,20 @@ def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
             name, got, want = wrong[0]
             raise CheckpointError(f"{hf_path}: tensor {name!r} has shape {list(got)}, config.json implies "
                                   f"{list(want)}" + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""))
-        writer = ShardedWriter(save, max_shard_bytes, overwrite)
-        for name, tensor in tqdm(hf_to_megatron(arch, store.get), total=megatron_tensor_count(arch),
-                                 disable=not progress,
-                                 desc="hf -> megatron", unit="tensor"):
-            writer.add(name, tensor)
-    writer.write_json(ARCH_FILE, json.loads(arch.to_json()))
-    writer.write_json(HF_CONFIG_COPY, hf_config)
-    writer.write_json(FORMAT_FILE, dict(FORMAT, converted_for={"tensor_model_parallel_size": tp,
-                                                                "pipeline_model_parallel_size": pp}))
-    for name in SIDE_FILES:
-        if os.path.exists(os.path.join(hf_path, name)):
-            writer.copy_file(os.path.join(hf_path, name))
-    return writer.commit()
+        with writing("--save", save, cleanup=[os.path.abspath(save) + ".tmp"]):
+            writer = ShardedWriter(save, max_shard_bytes, overwrite)
+            for name, tensor in tqdm(hf_to_megatron(arch, store.get), total=megatron_tensor_count(arch),
+                                     disable=not progress,
+                                     desc="hf -> megatron", unit="tensor"):
+                writer.add(name, tensor)
+            writer.write_json(ARCH_FILE, json.loads(arch.to_json()))
+            writer.write_json(HF_CONFIG_COPY, hf_config)
+            writer.write_json(FORMAT_FILE, dict(FORMAT, converted_for={"tensor_model_parallel_size": tp,
+                                                                        "pipeline_model_parallel_size": pp}))
+            for name in SIDE_FILES:
+                if os.path.exists(os.path.join(hf_path, name)):
+                    writer.copy_file(os.path.join(hf_path, name))
+            return writer.commit()
 
 
 def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -103,21 +108,22 @@ def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_
         unmapped = unmapped_tensors(store.keys(), expected, arch)
         if unmapped:
             raise CheckpointError(describe_unmapped(load, unmapped, arch).replace("config.json", ARCH_FILE))
-        writer = ShardedWriter(save, max_shard_bytes, overwrite)
-        for name, tensor in tqdm(megatron_to_hf(arch, store.get), total=len(hf_tensor_names(arch)),
-                                 disable=not progress, desc="megatron -> hf", unit="tensor"):
-            writer.add(name, tensor)
-    config_path = os.path.join(load, HF_CONFIG_COPY)
-    config = _read_json(config_path) if os.path.exists(config_path) else hf_config_from_arch(arch)
-    writer.write_json("config.json", config)
-    for name in SIDE_FILES:
-        if os.path.exists(os.path.join(load, name)):
-            writer.copy_file(os.path.join(load, name))
-    if not os.path.exists(os.path.join(load, "generation_config.json")):
-        writer.write_json("generation_config.json", {
-            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
-        } | {"_from_model_config": True})
-    return writer.commit()
+        with writing("--save", save, cleanup=[os.path.abspath(save) + ".tmp"]):
+            writer = ShardedWriter(save, max_shard_bytes, overwrite)
+            for name, tensor in tqdm(megatron_to_hf(arch, store.get), total=len(hf_tensor_names(arch)),
+                                     disable=not progress, desc="megatron -> hf", unit="tensor"):
+                writer.add(name, tensor)
+            config_path = os.path.join(load, HF_CONFIG_COPY)
+            config = _read_json(config_path) if os.path.exists(config_path) else hf_config_from_arch(arch)
+            writer.write_json("config.json", config)
+            for name in SIDE_FILES:
+                if os.path.exists(os.path.join(load, name)):
+                    writer.copy_file(os.path.join(load, name))
+            if not os.path.exists(os.path.join(load, "generation_config.json")):
+                writer.write_json("generation_config.json", {
+                    k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
+                } | {"_from_model_config": True})
+            return writer.commit()
 
 
 def _check_tied_copy(store, arch: QwenArch, path: str) -> None:

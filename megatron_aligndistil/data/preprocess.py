@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..cli_errors import UserError
+from ..cli_errors import UserError, writing
 
 
 class RecordError(UserError):
@@ -66,6 +66,31 @@ def template_kwargs_arg(value: str | None, flag: str = "--chat-template-kwargs")
                              "'{\"enable_thinking\": false}'", error=UserError)
 
 
+def unread_template_kwargs(tokenizer, kwargs: dict) -> list[str]:
+    """The keys of ``kwargs`` that the tokenizer's chat template never reads (jinja2's meta API:
+    the template's undeclared variables): such an argument does nothing."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not kwargs or not isinstance(template, str):
+        return []
+    import jinja2
+    from jinja2 import meta
+
+    read = meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    return sorted(k for k in kwargs if k not in read)
+
+
+def warn_unread_template_kwargs(tokenizer, kwargs: dict, flag: str = "--chat-template-kwargs") -> list[str]:
+    """Print one warning naming the ``kwargs`` keys the chat template never reads; returns them."""
+    unread = unread_template_kwargs(tokenizer, kwargs)
+    if unread:
+        import sys
+
+        print(f"warning: {flag}: the chat template never reads {', '.join(map(repr, unread))}; "
+              f"{'it has' if len(unread) == 1 else 'they have'} no effect (a misspelt name?)", file=sys.stderr,
+              flush=True)
+    return unread
+
+
 def load_records(source: str, split: str = "train_prefs"):
     """Records from a local JSON/JSONL/Parquet file, a ``save_to_disk`` directory, or a hub name."""
     if os.path.isfile(source):
@@ -97,6 +122,9 @@ def load_records(source: str, split: str = "train_prefs"):
     if os.path.isdir(source):
         ds = datasets.load_from_disk(source)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    from ..hub import local_or_hub
+
+    source = local_or_hub(source, "--input", repo_type="dataset")  # offline and uncached: refused at once
     return datasets.load_dataset(source, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized
 
 
@@ -148,14 +176,27 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
     """Write ``<prefix>_pairs.jsonl`` (DPO), ``<prefix>_chosen.jsonl`` (off-policy distillation/SFT)
     and ``<prefix>_prompts.jsonl`` (on-policy), and the same records as Megatron indexed datasets
     ``<prefix>_{pairs,chosen,prompts}.bin/.idx`` (``--data-path <prefix>_pairs``, no extension).
-    Returns the report (also ``<prefix>_report.json``)."""
+    Returns the report (also ``<prefix>_report.json``). A write that fails (disk full, read-only)
+    removes the temporaries and names --output-prefix."""
+    report = Report(chat_template_kwargs=dict(chat_template_kwargs or {}))
+    warn_unread_template_kwargs(tokenizer, report.chat_template_kwargs)
+    paths = {k: f"{output_prefix}_{k}.jsonl" for k in ("pairs", "chosen", "prompts")}
+    temporaries = [p + ".tmp" for p in paths.values()] + [f"{output_prefix}_{k}{ext}.tmp" for k in paths
+                                                          for ext in (".bin", ".idx")]
+    with writing("--output-prefix", output_prefix, cleanup=temporaries):
+        _write_outputs(records, tokenizer, output_prefix, paths, report, max_length, max_prompt_length, strict,
+                       progress)
+    return report
+
+
+def _write_outputs(records, tokenizer, output_prefix, paths, report, max_length, max_prompt_length, strict,
+                   progress):
+    """The body of :func:`preprocess`: tokenize, validate, write the temporaries, publish."""
     from tqdm import tqdm
 
     from .indexed import IndexedWriter
 
-    report = Report(chat_template_kwargs=dict(chat_template_kwargs or {}))
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    paths = {k: f"{output_prefix}_{k}.jsonl" for k in ("pairs", "chosen", "prompts")}
     files = {k: open(p + ".tmp", "w") for k, p in paths.items()}
     indexed = {k: IndexedWriter(f"{output_prefix}_{k}", kind, len(tokenizer))
                for k, kind in (("pairs", "dpo"), ("chosen", "distill"), ("prompts", "prompt"))}
@@ -213,4 +254,4 @@ def preprocess(records, tokenizer, output_prefix: str, max_prompt_length: int = 
         indexed[k].commit()
     with open(f"{output_prefix}_report.json", "w") as f:
         json.dump(report.summary(), f, indent=2)
-    return report
+

@@ -119,6 +119,10 @@ class PolicyEvaluator:
         self.items, self.judge, self.settings, self.scratch = items, judge, settings, scratch
         self.tokenizer_dir = resolve_checkpoint(tokenizer_path, scratch)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        if torch.distributed.get_rank() == 0:
+            from ..data.preprocess import warn_unread_template_kwargs
+
+            warn_unread_template_kwargs(self.tokenizer, settings.chat_template_kwargs)
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
         self.arch = None
         self.references = {}  # name -> frozen GPTModel (KL estimates)

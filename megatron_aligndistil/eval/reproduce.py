@@ -309,7 +309,17 @@ def main(argv=None) -> int:
         if key not in Settings.__dataclass_fields__:
             ap.error(f"--set {item}: no setting {key!r} (have {sorted(Settings.__dataclass_fields__)})")
         current = getattr(s, key)
-        value = tuple(value.split(",")) if isinstance(current, tuple) else type(current)(value)
+        try:
+            if isinstance(current, tuple):
+                value = tuple(type(current[0])(v) for v in value.split(",")) if current else tuple(value.split(","))
+            elif isinstance(current, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            else:
+                value = type(current)(value)
+        except (KeyError, ValueError):
+            kind = f"comma-separated {type(current[0]).__name__}s" if isinstance(current, tuple) and current else \
+                type(current).__name__
+            ap.error(f"--set {item}: {key} takes {kind} (now {current!r})")
         s = replace(s, **{key: value})
     if args.seeds:
         s = replace(s, seeds=tuple(args.seeds))

@@ -19,6 +19,9 @@ class RewardModelJudge:
     def __init__(self, path: str, batch_size: int = 16, device: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ..hub import local_or_hub
+
+        path = local_or_hub(path, "--reward-model")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
                                                                              output_loading_info=True)

@@ -131,6 +131,9 @@ class QwenArch:
 
     def check_layout(self, tp: int, pp: int) -> None:
         """Raise ValueError naming the flag when TP/PP cannot split this model."""
+        for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
+            if not isinstance(size, int) or size < 1:
+                raise UserError(f"{flag} {size} must be a positive integer")
         if self.num_attention_heads % tp:
             raise UserError(
                 f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "

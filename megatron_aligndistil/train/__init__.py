@@ -54,4 +54,15 @@ def main(argv=None):
 
         return run_tool(lambda: print_plan(make_plan(args, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))))
 
-    return run_tool(lambda: build_trainer(args).train())
+    import os
+
+    from ..cli_errors import writing
+
+    def train():
+        # a full or read-only --save stops with one line; half-written checkpoints are removed
+        # (the latest-iteration file still names the last complete one)
+        with writing("--save", args.save, cleanup=[os.path.join(args.save, "iter_*.tmp"),
+                                                   os.path.join(args.save, "release.tmp")]):
+            build_trainer(args).train()
+
+    return run_tool(train)

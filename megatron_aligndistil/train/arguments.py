@@ -177,6 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         argv = argv[1:]
     args = parser.parse_args(argv)
     errors = _range_errors(args)
+    scales = _values_of(argv, ("--tvd-scale", "--r"))
+    if len({v for _, v in scales}) > 1:  # both names set r: the last would win silently
+        errors.append("--tvd-scale and --r are one setting (r) given different values: "
+                      + ", ".join(f"{flag} {value}" for flag, value in scales))
     if args.method == "aligndistil":
         if not args.dpo_load:
             errors.append("--dpo-load is required (the DPO teacher)")
@@ -222,6 +226,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if errors:
         parser.error("; ".join(errors))
     return args
+
+
+def _values_of(argv: list[str], flags: tuple) -> list[tuple[str, float | str]]:
+    """(flag, value) for each occurrence of ``flags`` in ``argv`` (``--f v`` and ``--f=v``)."""
+    out = []
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if name in flags and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            try:
+                out.append((name, float(value)))
+            except ValueError:
+                out.append((name, value))
+    return out
 
 
 # flag -> (lower bound, lower inclusive, upper bound, upper inclusive). Checked for every method

@@ -256,6 +256,15 @@ def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, rol
         raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
 
 
+def check_stop_ids(stop_ids, vocab_size: int, path: str) -> None:
+    """Stop ids must be ids of the tokenizer (``[0, vocab_size)``): one outside can never be
+    sampled, so it would never end a response."""
+    bad = [i for i in stop_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"--stop-token-ids {' '.join(map(str, bad))}: outside the {vocab_size} ids of the tokenizer of "
+                        f"{path} (ids past it are never sampled, so the response would never stop there)")
+
+
 def stop_token_ids(path: str, explicit=None, required: bool = False) -> list[int]:
     """``explicit`` (``--stop-token-ids``), else the eos_token_id(s) of the checkpoint's
     generation/HF config; ``required`` (on-policy rollouts): an error when there is none."""

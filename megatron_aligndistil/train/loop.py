@@ -118,6 +118,8 @@ class Trainer:
         if self.vocab_size < self.arch.padded_vocab_size and torch.distributed.get_rank() == 0:
             print(f"vocabulary: {self.vocab_size} tokenizer ids of {self.arch.padded_vocab_size} embedding rows "
                   f"(config vocab_size {self.arch.vocab_size}); the other rows carry no probability", flush=True)
+        if self.rollout_config is not None:
+            checkpointing.check_stop_ids(self.rollout_config.sampling.stop_ids, self.vocab_size, cfg.load)
         self._load_data()  # a bad record fails in seconds, before any model is built
         frozen = self.method.frozen_models()
         self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
