@@ -192,9 +192,11 @@ def _accurate_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Megatron's fallback for apex's ``multi_tensor_l2norm`` (the gradient norm of clipping and
     of the logged ``grad_norm``), summing squares with float64 accumulation: torch's float32 CPU
     ``norm`` loses 0.6-1.1% on tensors of 10^7+ elements (a Qwen embedding gradient)."""
-    squares = [torch.sum(t * t, dtype=torch.float64) for t in tensor_lists[0]]
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
-    return total.float().reshape(1), None
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensor_lists[0]:
+        for chunk in t.detach().reshape(-1).split(1 << 16):  # a 256 KiB temporary, not one of the gradient's size
+            total += torch.sum(chunk * chunk, dtype=torch.float64)
+    return total.sqrt().float().reshape(1), None
 
 
 def install_cpu_shims() -> bool:

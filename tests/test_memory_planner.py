@@ -27,24 +27,26 @@ def model_and_data(tmp_path_factory):
     cfg = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=False)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(root / "hf")
-    ckpt = convert_hf_to_megatron(str(root / "hf"), str(root / "m"), progress=False)
+    ckpts = []
+    for seed in range(3):  # policy, DPO and reverse-DPO teachers: three models (identical teachers are refused)
+        torch.manual_seed(seed)
+        Qwen2ForCausalLM(cfg).save_pretrained(root / f"hf{seed}")
+        ckpts.append(convert_hf_to_megatron(str(root / f"hf{seed}"), str(root / f"m{seed}"), progress=False))
     g = torch.Generator().manual_seed(0)
     with open(root / "d.jsonl", "w") as f:
         for _ in range(16):  # every record exactly 256 input positions
             f.write(json.dumps({"prompt_ids": torch.randint(0, 4096, (56,), generator=g).tolist(),
                                 "response_ids": torch.randint(0, 4096, (201,), generator=g).tolist()}) + "\n")
-    return ckpt, str(root / "d.jsonl"), root
+    return ckpts, str(root / "d.jsonl"), root
 
 
 def test_planner_predicts_measured_cpu_peak_within_25_percent(model_and_data, monkeypatch):
-    ckpt, data, root = model_and_data
+    (ckpt, dpo, rev), data, root = model_and_data
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # RSS follows live tensors
     arch = QwenArch.from_json_file(os.path.join(ckpt, "qwen_arch.json"))
     errors = []
     for tp, pp, dp, extra in LAYOUTS:
-        argv = ["aligndistil", "--load", ckpt, "--dpo-load", ckpt, "--rev-load", ckpt, "--data-path", data,
+        argv = ["aligndistil", "--load", ckpt, "--dpo-load", dpo, "--rev-load", rev, "--data-path", data,
                 "--save", str(root / f"run{tp}{pp}{dp}"), "--global-batch-size", "4", "--micro-batch-size", "2",
                 "--seq-length", "256", "--lr", "1e-4", "--train-iters", "2", "--no-progress", "--no-export",
                 "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp), *extra]
