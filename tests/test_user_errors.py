@@ -158,3 +158,87 @@ def test_chat_template_kwargs_the_template_never_reads_warn(capsys):
     assert unread_template_kwargs(tok, {"enable_thinking": False}) == []
     assert warn_unread_template_kwargs(tok, {"enable_thinkng": False, "enable_thinking": True}) == ["enable_thinkng"]
     assert "--chat-template-kwargs: the chat template never reads 'enable_thinkng'" in capsys.readouterr().err
+
+
+def test_write_failures_are_named_and_their_temporaries_removed(tmp_path):
+    """cli_errors.writing: the errno, the 'os error N' of a native writer's message, or the
+    location itself (location_fault) names the cause; files and directories matching the cleanup
+    patterns are removed; anything else passes through unchanged."""
+    import errno
+
+    from megatron_aligndistil.cli_errors import location_fault, writing
+
+    (tmp_path / "out.tmp").write_text("x")
+    (tmp_path / "dir.tmp").mkdir()
+    (tmp_path / "keep").write_text("x")
+    with pytest.raises(UserError, match=r"--save S: cannot write S \(read-only file system\)"):
+        with writing("--save", "S", cleanup=[str(tmp_path / "*.tmp")]):
+            raise RuntimeError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert sorted(os.listdir(tmp_path)) == ["keep"]
+    with pytest.raises(UserError, match=r"cannot write /x/y \(no space left on the device\)"):
+        with writing("--output-prefix", "P"):
+            raise OSError(errno.ENOSPC, "No space left on device", "/x/y")
+    with pytest.raises(KeyError):  # not a write failure of the location: unchanged
+        with writing("--save", str(tmp_path)):
+            raise KeyError("model.norm.weight")
+    assert location_fault(str(tmp_path / "not" / "yet" / "there")) is None  # a writable parent
+    with mounted(tmp_path / "full", "size=64k") as full:
+        (full / "fill").write_bytes(b"0" * (60 << 10))
+        assert location_fault(str(full / "run" / "iter_0000001.tmp")) == errno.ENOSPC
+    with mounted(tmp_path / "ro", "ro,size=64k") as ro:
+        assert location_fault(str(ro / "p")) == errno.EROFS
+
+
+def test_hub_names_found_in_the_cache_or_online_are_passed_on(monkeypatch, tmp_path):
+    """A Hub name with a cached copy, or with the Hub reachable, goes on to datasets / transformers
+    unchanged; a local path is returned as it is. (No network: the lookups are stubbed.)"""
+    import socket
+
+    import huggingface_hub
+
+    from megatron_aligndistil import hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub.local_or_hub(str(tmp_path), "--input") == str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
+    assert hub._cached("org/name", "model") is True
+    assert hub.local_or_hub("org/name", "--reward-model") == "org/name"
+
+    def missing(*a, **k):
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [("resolved",)])
+    assert hub.hub_offline() is None
+    assert hub.local_or_hub("org/name", "--reward-model") == "org/name"  # online: fetched by transformers
+
+    def unresolvable(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    assert hub.hub_offline() == "huggingface.co does not resolve (Temporary failure in name resolution)"
+    with pytest.raises(UserError, match=r"the Hub is unreachable \(huggingface.co does not resolve"):
+        hub.local_or_hub("org/name", "--reward-model")
+
+
+def test_args_json_keeps_the_resume_history(tmp_path):
+    import argparse
+    import json
+
+    from megatron_aligndistil.models.qwen import QwenArch
+    from megatron_aligndistil.train.checkpointing import write_run_files
+    from conftest import tiny_arch
+
+    arch: QwenArch = tiny_arch()
+    first = argparse.Namespace(save=str(tmp_path), lr=1e-3, save_interval=2)
+    write_run_files(first, arch, "p")
+    assert json.load(open(tmp_path / "args.json"))["resume_history"] == []
+    write_run_files(argparse.Namespace(save=str(tmp_path), lr=2e-3, save_interval=2), arch, "p", resumed_at=2,
+                    overrides={"lr": [1e-3, 2e-3]})
+    write_run_files(argparse.Namespace(save=str(tmp_path), lr=2e-3, save_interval=3), arch, "p", resumed_at=4)
+    saved = json.load(open(tmp_path / "args.json"))
+    assert saved["lr"] == 2e-3 and saved["save_interval"] == 3
+    assert saved["resume_history"] == [
+        {"iteration": 2, "changed_flags": {"lr": [1e-3, 2e-3]}, "overridden_identity": {"lr": [1e-3, 2e-3]}},
+        {"iteration": 4, "changed_flags": {"save_interval": [2, 3]}, "overridden_identity": {}}]
