@@ -199,6 +199,10 @@ def test_export_writes_generation_config_when_the_source_had_none(tmp_path):
     out = convert_megatron_to_hf(mc, str(tmp_path / "out"), progress=False)
     assert os.path.exists(os.path.join(out, "generation_config.json"))
     GenerationConfig.from_pretrained(out)
+    written = json.load(open(os.path.join(out, "generation_config.json")))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert written == {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                       if config.get(k) is not None} | {"_from_model_config": True}
 
 
 def _rewrite_single_file(directory, change):
@@ -214,24 +218,30 @@ def _rewrite_single_file(directory, change):
 
 
 @pytest.mark.parametrize("model_type,extra,hint", [
-    ("qwen3", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"], "attention_bias false"),
-    ("qwen2", ["self_attn.q_norm.weight", "self_attn.k_norm.weight"], "only qwen3 has them"),
-], ids=["qwen3-biases", "qwen2-qk-norm"])
+    ("qwen3", [f"model.layers.1.self_attn.{x}_proj.bias" for x in "qkv"], "attention_bias false"),
+    ("qwen2", ["model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"],
+     "only qwen3 has them"),
+    ("qwen2", ["model.layers.1.self_attn.k_norm.weight"], "only qwen3 has them"),
+    ("qwen2", ["model.layers.7.mlp.down_proj.weight"], "layers past num_hidden_layers 4"),
+], ids=["qwen3-biases", "qwen2-qk-norm", "qwen2-k-norm", "qwen2-extra-layer"])
 def test_tensors_the_config_does_not_place_stop_the_conversion(tmp_path, model_type, extra, hint):
     """Issue 26 item 6: every input tensor is mapped, or nothing is written and the unmapped
-    tensors are named (they were dropped while the converter printed 'wrote')."""
+    tensors are named (they were dropped while the converter printed 'wrote'), with the one hint
+    that applies."""
     hf_dir = tmp_path / "hf"
     save_tiny_hf(hf_dir, model_type)
 
     def add(tensors):
-        for suffix in extra:
-            tensors[f"model.layers.1.{suffix}"] = torch.randn(8)
+        for name in extra:
+            tensors[name] = torch.randn(8)
 
     _rewrite_single_file(hf_dir, add)
     r = _cli("convert_hf_to_megatron.py", "--hf-path", str(hf_dir), "--save", str(tmp_path / "mc"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"{len(extra)} tensor(s) are not placed by the {model_type} mapping" in r.stderr
-    assert all(f"model.layers.1.{suffix}" in r.stderr for suffix in extra) and hint in r.stderr
+    assert all(name in r.stderr for name in extra) and hint in r.stderr
+    other_hints = {"attention_bias false", "only qwen3 has them", "an output layer under", "layers past"}
+    assert [h for h in other_hints if h in r.stderr] == [h for h in other_hints if h in hint], r.stderr
     assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.tmp").exists()
 
 

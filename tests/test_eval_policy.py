@@ -170,6 +170,12 @@ def test_evaluator_guards(world_model, tmp_path, capsys):
     argv = [f"--policy=a={world_model['mcore']}", f"--policy=b={retok}", "--prompts", world_model["prompts"],
             "--samples-per-prompt", "1", "--max-new-tokens", "2", "--no-greedy"]
     assert run_distributed(_tool, 1, args=(argv,), timeout=200) == [2]
+    untokenized = tmp_path / "no_tokenizer"  # nothing to compare: evaluated with the prompts' tokenizer
+    shutil.copytree(world_model["mcore"], untokenized)
+    os.remove(untokenized / "tokenizer.json")
+    argv[1] = f"--policy=b={untokenized}"
+    assert run_distributed(_tool, 1, args=(argv + ["--judge", "none", "--out", str(tmp_path / "o.json")],),
+                           timeout=200) == [0]
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import eval_policy

@@ -156,6 +156,7 @@ def test_chat_template_kwargs_the_template_never_reads_warn(capsys):
 
     tok = qwen3_tokenizer()
     assert unread_template_kwargs(tok, {"enable_thinking": False}) == []
+    assert unread_template_kwargs(tok, {}) == [] and unread_template_kwargs(object(), {"x": 1}) == []
     assert warn_unread_template_kwargs(tok, {"enable_thinkng": False, "enable_thinking": True}) == ["enable_thinkng"]
     assert "--chat-template-kwargs: the chat template never reads 'enable_thinkng'" in capsys.readouterr().err
 
