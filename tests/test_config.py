@@ -115,3 +115,86 @@ def test_max_rollout_logp_diff_at_its_boundary(value, ok, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert f"--max-rollout-logp-diff {float(value)} is out of range (0, inf)" in capsys.readouterr().err
+
+
+# flags that are not configuration of the trained run: where they go instead
+_NOT_CONFIG = {
+    "help": "argparse",
+    "dry_run": "selects train/plan.py instead of training",
+    "world_size": "--dry-run only",
+    "model_config": "--dry-run only",
+    "rollout_batch_size": "validated equal to --global-batch-size (one step per rollout)",
+}
+# a value per type where the generic rule (default + 1, default / 2, 0.5) is out of the flag's range
+_VALUES = {"min_lr": "1e-4", "micro_batch_size": "2", "global_batch_size": "16", "tensor_model_parallel_size": "2",
+           "pipeline_model_parallel_size": "2", "vllm_gpu_memory_utilization": "0.3", "stop_token_ids": ["5", "6"]}
+
+
+def _method_parsers():
+    return build_parser()._subparsers._group_actions[0].choices
+
+
+def _value_for(action, current):
+    """A valid command-line value for ``action`` other than ``current`` (its value in the base
+    command line), generated from its type and choices."""
+    if action.dest in _VALUES:
+        value = _VALUES[action.dest]
+        return value if isinstance(value, list) else [value]
+    if action.nargs == 0:  # store_true
+        return []
+    if action.choices:
+        return [action.choices[-1] if action.choices[-1] != current else action.choices[0]]
+    if action.type is int:
+        return [str((current or 1) + 1)]
+    if action.type is float:
+        return [str(current / 2 if current else 0.5)]
+    return [f"/x/{action.dest}"]
+
+
+def _configs(args):
+    """Every typed config a run builds from ``args``, flattened to {path: value}."""
+    from megatron_aligndistil.train import get_method
+
+    method = get_method(args.method).from_args(args)
+    out = {f"training.{k}": v for k, v in dataclasses.asdict(TrainingConfig.from_args(args)).items()}
+    for name, value in vars(method).items():
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if isinstance(value, list):
+            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        out[f"method.{name}"] = value
+    if getattr(args, "rollout", None) == "on-policy":
+        rollout = RolloutConfig.from_args(args, args.stop_token_ids or [7])
+        out.update({f"rollout.{k}": v for k, v in dataclasses.asdict(rollout).items()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "aligndistil"])
+def test_every_flag_reaches_a_config_field(method):
+    """Generated from the parser: each flag, set alone to a non-default value, changes a field of
+    the configs the run is built from (a flag that stops reaching its field is a flag that does
+    nothing). The few flags that are not run configuration are named, with where they go."""
+    base = [method] + BASE
+    if method == "aligndistil":
+        base += ["--dpo-load", "a", "--rev-load", "b", "--rollout", "on-policy", "--rollout-engine", "vllm"]
+    base_args = parse_args(base)
+    reference = _configs(base_args)
+    untested = []
+    for action in _method_parsers()[method]._actions:
+        if action.dest in _NOT_CONFIG:
+            continue
+        flag = action.option_strings[0]
+        extra = [flag, *_value_for(action, getattr(base_args, action.dest))]
+        if action.dest == "sequence_parallel":
+            extra += ["--tensor-model-parallel-size", "2"]
+        argv = base + extra
+        if action.dest == "rollout":  # off-policy: the vLLM-only flags of the base go with it
+            argv = base + [flag, "off-policy", "--rollout-engine", "megatron"]
+        if action.dest == "ref_load" and method == "aligndistil":  # the vanilla teacher, in --rev-load's place
+            argv = [a for a in base if a not in ("--rev-load", "b")] + extra + ["--constant-alpha", "1.0"]
+        changed = {k for k, v in _configs(parse_args(argv)).items() if reference.get(k, v) != v
+                   or k not in reference}
+        if action.dest == "sequence_parallel":
+            changed.discard("training.tensor_model_parallel_size")
+        if not changed:
+            untested.append(flag)
+    assert not untested, f"flags that reach no config field: {untested}"

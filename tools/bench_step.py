@@ -58,9 +58,9 @@ def step_times(method, paths, root, args):
             "--global-batch-size", str(args.global_batch), "--micro-batch-size", str(args.micro_batch),
             "--seq-length", str(args.prompt + args.response), "--lr", "1e-5", "--train-iters", str(args.iters),
             "--tensor-model-parallel-size", str(args.tp), "--pipeline-model-parallel-size", str(args.pp),
-            "--no-progress", "--no-export", "--no-shuffle", "--loss-compile", args.loss_compile]
+            "--no-progress", "--no-export", "--no-shuffle"]
     if method == "aligndistil":
-        argv += ["--dpo-load", paths["dpo"], "--rev-load", paths["rev"]]
+        argv += ["--dpo-load", paths["dpo"], "--rev-load", paths["rev"], "--loss-compile", args.loss_compile]
     world = args.tp * args.pp * args.dp
     codes = run_distributed(train_main, world, args=(argv,), timeout=3600)
     assert codes == [0] * world, codes

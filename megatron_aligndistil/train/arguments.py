@@ -59,8 +59,6 @@ def _batch_and_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--loss-compile", choices=["auto", "on", "off"], default="auto",
-                   help="fuse the AlignDistil loss kernels with torch.compile (auto: on with CUDA)")
     g.add_argument("--bf16", action="store_true", help="bf16 policy with fp32 master weights; bf16 frozen models")
     g.add_argument("--offload-frozen-models", action="store_true",
                    help="keep the teachers' / reference's weights in pinned host memory and stream them to the "
@@ -149,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--constant-alpha", type=float, default=None, help="fixed alpha instead of r*TVD+eps")
     g.add_argument("--tvd-without-half", action="store_true",
                    help="TVD = sum |p_dpo - p_rev| (the released code's), so r means 2r of the paper")
+    g.add_argument("--loss-compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the AlignDistil loss kernels with torch.compile (auto: on with CUDA)")
     g.add_argument("--plausibility-threshold", type=float, default=None, metavar="TAU",
                    help="never let extrapolation raise a token whose DPO probability is below TAU (it may "
                         "still lower it); not in the paper, see docs/alignment.md. Default: off")
