@@ -52,7 +52,7 @@ ROLE_FLAGS = {"policy": "--load", "dpo": "--dpo-load", "rev": "--rev-load", "ref
 def _refuse_identical_frozen_models(models, specs) -> None:
     """Two frozen models of different roles with the same weights (e.g. --rev-load a copy of the
     DPO teacher) make the method degenerate: refused, naming both flags. Each rank compares its own
-    shards; one all-reduce (collective over the world)."""
+    shards; one all-reduce over the model-parallel group (DP replicas hold the same weights)."""
     from megatron.core import parallel_state
 
     if len(models) < 2:
