@@ -107,7 +107,7 @@ def convert_megatron_to_hf(load: str, save: str, max_shard_bytes: int = DEFAULT_
             raise CheckpointError(f"{load}: {len(missing)} tensors missing for its {ARCH_FILE}, e.g. {missing[:3]}")
         unmapped = unmapped_tensors(store.keys(), expected, arch)
         if unmapped:
-            raise CheckpointError(describe_unmapped(load, unmapped, arch).replace("config.json", ARCH_FILE))
+            raise CheckpointError(describe_unmapped(load, unmapped, arch, config_file=ARCH_FILE))
         with writing("--save", save, cleanup=[os.path.abspath(save) + ".tmp"]):
             writer = ShardedWriter(save, max_shard_bytes, overwrite)
             for name, tensor in tqdm(megatron_to_hf(arch, store.get), total=len(hf_tensor_names(arch)),

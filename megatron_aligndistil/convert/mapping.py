@@ -129,9 +129,9 @@ def unmapped_tensors(names, expected, arch: QwenArch) -> list[str]:
                   and not (arch.tie_word_embeddings and n == "lm_head.weight"))
 
 
-def describe_unmapped(path: str, unmapped: list[str], arch: QwenArch) -> str:
-    """A message naming the tensors :func:`unmapped_tensors` found, and the config flags that
-    would have placed the usual suspects."""
+def describe_unmapped(path: str, unmapped: list[str], arch: QwenArch, config_file: str = "config.json") -> str:
+    """A message naming the tensors :func:`unmapped_tensors` found, and the config flags (of
+    ``config_file``) that would have placed the usual suspects."""
     hints = []
     if any(n.endswith(("_proj.bias", "linear_qkv.bias")) for n in unmapped) and not arch.qkv_bias:
         hints.append("q/k/v biases under a config without them (Qwen3: attention_bias false)")
@@ -146,7 +146,7 @@ def describe_unmapped(path: str, unmapped: list[str], arch: QwenArch) -> str:
     shown = ", ".join(unmapped[:6]) + (f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else "")
     return (f"{path}: {len(unmapped)} tensor(s) are not placed by the {arch.model_type} mapping of its config and "
             f"would be dropped: {shown}" + (f" ({'; '.join(hints)})" if hints else "")
-            + ". Fix config.json to match the weights; nothing was written")
+            + f". Fix {config_file} to match the weights; nothing was written")
 
 
 def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:

@@ -117,8 +117,11 @@ class PolicyEvaluator:
             torch.distributed.broadcast_object_list(box, src=0)
             scratch = box[0]
         self.items, self.judge, self.settings, self.scratch = items, judge, settings, scratch
+        from ..train.checkpointing import tokenizer_digest
+
         self.tokenizer_dir = resolve_checkpoint(tokenizer_path, scratch)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        self._tokenizer_digest = tokenizer_digest(self.tokenizer_dir)  # hashed once, compared per model
         if torch.distributed.get_rank() == 0:
             from ..data.preprocess import warn_unread_template_kwargs
 
@@ -136,7 +139,7 @@ class PolicyEvaluator:
         from ..train import checkpointing
 
         arch = qwen.read_arch(path)
-        mine, theirs = checkpointing.tokenizer_digest(self.tokenizer_dir), checkpointing.tokenizer_digest(path)
+        mine, theirs = self._tokenizer_digest, checkpointing.tokenizer_digest(path)
         if mine and theirs and mine != theirs:  # prompts are rendered and responses decoded with one tokenizer
             raise UserError(f"{path}: tokenizer.json differs from {self.tokenizer_dir}'s, whose tokenizer renders the "
                             "prompts and decodes every response; evaluate models of one tokenizer together")
