@@ -101,3 +101,103 @@ def test_preprocess_tool_reads_a_saved_dataset(tmp_path):
     assert preprocess_data.main(["--input", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "tok"),
                                  "--output-prefix", str(tmp_path / "out" / "uf")]) == 0
     assert sum(1 for _ in open(tmp_path / "out" / "uf_pairs.jsonl")) == 12
+
+
+def _pair(messages, rejected_text, **extra):
+    return {"chosen": messages, "rejected": messages[:-1] + [{"role": "assistant", "content": rejected_text}], **extra}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}], ids=["default", "no_thinking"])
+def test_every_field_of_every_output_with_the_real_qwen3_tokenizer(tmp_path, kwargs):
+    """Issue 27: each field of pairs / chosen / prompts, in JSONL and indexed, is checked against
+    the chat template's own rendering of its conversation (not only one field of one file); the
+    records keep the input order; dropped records are named in the report."""
+    from hf_fixtures import CONVERSATIONS, qwen3_tokenizer
+    from megatron_aligndistil.data.indexed import read_indexed
+    from megatron_aligndistil.data.records import KINDS
+
+    tok = qwen3_tokenizer()
+    records = [_pair(m, f"Not {m[-1]['content'].lower()} but something longer, {name}.")
+               for name, m in CONVERSATIONS.items()]
+    records.insert(2, _pair(CONVERSATIONS["system"], "A cherry."))  # no preference: dropped
+    records.insert(4, _pair(CONVERSATIONS["unicode"], "Hallo!", score_chosen=7.5, score_rejected=7.5))  # a tie
+    prefix = str(tmp_path / "q")
+    report = preprocess(records, tok, prefix, progress=False, chat_template_kwargs=kwargs)
+    kept = [r for i, r in enumerate(records) if i not in (2, 4)]
+    assert json.load(open(prefix + "_report.json")) == {
+        "total": len(records), "kept": len(kept), "dropped": {"no preference": 1, "tie": 1},
+        "first_problems": ["record 2: no preference: the chosen and rejected responses are identical",
+                           "record 4: tie: score_chosen equals score_rejected (7.5)"],
+        "chat_template_kwargs": kwargs}
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def through_eot(messages):
+        full = tok.apply_chat_template(messages, tokenize=False, **kwargs)
+        return full[: full.rindex("<|im_end|>") + len("<|im_end|>")]
+
+    files = {name: [json.loads(line) for line in open(f"{prefix}_{name}.jsonl")]
+             for name in ("pairs", "chosen", "prompts")}
+    for name, kind in (("pairs", "dpo"), ("chosen", "distill"), ("prompts", "prompt")):
+        assert all(list(r) == list(KINDS[kind]) for r in files[name]), name  # exactly the kind's fields
+        indexed = read_indexed(f"{prefix}_{name}", kind, len(tok))
+        assert [indexed.records[i] for i in range(len(indexed))] == files[name], name
+    for rec, pair, chosen, prompt in zip(kept, files["pairs"], files["chosen"], files["prompts"], strict=True):
+        generation = tok.apply_chat_template(rec["chosen"][:-1], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, **kwargs)["input_ids"]
+        assert pair["prompt_ids"] == generation
+        assert tok.decode(pair["prompt_ids"] + pair["chosen_ids"]) == through_eot(rec["chosen"])
+        assert tok.decode(pair["prompt_ids"] + pair["rejected_ids"]) == through_eot(rec["rejected"])
+        assert pair["chosen_ids"][-1] == pair["rejected_ids"][-1] == eot
+        assert eot not in pair["chosen_ids"][:-1] and eot not in pair["rejected_ids"][:-1]
+        assert chosen == {"prompt_ids": pair["prompt_ids"], "response_ids": pair["chosen_ids"]}
+        assert prompt == {"prompt_ids": pair["prompt_ids"]}
+
+
+@pytest.mark.parametrize("scores,reason", [((8.0, 7.0), None), ((7.0, 7.0), "tie"), ((7.0, 8.0), "inverted pair"),
+                                           ((float("nan"), 7.0), "bad score"), ((7.0, float("inf")), "bad score"),
+                                           ((True, 0), "bad score"), ((8, 7.999), None)])
+def test_preference_scores_at_the_tie(tmp_path, scores, reason):
+    tok = tiny_tokenizer()
+    good = preference_records(2, seed=3)
+    rec = dict(good[1], score_chosen=scores[0], score_rejected=scores[1])
+    report = preprocess([good[0], rec], tok, str(tmp_path / "s"), progress=False)
+    assert report.kept == (2 if reason is None else 1)
+    assert report.dropped == ({} if reason is None else {reason: 1})
+
+
+@pytest.mark.parametrize("limit", ["max_prompt_length", "max_length"])
+def test_length_limits_keep_an_exact_fit_and_drop_one_token_more(tmp_path, limit):
+    from megatron_aligndistil.data.preprocess import split_conversation
+
+    tok = tiny_tokenizer()
+    rec = preference_records(1, seed=4)[0]
+    prompt, chosen = split_conversation(tok, rec["chosen"])
+    _, rejected = split_conversation(tok, rec["rejected"])
+    size = len(prompt) if limit == "max_prompt_length" else len(prompt) + max(len(chosen), len(rejected))
+    assert preprocess([rec], tok, str(tmp_path / "fit"), progress=False, **{limit: size}).kept == 1
+    with pytest.raises(RecordError, match=rf"record 0: (prompt too long|too long): {size} > {size - 1} tokens"):
+        preprocess([rec], tok, str(tmp_path / "over"), progress=False, strict=True, **{limit: size - 1})
+
+
+def test_a_tokenizer_whose_ids_have_gaps_is_written_in_a_dtype_that_holds_its_largest_id(tmp_path):
+    """300 tokens, one of them id 70,000: ``len(tokenizer)`` would pick uint16 and overflow."""
+    from transformers import AutoTokenizer
+
+    from megatron_aligndistil.data.indexed import read_indexed
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    moved = max(vocab, key=vocab.get)
+    vocab[moved] = 70_000
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 300 and max(tok.get_vocab().values()) == 70_000
+    records = [r for r in preference_records(40, seed=2)
+               if 70_000 in tok.apply_chat_template(r["chosen"], tokenize=True, return_dict=True)["input_ids"]]
+    assert records  # the moved token occurs in the data
+    preprocess(records, tok, str(tmp_path / "g"), progress=False)
+    got = read_indexed(str(tmp_path / "g_pairs"), "dpo", 70_001)
+    want = [json.loads(line) for line in open(tmp_path / "g_pairs.jsonl")]
+    assert [got.records[i] for i in range(len(got))] == want
+    assert any(70_000 in r["chosen_ids"] + r["prompt_ids"] for r in want)

@@ -30,7 +30,7 @@ from .records import KINDS, DataError, Dataset
 HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
 _FIXED = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-           8: np.uint16}  # Megatron's DType codes
+           8: np.uint16}  # Megatron's DType codes (its float codes hold no token ids: refused)
 _SCAN_TOKENS = 1 << 22  # ids read per step of the vocabulary scan (16 MiB of int32)
 
 
@@ -53,14 +53,21 @@ class IndexedWriter:
     def __init__(self, prefix: str, kind: str, vocab_size: int):
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-        self.prefix, self.fields = prefix, KINDS[kind]
+        self.prefix, self.fields, self.vocab_size = prefix, KINDS[kind], vocab_size
         self.dtype = DType.optimal_dtype(vocab_size)
         self._builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=self.dtype)
 
     def add(self, record: dict) -> None:
         seqs = [record[name] for name in self.fields]
-        self._builder.add_document(np.fromiter((t for s in seqs for t in s), dtype=self.dtype),
-                                   [len(s) for s in seqs])
+        try:
+            ids = np.fromiter((t for s in seqs for t in s), dtype=self.dtype)
+        except OverflowError:
+            info = np.iinfo(self.dtype)
+            bad = next(t for s in seqs for t in s if not info.min <= t <= info.max)
+            raise DataError(f"token id {bad} does not fit the {np.dtype(self.dtype).name} ids of {self.prefix}.bin "
+                            f"(vocabulary of {self.vocab_size} ids): the vocabulary size given to the writer is "
+                            "smaller than the tokenizer's largest id + 1") from None
+        self._builder.add_document(ids, [len(s) for s in seqs])
 
     def commit(self) -> None:
         self._builder.finalize(self.prefix + ".idx.tmp")
@@ -89,9 +96,16 @@ def _check_files(prefix: str) -> tuple[type, int, int]:
     version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
     if version != 1 or code not in _DTYPES:
         raise DataError(f"{idx}: unsupported index (version {version}, dtype code {code})")
-    if size < _FIXED + 12 * n_seq + 8 * n_doc:
+    if np.dtype(_DTYPES[code]).kind == "f":
+        raise DataError(f"{idx}: token ids stored as {np.dtype(_DTYPES[code]).name}: an index of ids has an integer "
+                        "dtype (tools/preprocess_data.py writes uint16 or int32)")
+    expected = _FIXED + 12 * n_seq + 8 * n_doc  # lengths int32, pointers int64, document indices int64
+    if size < expected:
         raise DataError(f"{idx}: truncated ({size} bytes; its header announces {n_seq} sequences "
                         f"in {n_doc - 1} documents)")
+    if size > expected:  # a multimodal index (modes per sequence) or another file appended: not ours
+        raise DataError(f"{idx}: {size} bytes, {size - expected} more than its header announces ({n_seq} sequences "
+                        f"in {n_doc - 1} documents): a multimodal index or a damaged file")
     return _DTYPES[code], n_seq, n_doc
 
 

@@ -17,6 +17,7 @@ and evaluation time as they were for training (:func:`template_kwargs_arg`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -148,6 +149,29 @@ def _check_conversation(messages, name: str):
                           "ending with assistant)")
 
 
+def id_space(tokenizer) -> int:
+    """The tokenizer's largest id + 1 (added tokens included): the ids its output can hold. Not
+    ``len(tokenizer)``, which counts tokens and is smaller when the ids have gaps."""
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def _check_preference(rec: dict) -> None:
+    """A pair must state a preference: responses that differ and, where the record carries
+    UltraFeedback's ``score_chosen`` / ``score_rejected``, a chosen score above the rejected one
+    (a tie or an inverted pair would teach DPO nothing, or the opposite)."""
+    if rec["chosen"][-1]["content"] == rec["rejected"][-1]["content"]:
+        raise RecordError("no preference: the chosen and rejected responses are identical")
+    if "score_chosen" not in rec or "score_rejected" not in rec:
+        return
+    chosen, rejected = rec["score_chosen"], rec["score_rejected"]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (chosen, rejected)):
+        raise RecordError(f"bad score: score_chosen {chosen!r} / score_rejected {rejected!r} must be finite numbers")
+    if chosen == rejected:
+        raise RecordError(f"tie: score_chosen equals score_rejected ({chosen!r})")
+    if chosen < rejected:
+        raise RecordError(f"inverted pair: score_chosen {chosen!r} is below score_rejected {rejected!r}")
+
+
 def split_conversation(tokenizer, messages, chat_template_kwargs: dict | None = None):
     """(prompt_ids, response_ids) of a conversation whose last turn is the response."""
     kwargs = chat_template_kwargs or {}
@@ -198,7 +222,8 @@ def _write_outputs(records, tokenizer, output_prefix, paths, report, max_length,
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     files = {k: open(p + ".tmp", "w") for k, p in paths.items()}
-    indexed = {k: IndexedWriter(f"{output_prefix}_{k}", kind, len(tokenizer))
+    ids = id_space(tokenizer)
+    indexed = {k: IndexedWriter(f"{output_prefix}_{k}", kind, ids)
                for k, kind in (("pairs", "dpo"), ("chosen", "distill"), ("prompts", "prompt"))}
     try:
         for index, rec in enumerate(tqdm(records, disable=not progress, desc="tokenize", unit="rec")):
@@ -212,6 +237,7 @@ def _write_outputs(records, tokenizer, output_prefix, paths, report, max_length,
                     _check_conversation(rec[key], key)
                 if rec["chosen"][:-1] != rec["rejected"][:-1]:
                     raise RecordError("chosen and rejected have different prompts")
+                _check_preference(rec)
                 prompt_ids, chosen_ids = split_conversation(tokenizer, rec["chosen"], report.chat_template_kwargs)
                 _, rejected_ids = split_conversation(tokenizer, rec["rejected"], report.chat_template_kwargs)
                 if len(prompt_ids) > max_prompt_length:

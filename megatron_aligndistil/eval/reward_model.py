@@ -9,6 +9,8 @@ with its own chat template, and a policy's *win rate* against a baseline is the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .stats import mean_ci, per_cluster_means
@@ -66,5 +68,11 @@ def win_rate(policy_scores: list[float], baseline_scores: list[float], prompt_in
     over prompts: ``{"mean", "lo", "hi", "n"}``."""
     if len(policy_scores) != len(baseline_scores) or len(policy_scores) != len(prompt_index):
         raise ValueError("win_rate: policy, baseline and prompt index lists differ in length")
+    broken = [(who, i, x) for who, scores in (("policy", policy_scores), ("baseline", baseline_scores))
+              for i, x in enumerate(scores) if not math.isfinite(x)]
+    if broken:  # NaN compares false both ways: it would count as a loss, not as an error
+        who, i, x = broken[0]
+        raise UserError(f"the reward model scored {len(broken)} responses {x} (first: the {who}'s response "
+                        f"{i}): a reward model that gives non-finite scores cannot rank them")
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, baseline_scores)]
     return mean_ci(per_cluster_means(wins, prompt_index))

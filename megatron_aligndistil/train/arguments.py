@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from ..config import MISMATCH_ACTIONS, ROLLOUT_ENGINES
@@ -201,8 +202,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                           f"(this run: --rollout {args.rollout}, --rollout-engine {args.rollout_engine})")
         if args.vllm_gpu_memory_utilization is None:
             args.vllm_gpu_memory_utilization = 0.5
-        if args.plausibility_threshold is not None and not 0 < args.plausibility_threshold < 1:
-            errors.append(f"--plausibility-threshold {args.plausibility_threshold} must be in (0, 1)")
         if args.ref_load and args.constant_alpha is None:
             errors.append("--ref-load (vanilla DPO teacher) needs --constant-alpha (= beta0/beta - 1)")
         if args.token_weight is None:
@@ -214,8 +213,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             if args.token_weight == "vanilla" and args.constant_alpha <= -1:
                 errors.append(f"--constant-alpha {args.constant_alpha} must be > -1 with --token-weight vanilla "
                               "(the weight is beta0/(1+alpha))")
-    if not 0 <= args.lr_warmup_fraction < 1:
-        errors.append(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
     if not errors:  # the typed configs check what spans several flags
         from ..config import ConfigError, TrainingConfig
 
@@ -244,7 +241,9 @@ def _values_of(argv: list[str], flags: tuple) -> list[tuple[str, float | str]]:
 
 # flag -> (lower bound, lower inclusive, upper bound, upper inclusive). Checked for every method
 # that has the flag (AlignDistil's: rollout_batch_size, max_new_tokens, eps, beta0, temperature,
-# top_k, top_p, r; DPO's: dpo_beta); a None value (flag not given) is never checked.
+# top_k, top_p, r, plausibility_threshold, vllm_gpu_memory_utilization, max_rollout_logp_diff;
+# DPO's: dpo_beta); a None value (flag not given) is never checked. tests/test_edges.py tries each
+# at both bounds, one step inside and outside, and +-inf / NaN.
 _AT_LEAST_1 = (1, True, None, None)
 _POSITIVE = (0, False, None, None)
 _NON_NEGATIVE = (0, True, None, None)
@@ -256,24 +255,33 @@ _RANGES = {
                      "rollout_batch_size", "max_new_tokens"), _AT_LEAST_1),
     **dict.fromkeys(("lr", "adam_eps", "eps", "beta0", "dpo_beta", "max_rollout_logp_diff"), _POSITIVE),
     **dict.fromkeys(("min_lr", "weight_decay", "clip_grad", "temperature", "top_k", "r"), _NON_NEGATIVE),
-    **dict.fromkeys(("adam_beta1", "adam_beta2"), _UNIT_OPEN_RIGHT),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "lr_warmup_fraction"), _UNIT_OPEN_RIGHT),
+    **dict.fromkeys(("top_p", "vllm_gpu_memory_utilization"), (0, False, 1, True)),
+    "plausibility_threshold": (0, False, 1, False),
     "seq_length": (2, True, None, None),
-    "top_p": (0, False, 1, True),
+    "seed": (0, True, 2**32 - 1, True),  # numpy's seed range; sampling seeds derive from it
 }
 
 
+def _flag(dest: str) -> str:
+    return "--" + ("tvd-scale (--r)" if dest == "r" else dest.replace("_", "-"))
+
+
 def _range_errors(args) -> list[str]:
-    """One message per numeric flag outside its range, naming the flag and the allowed range."""
+    """One message per numeric flag outside its range (:data:`_RANGES`), naming the flag and the
+    range; and per float flag given NaN or +-inf (no flag means anything by them)."""
     errors = []
     for dest, (lo, lo_inc, hi, hi_inc) in _RANGES.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
-        bad = value != value or value in (float("inf"), float("-inf")) or (lo is not None and (value < lo if lo_inc else value <= lo)) or \
-              (hi is not None and (value > hi if hi_inc else value >= hi))
+        bad = not math.isfinite(value) or (value < lo if lo_inc else value <= lo) or \
+            (hi is not None and (value > hi if hi_inc else value >= hi))
         if bad:
             left = f"[{lo}" if lo_inc else f"({lo}"
             right = "inf)" if hi is None else (f"{hi}]" if hi_inc else f"{hi})")
-            flag = "--" + ("tvd-scale (--r)" if dest == "r" else dest.replace("_", "-"))
-            errors.append(f"{flag} {value} is out of range {left}, {right}")
+            errors.append(f"{_flag(dest)} {value} is out of range {left}, {right}")
+    for dest, value in vars(args).items():
+        if dest not in _RANGES and isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{_flag(dest)} {value} must be a finite number")
     return errors
