@@ -151,21 +151,38 @@ def _value_for(action, current):
     return [f"/x/{action.dest}"]
 
 
+def _flatten(prefix, value, out):
+    """Dataclasses and dicts down to their leaves: {"rollout.sampling.seed": 1234, ...}."""
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+        for i, v in enumerate(value):
+            _flatten(f"{prefix}.{i}", v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
 def _configs(args):
-    """Every typed config a run builds from ``args``, flattened to {path: value}."""
+    """Every typed config a run builds from ``args``, flattened to {dotted path: leaf value}."""
     from megatron_aligndistil.train import get_method
 
     method = get_method(args.method).from_args(args)
-    out = {f"training.{k}": v for k, v in dataclasses.asdict(TrainingConfig.from_args(args)).items()}
+    out = _flatten("training", TrainingConfig.from_args(args), {})
     for name, value in vars(method).items():
-        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        if isinstance(value, list):
-            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
-        out[f"method.{name}"] = value
+        _flatten(f"method.{name}", value, out)
     if getattr(args, "rollout", None) == "on-policy":
-        rollout = RolloutConfig.from_args(args, args.stop_token_ids or [7])
-        out.update({f"rollout.{k}": v for k, v in dataclasses.asdict(rollout).items()})
+        _flatten("rollout", RolloutConfig.from_args(args, args.stop_token_ids or [7]), out)
     return out
+
+
+# config leaves that no flag sets, and why
+_NO_FLAG = {
+    "method.loss_config.chunk_size": "Python API only (vocab chunking of the loss; None = whole shard)",
+}
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "aligndistil"])
@@ -178,7 +195,7 @@ def test_every_flag_reaches_a_config_field(method):
         base += ["--dpo-load", "a", "--rev-load", "b", "--rollout", "on-policy", "--rollout-engine", "vllm"]
     base_args = parse_args(base)
     reference = _configs(base_args)
-    untested = []
+    untested, reached = [], set()
     for action in _method_parsers()[method]._actions:
         if action.dest in _NOT_CONFIG:
             continue
@@ -191,10 +208,19 @@ def test_every_flag_reaches_a_config_field(method):
             argv = base + [flag, "off-policy", "--rollout-engine", "megatron"]
         if action.dest == "ref_load" and method == "aligndistil":  # the vanilla teacher, in --rev-load's place
             argv = [a for a in base if a not in ("--rev-load", "b")] + extra + ["--constant-alpha", "1.0"]
-        changed = {k for k, v in _configs(parse_args(argv)).items() if reference.get(k, v) != v
-                   or k not in reference}
+        configs = _configs(parse_args(argv))
+        changed = {k for k, v in configs.items() if reference.get(k, v) != v or k not in reference}
+        changed |= set(reference) - set(configs)  # fields the flag removes (off-policy: the rollout's)
         if action.dest == "sequence_parallel":
             changed.discard("training.tensor_model_parallel_size")
         if not changed:
             untested.append(flag)
+        # a flag reaches every field that carries its name (--seed: training.seed and rollout.sampling.seed)
+        namesakes = {k for k in reference if k.rsplit(".", 1)[-1] == action.dest}
+        if namesakes - changed and action.dest not in ("rollout", "ref_load"):
+            untested.append(f"{flag} (not {sorted(namesakes - changed)})")
+        reached |= changed
     assert not untested, f"flags that reach no config field: {untested}"
+    path_fields = {k for k in reference if k.endswith((".path", ".role", "_load"))}  # the frozen models' own
+    unreached = set(reference) - reached - set(_NO_FLAG) - path_fields
+    assert not unreached, f"config fields that no flag sets: {sorted(unreached)}"
