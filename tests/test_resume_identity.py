@@ -170,3 +170,24 @@ def test_every_config_field_is_in_the_identity_or_named_as_harmless(method):
                 missing.append(f"{type(config).__name__}.{f.name}")
     assert not missing, f"fields a resume could change silently: {missing}"
     assert [k for k in _NOT_IDENTITY if k in identity and k != "seed"] == []  # an excuse for a field it checks
+
+
+@pytest.mark.parametrize("method", sorted(ARGV))
+def test_identity_values_are_the_flags_values(method):
+    """Each identity entry keyed by a flag holds that flag's value (paths resolved): an entry
+    computed wrongly (``tvd_without_half`` from ``tvd_half``) would compare two wrong values and
+    pass the refusal tests, while the message and args.json misreport the run."""
+    for extra in ([], ["--tvd-without-half", "--kl-direction", "forward", "--no-shuffle", "--bf16"]):
+        argv = ARGV[method] + (extra if method == "aligndistil" else extra[-2:])
+        args = parse_args(argv)
+        identity = identity_of(argv)
+        checked = 0
+        for key, value in identity.items():
+            if key == "stop_token_ids" or not hasattr(args, key):
+                continue
+            want = getattr(args, key)
+            if key.endswith(("load", "data_path")) and want is not None:
+                want = os.path.realpath(want)
+            assert value == want, (key, value, want)
+            checked += 1
+        assert checked >= len(identity) - 1
