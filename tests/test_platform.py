@@ -174,6 +174,7 @@ def test_vllm_cpu_shared_memory_is_named_after_the_job(monkeypatch):
 
     monkeypatch.setattr(cpu_communicator._CPUSHMDistributed, "make_group_name",
                         cpu_communicator._CPUSHMDistributed.make_group_name)  # restored after the test
+    monkeypatch.setattr(cpu_communicator._CPUSHMDistributed, "_aligndistil_named", False, raising=False)
     monkeypatch.setenv("VLLM_DIST_IDENT", "//")  # what vLLM derives from the env:// of every torchrun job
     assert platform.name_vllm_cpu_shared_memory() is True
     assert platform.name_vllm_cpu_shared_memory() is True  # once: a second call does not wrap it again
@@ -184,6 +185,31 @@ def test_vllm_cpu_shared_memory_is_named_after_the_job(monkeypatch):
         monkeypatch.setenv("MASTER_PORT", port)
         names.add(cpu_communicator._CPUSHMDistributed.make_group_name(comm))
     assert names == {"aligndistil-127.0.0.1:29500-tp:0-[0-1]-cpushm", "aligndistil-127.0.0.1:29501-tp:0-[0-1]-cpushm"}
+
+
+def test_vllm_shared_memory_naming_is_a_no_op_where_it_does_not_apply(monkeypatch):
+    """With CUDA, without vLLM's CPU communicator, or without its shared-memory class: nothing is
+    patched and the call says so."""
+    import sys
+
+    from megatron_aligndistil import platform
+
+    pytest.importorskip("vllm")
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    shm = cpu_communicator._CPUSHMDistributed
+    before = shm.make_group_name
+    monkeypatch.setattr(shm, "_aligndistil_named", False, raising=False)
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    assert platform.name_vllm_cpu_shared_memory() is False
+    monkeypatch.setattr(platform, "has_cuda", lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.device_communicators.cpu_communicator", None)
+    monkeypatch.delattr(sys.modules["vllm.distributed.device_communicators"], "cpu_communicator")
+    assert platform.name_vllm_cpu_shared_memory() is False  # an ImportError
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_communicator, "_CPUSHMDistributed", None)
+    assert platform.name_vllm_cpu_shared_memory() is False
+    assert shm.make_group_name is before and not getattr(shm, "_aligndistil_named", False)
 
 
 def test_the_gradient_norm_is_accurate_on_large_tensors():
