@@ -427,3 +427,31 @@ def test_the_tokenizers_ids_are_its_largest_id_plus_one_gaps_included(tmp_path, 
     else:
         with pytest.raises(UserError, match=r"tokenizer has ids up to 9, past the model's vocab_size 9"):
             tokenizer_vocab_size(arch, path)
+
+
+def test_a_cleanup_that_fails_never_hides_the_write_error(tmp_path, monkeypatch):
+    """A full disk inside ``writing``: the temporaries are removed as far as they can be, and the
+    user sees the one-line error, not the cleanup's own OSError."""
+    from megatron_aligndistil.cli_errors import writing
+
+    stuck = tmp_path / "iter_0000002.tmp"
+    stuck.mkdir()
+    (stuck / "shard.distcp").write_bytes(b"x")
+    loose = tmp_path / "release.tmp"
+    loose.write_bytes(b"y")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "busy")
+
+    monkeypatch.setattr(os, "unlink", refuse)  # rmtree cannot empty the directory
+    with pytest.raises(UserError, match=r"--save .*: cannot write .* \(no space left on the device\)"):
+        with writing("--save", str(tmp_path), cleanup=[str(tmp_path / "iter_*.tmp")]):
+            raise OSError(28, "No space left on device")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="its temporary files were removed"):
+        with writing("--save", str(tmp_path), cleanup=[str(tmp_path / "*.tmp")]):
+            raise OSError(28, "No space left on device")
+    assert not stuck.exists() and not loose.exists()
+    with pytest.raises(ZeroDivisionError):  # not a write failure: raised as it is
+        with writing("--save", str(tmp_path)):
+            raise ZeroDivisionError

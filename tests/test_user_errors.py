@@ -150,7 +150,7 @@ def test_stop_ids_outside_the_tokenizer_are_refused(ids, ok):
         check_stop_ids(ids, 412, "ckpt")
 
 
-def test_chat_template_kwargs_the_template_never_reads_warn(capsys):
+def test_chat_template_kwargs_the_template_never_reads_warn(capsys, monkeypatch):
     from hf_fixtures import qwen3_tokenizer
     from megatron_aligndistil.data.preprocess import unread_template_kwargs, warn_unread_template_kwargs
 
@@ -159,6 +159,14 @@ def test_chat_template_kwargs_the_template_never_reads_warn(capsys):
     assert unread_template_kwargs(tok, {}) == [] and unread_template_kwargs(object(), {"x": 1}) == []
     assert warn_unread_template_kwargs(tok, {"enable_thinkng": False, "enable_thinking": True}) == ["enable_thinkng"]
     assert "--chat-template-kwargs: the chat template never reads 'enable_thinkng'" in capsys.readouterr().err
+    # one warning per launch: rank 0 prints it, the other ranks only return the keys
+    import torch.distributed as dist
+
+    for rank, printed in ((1, False), (0, True)):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        assert warn_unread_template_kwargs(tok, {"enable_thinkng": False}) == ["enable_thinkng"]
+        assert ("never reads 'enable_thinkng'" in capsys.readouterr().err) == printed, rank
 
 
 def test_write_failures_are_named_and_their_temporaries_removed(tmp_path):

@@ -113,10 +113,10 @@ def main(argv=None):
         from megatron_aligndistil.data.preprocess import template_kwargs_arg
 
         template_kwargs = template_kwargs_arg(args.chat_template_kwargs)
-        if tok is not None and torch.distributed.get_rank() == 0:
+        if tok is not None:
             from megatron_aligndistil.data.preprocess import warn_unread_template_kwargs
 
-            warn_unread_template_kwargs(tok, template_kwargs)
+            warn_unread_template_kwargs(tok, template_kwargs)  # rank 0 prints
         prompts = [it["prompt_ids"] if "prompt_ids" in it else render_prompts([it], tok, template_kwargs)[0]
                    for it in items]
         for i, p in enumerate(prompts):  # a prompt plus at least one new token must fit the model's positions

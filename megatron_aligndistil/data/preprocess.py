@@ -81,9 +81,12 @@ def unread_template_kwargs(tokenizer, kwargs: dict) -> list[str]:
 
 
 def warn_unread_template_kwargs(tokenizer, kwargs: dict, flag: str = "--chat-template-kwargs") -> list[str]:
-    """Print one warning naming the ``kwargs`` keys the chat template never reads; returns them."""
+    """Print one warning per launch (rank 0 of a distributed job) naming the ``kwargs`` keys the
+    chat template never reads; returns them (on every rank)."""
     unread = unread_template_kwargs(tokenizer, kwargs)
-    if unread:
+    import torch.distributed as dist
+
+    if unread and not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
         import sys
 
         print(f"warning: {flag}: the chat template never reads {', '.join(map(repr, unread))}; "

@@ -122,10 +122,9 @@ class PolicyEvaluator:
         self.tokenizer_dir = resolve_checkpoint(tokenizer_path, scratch)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self._tokenizer_digest = tokenizer_digest(self.tokenizer_dir)  # hashed once, compared per model
-        if torch.distributed.get_rank() == 0:
-            from ..data.preprocess import warn_unread_template_kwargs
+        from ..data.preprocess import warn_unread_template_kwargs
 
-            warn_unread_template_kwargs(self.tokenizer, settings.chat_template_kwargs)
+        warn_unread_template_kwargs(self.tokenizer, settings.chat_template_kwargs)  # rank 0 prints
         self.prompts = render_prompts(items, self.tokenizer, settings.chat_template_kwargs)
         self.arch = None
         self.references = {}  # name -> frozen GPTModel (KL estimates)
