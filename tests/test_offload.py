@@ -63,22 +63,41 @@ def _offloaded_logits(arch_fields, tp):
         "same": all(torch.equal(before, x) for x in (after, again, recovered, restored)),
         "idle_elements": idle, "resident_after": resident_after,
         "peak": streamer.peak_resident_bytes, "two_largest_blocks": sum(blocks[:2]), "total": total,
+        "blocks": len(blocks),
     }
 
 
-@pytest.mark.parametrize("tied,layout,world", [
-    (True, Layout(tp=1, pp=1), 1),  # embedding weight reused by the output layer
-    (False, Layout(tp=2, pp=2), 4),  # first and last pipeline stages, vocab-parallel shards
+def _arch(config):
+    """A tiny arch, or a real configuration shrunk (``hf_fixtures.real_config``: real vocabulary
+    rows, tied or untied, q/k norm and head_dim 128 for Qwen3, biases for Qwen2.5)."""
+    if config in ("tied", "untied"):
+        return tiny_arch(tied=config == "tied", vocab_size=1001)
+    from hf_fixtures import real_config
+
+    from megatron_aligndistil.models.qwen import QwenArch
+
+    return QwenArch.from_hf_config(real_config(config))
+
+
+@pytest.mark.parametrize("config,layout,world", [
+    ("tied", Layout(tp=1, pp=1), 1),  # embedding weight reused by the output layer
+    ("untied", Layout(tp=2, pp=2), 4),  # first and last pipeline stages, vocab-parallel shards
+    ("qwen3-0.6b", Layout(tp=2, pp=2), 4),  # tied: the last stage's output copy of the embedding
+    ("qwen2.5-0.5b", Layout(tp=1, pp=1), 1),  # tied, biases, 151,936 rows
+    ("qwen3-8b", Layout(tp=2, pp=1), 2),  # untied, head_dim 128 != hidden / heads
 ])
-def test_streamed_frozen_model_gives_identical_output_with_two_blocks_resident(tied, layout, world):
-    arch = tiny_arch(tied=tied, vocab_size=1001)
+def test_streamed_frozen_model_gives_identical_output_with_two_blocks_resident(config, layout, world):
+    arch = _arch(config)
     results = run_distributed(_offloaded_logits, world, args=(dataclasses.asdict(arch), layout.tp),
                               layout=layout)
     for rank, r in enumerate(results):
         assert r["same"], rank  # bit-identical outputs before, during and after offloading
         assert r["idle_elements"] == 0, rank  # no weight on the device between forwards
         assert r["resident_after"] == 0, rank
-        assert 0 < r["peak"] <= r["two_largest_blocks"] < r["total"], (rank, r)
+        assert 0 < r["peak"] <= r["two_largest_blocks"], (rank, r)
+        # never the whole stage at once (a stage of two blocks, an embedding and one layer, is all
+        # streamed blocks; with real vocabularies the embedding dominates)
+        assert r["peak"] < r["total"] or r["blocks"] <= 2, (rank, r)
         assert r["peak"] <= r["planned"], (rank, r)  # the memory planner's frozen_weights term
 
 
