@@ -12,6 +12,7 @@ from megatron_aligndistil.config import RolloutConfig, TrainingConfig
 from megatron_aligndistil.train import get_method
 from megatron_aligndistil.train.arguments import build_parser, parse_args
 from megatron_aligndistil.train.checkpointing import (
+    LAYOUT_FIELDS,
     RUN_FILE,
     SCHEDULE_FIELDS,
     CheckpointError,
@@ -74,6 +75,9 @@ def test_every_identity_field_changed_alone_is_refused(method, tmp_path):
             check_resumable(changed, "s", ckpt)
         saved, now = json.loads(json.dumps([value, _other(value)]))
         assert f"{flag_name(key)} {saved} (saved) vs {now} (now)" in str(exc.value), key
+        hint = ("relaunch with the saved layout" if key in LAYOUT_FIELDS else "add --override-opt_param-scheduler"
+                if key in SCHEDULE_FIELDS else "give a new --save directory")  # the one hint for this kind
+        assert str(exc.value).count(". ") >= 1 and hint in str(exc.value), (key, str(exc.value))
         if key in SCHEDULE_FIELDS:
             assert "--override-opt_param-scheduler" in str(exc.value)
             assert check_resumable(changed, "s", ckpt, override_schedule=True) == {key: [saved, now]}
