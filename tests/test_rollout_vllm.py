@@ -94,7 +94,10 @@ def _engines_agree(arch_fields, full, prompts, vocab):
     _ENGINES.append(vllm)
     out = {"agreement": vllm.agreement, "before": [vllm.generate(mine, ids), megatron.generate(mine, ids)]}
     _sft_step(model, arch, mine, vocab)
+    weights, first_check = vllm._weights, vllm.agreement
     vllm.sync_weights(model)
+    # the same policy: its weight view is reused and the agreement check is not run again
+    out["reused"] = vllm._weights is weights and vllm.agreement is first_check
     out["after"] = [vllm.generate(mine, ids), megatron.generate(mine, ids)]
     vllm.params = dataclasses.replace(greedy, temperature=1.0, seed=5)
     sampled = vllm.generate(mine, ids)
@@ -163,6 +166,7 @@ def _setup(n_prompts=6):
 def _check(results):
     for res in results:
         assert res["agreement"]["mean"] < 1e-5 and res["agreement"]["tokens"] > 0, res["agreement"]
+        assert res["reused"]  # one weight view and one agreement check per policy, not per step
         for when in ("before", "after"):
             v, m = res[when]
             assert [r.response_ids for r in v] == [r.response_ids for r in m], when
