@@ -455,3 +455,51 @@ def test_a_cleanup_that_fails_never_hides_the_write_error(tmp_path, monkeypatch)
     with pytest.raises(ZeroDivisionError):  # not a write failure: raised as it is
         with writing("--save", str(tmp_path)):
             raise ZeroDivisionError
+
+
+def _mismatch_of_known_offsets():
+    """One rank: sampler log-probs = the policy's own minus known offsets per response token."""
+    from megatron_aligndistil.data.batching import build_micro_batch
+    from megatron_aligndistil.rollout import logprob_mismatch
+
+    vocab = 11
+    prompts, responses = [[1, 2], [3]], [[4, 5, 6], [7, 8]]
+    offsets = [[0.1, -0.5, 0.7], [-0.9, -0.4]]  # d = log p_policy - log p_sampler per token
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, vocab, generator=g, dtype=torch.float64).float()
+    logp = torch.log_softmax(logits.double(), -1)
+    rows = []
+    for i, (p, r, off) in enumerate(zip(prompts, responses, offsets)):
+        ids = p + r
+        own = [float(logp[i, len(p) - 1 + t, ids[len(p) + t]]) for t in range(len(r))]
+        rows.append([(i, (p, r, [x - o for x, o in zip(own, off)]))])
+    batch = build_micro_batch(rows, 5)
+    sums, maxes = logprob_mismatch(logits, batch, vocab)
+    return sums.tolist(), maxes.tolist()
+
+
+def test_rollout_mismatch_sums_and_maxes_of_known_offsets():
+    from megatron_aligndistil.testing import run_distributed
+
+    (sums, maxes), = run_distributed(_mismatch_of_known_offsets, 1)
+    abs_sum, tokens, ratio_sum, sequences = sums
+    assert tokens == 5 and sequences == 2
+    assert abs_sum == pytest.approx(0.1 + 0.5 + 0.7 + 0.9 + 0.4, abs=1e-5)
+    assert ratio_sum == pytest.approx(math.exp(0.3) + math.exp(-1.3), rel=1e-5)  # p_policy(y) / p_sampler(y)
+    assert maxes == pytest.approx([0.9, 1.3], abs=1e-5)  # the largest token |d|, the largest sequence |sum d|
+
+
+def test_the_evaluators_engine_holds_its_longest_prompt_and_every_new_token(monkeypatch):
+    """vLLM's context is the longest prompt + max_new_tokens (the shortest would cut responses)."""
+    from megatron_aligndistil import rollout
+    from megatron_aligndistil.config import SamplingParams
+    from megatron_aligndistil.eval.policy_eval import PolicyEvaluator
+
+    made = {}
+    engine = SimpleNamespace(params=None)
+    monkeypatch.setattr(rollout, "make_engine", lambda config, model, arch, vocab, **kw: made.update(kw) or engine)
+    evaluator = SimpleNamespace(_engine=None, _engine_model=None, settings=SimpleNamespace(engine="vllm"),
+                                prompts=[[1] * 5, [1] * 17, [1] * 9], arch=None, vocab_size=11, _checkpoint=None)
+    params = SamplingParams(max_new_tokens=30)
+    assert PolicyEvaluator._engine_for(evaluator, "model", params) is engine and engine.params is params
+    assert made["max_model_len"] == 17 + 30
