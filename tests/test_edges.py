@@ -503,3 +503,25 @@ def test_the_evaluators_engine_holds_its_longest_prompt_and_every_new_token(monk
     params = SamplingParams(max_new_tokens=30)
     assert PolicyEvaluator._engine_for(evaluator, "model", params) is engine and engine.params is params
     assert made["max_model_len"] == 17 + 30
+
+
+def test_an_iteration_checkpoint_reads_its_runs_tokenizer(tmp_path):
+    """A teacher or policy given as ``<run>/iter_XXXXXXX`` has no tokenizer.json of its own: its
+    ids are those of the run's ``--load`` (args.json), as the export reads them; without that, its
+    vocabulary would silently be every embedding row."""
+    from megatron_aligndistil.train.checkpointing import _tokenizer_file, tokenizer_vocab_size
+
+    load = _tokenizer_dir(tmp_path, {"a": 0, "b": 1, "c": 5, "<|end|>": 9}, {"<|end|>": 9})
+    run = tmp_path / "run"
+    it = run / "iter_0000002"
+    it.mkdir(parents=True)
+    for name in ("qwen_arch.json", ".metadata", "common.pt"):
+        (it / name).write_text("{}")
+    (run / "args.json").write_text(json.dumps({"load": load}))
+    assert _tokenizer_file(str(it)) == os.path.join(load, "tokenizer.json")
+    assert tokenizer_vocab_size(SimpleNamespace(vocab_size=64), str(it)) == 10
+    (run / "args.json").write_text(json.dumps({"load": str(tmp_path / "gone")}))
+    assert _tokenizer_file(str(it)) is None  # the load moved away: the model's own vocab_size, as before
+    (it / "common.pt").unlink()  # not a training checkpoint: only its own tokenizer.json counts
+    (run / "args.json").write_text(json.dumps({"load": load}))
+    assert _tokenizer_file(str(it)) is None
