@@ -525,3 +525,16 @@ def test_an_iteration_checkpoint_reads_its_runs_tokenizer(tmp_path):
     (it / "common.pt").unlink()  # not a training checkpoint: only its own tokenizer.json counts
     (run / "args.json").write_text(json.dumps({"load": load}))
     assert _tokenizer_file(str(it)) is None
+
+
+@pytest.mark.parametrize("free,fault", [(1 << 20, None), ((1 << 20) - 1, "ENOSPC"), (0, "ENOSPC")])
+def test_a_location_is_nearly_full_below_one_mebibyte_free(tmp_path, monkeypatch, free, fault):
+    """``location_fault``: exactly 1 MiB free still looks writable; one byte less is a full disk."""
+    import errno
+
+    from megatron_aligndistil.cli_errors import location_fault
+
+    real = os.statvfs(tmp_path)
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_flag=real.f_flag & ~os.ST_RDONLY,
+                                                                  f_bavail=free, f_frsize=1))
+    assert location_fault(str(tmp_path / "a" / "b")) == (getattr(errno, fault) if fault else None)

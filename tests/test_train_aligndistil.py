@@ -205,6 +205,11 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
     assert "aligndistil iteration 1/1 | loss " in r.stdout  # --no-progress: a log line per --log-interval
     r = launch_train(aligndistil_argv(setup, str(tmp_path / "long"), "--seq-length", "100000"))
     assert r.returncode == 2 and "--seq-length 100000 exceeds the model's max_position_embeddings" in r.stderr
+    # a stop id past the tokenizer's ids (1001 here) is refused by the trainer before any model is built
+    r = launch_train(aligndistil_argv(setup, str(tmp_path / "stop"), "--rollout", "on-policy", "--stop-token-ids",
+                                      "1001"))
+    assert r.returncode == 2 and "--stop-token-ids 1001: outside the 1001 ids of the tokenizer" in r.stderr, \
+        r.stderr[-2000:]
 
     other = tmp_path / "other_teacher"
     shutil.copytree(setup["dpo"], other)
