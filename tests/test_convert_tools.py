@@ -223,7 +223,8 @@ def _rewrite_single_file(directory, change):
      "only qwen3 has them"),
     ("qwen2", ["model.layers.1.self_attn.k_norm.weight"], "only qwen3 has them"),
     ("qwen2", ["model.layers.7.mlp.down_proj.weight"], "layers past num_hidden_layers 4"),
-], ids=["qwen3-biases", "qwen2-qk-norm", "qwen2-k-norm", "qwen2-extra-layer"])
+    ("qwen3", ["model.layers.7.mlp.down_proj.weight"], "layers past num_hidden_layers 4"),  # no bias hint
+], ids=["qwen3-biases", "qwen2-qk-norm", "qwen2-k-norm", "qwen2-extra-layer", "qwen3-extra-layer"])
 def test_tensors_the_config_does_not_place_stop_the_conversion(tmp_path, model_type, extra, hint):
     """Issue 26 item 6: every input tensor is mapped, or nothing is written and the unmapped
     tensors are named (they were dropped while the converter printed 'wrote'), with the one hint
