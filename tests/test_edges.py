@@ -212,11 +212,10 @@ def test_a_sequence_that_exactly_fills_a_row_packs_one_more_token_is_refused():
 # every numeric flag at the edges of its range (generated from the parser's range table)
 # ---------------------------------------------------------------------------------------------
 
-BASE = ["--load", "p", "--save", "s", "--data-path", "d", "--global-batch-size", "8", "--seq-length", "16",
-        "--lr", "1e-3"]
+from test_config import AD, BASE  # noqa: E402 - the command lines the config tests build on
+
 METHOD_BASE = {"sft": ["sft"] + BASE, "dpo": ["dpo"] + BASE,
-               "aligndistil": ["aligndistil"] + BASE + ["--dpo-load", "a", "--rev-load", "b", "--rollout", "on-policy",
-                                                       "--rollout-engine", "vllm"]}
+               "aligndistil": AD + ["--rollout", "on-policy", "--rollout-engine", "vllm"]}
 
 
 def _edge_values(action, lo, lo_inc, hi, hi_inc):

@@ -263,8 +263,12 @@ _RANGES = {
 }
 
 
-def _flag(dest: str) -> str:
-    return "--" + ("tvd-scale (--r)" if dest == "r" else dest.replace("_", "-"))
+_FLAG_NAMES = {"method": "method", "r": "--tvd-scale (--r)"}
+
+
+def flag_name(dest: str) -> str:
+    """The command-line flag of a namespace dest / config identity field (as messages name it)."""
+    return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
 
 
 def _range_errors(args) -> list[str]:
@@ -280,8 +284,8 @@ def _range_errors(args) -> list[str]:
         if bad:
             left = f"[{lo}" if lo_inc else f"({lo}"
             right = "inf)" if hi is None else (f"{hi}]" if hi_inc else f"{hi})")
-            errors.append(f"{_flag(dest)} {value} is out of range {left}, {right}")
+            errors.append(f"{flag_name(dest)} {value} is out of range {left}, {right}")
     for dest, value in vars(args).items():
         if dest not in _RANGES and isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"{_flag(dest)} {value} must be a finite number")
+            errors.append(f"{flag_name(dest)} {value} must be a finite number")
     return errors

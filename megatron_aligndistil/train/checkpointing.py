@@ -26,6 +26,7 @@ from ..convert.hf import HF_CONFIG_COPY, SIDE_FILES
 from ..convert.io import CheckpointError, TensorStore
 from ..models import qwen, sharding
 from ..cli_errors import UserError
+from .arguments import flag_name
 
 LATEST = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -126,12 +127,6 @@ _IDENTITY_VALUES = ("method", "reverse", "rollout", "tensor_model_parallel_size"
 LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")
 # what Megatron-LM's --override-opt_param-scheduler lets a resumed run change on purpose
 SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "weight_decay", "train_iters")
-_FLAG_NAMES = {"method": "method", "r": "--tvd-scale (--r)"}
-
-
-def flag_name(key: str) -> str:
-    """The command-line flag of an identity field."""
-    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def run_identity(args) -> dict:
