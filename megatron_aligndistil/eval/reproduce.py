@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -23,34 +24,44 @@ from dataclasses import asdict, dataclass, field, replace
 from ..pipeline import REPO_TOOLS, Job, launch, run_jobs, say
 from ..train.metrics import read_metrics
 from .stats import fmt_ci, mean_ci
-from .world import WorldConfig
+from .world import WORLDS, WorldConfig
 
 PREFIX = "reproduce"
 _GLOBAL_RNG = threading.Lock()  # held while a stage seeds and draws from torch's global RNG
 
+# rows -> what they train. "ad_*": the paper's loss (r 15, no guard); "guarded_*": --recipe guarded.
+ROWS = ("sft", "dpo", "dpo_beta0.01", "ad_off", "ad_on", "guarded_off", "guarded_on", "ad_const1.0", "ad_vanilla")
+DPO_ROWS = ("dpo", "dpo_beta0.01")
+
 
 @dataclass
 class Settings:
-    """Sizes and hyper-parameters of one reproduction (FULL and QUICK below)."""
+    """Sizes and hyper-parameters of one reproduction (FULL and QUICK below).
+
+    Every row but SFT is trained at each cell of the grid ``grid_epochs x grid_lr_scales``
+    (epochs over the preference data, learning rate ``base_lr * scale``, cosine to a tenth),
+    judged on the world's validation prompts, and the cell with the highest validation gold rate
+    (the first in grid order on a tie) is judged on the test prompts, per seed. The teachers
+    (DPO beta ``dpo_beta`` and reverse DPO) are trained once, at ``teacher_epochs`` and ``base_lr``.
+    """
 
     seeds: tuple = (1, 2, 3)
-    rows: tuple = ("sft", "dpo", "dpo_beta0.01", "dpo_long", "ad_off", "ad_on", "ad_off_noguard", "ad_on_noguard",
-                   "ad_const1.0", "ad_const1.5", "ad_const2.0", "ad_vanilla")
+    rows: tuple = ROWS
     world: WorldConfig = field(default_factory=WorldConfig)  # the gold-judged data (eval/world.py)
     batch: int = 32
     seq_length: int = 48
     sft_iters: int = 768
     sft_lr: float = 1e-3
-    dpo_epochs: float = 1.0
-    dpo_lr: float = 2e-4
+    base_lr: float = 2e-4
+    grid_epochs: tuple = (1.0, 3.0)
+    grid_lr_scales: tuple = (1.0, 2.5)
+    teacher_epochs: float = 1.0
     dpo_beta: float = 0.1
-    ad_epochs: float = 3.0
-    ad_lr: float = 5e-4
-    r: float = 15.0
+    r: float = 15.0  # the paper's rows (ad_*); the guarded rows take --recipe guarded's
     beta0: float = 0.1
-    plausibility_threshold: float = 0.1  # AlignDistil rows except *_noguard (0: off everywhere)
     max_new_tokens: int = 16
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 8  # test prompts
+    validation_samples_per_prompt: int = 4
     workers: int = 2
     extra_ad_flags: tuple = ()
     ad_tp: int = 1  # layout of the AlignDistil runs (the quickstart shows TP2 PP2)
@@ -60,10 +71,33 @@ class Settings:
     def iters(self, records: int, epochs: float) -> int:
         return max(1, round(records * epochs / self.batch))
 
+    @property
+    def cells(self) -> list[tuple[float, float]]:
+        """(epochs, lr scale) of every grid cell, in grid order."""
+        return [(e, x) for e in self.grid_epochs for x in self.grid_lr_scales]
+
+
+def cell_name(epochs: float, scale: float) -> str:
+    return f"e{epochs:g}_lr{scale:g}x"
+
 
 FULL = Settings()
-QUICK = replace(FULL, seeds=(1,), rows=("sft", "dpo", "dpo_beta0.01", "dpo_long", "ad_off", "ad_on", "ad_off_noguard",
-                                       "ad_const1.0", "ad_vanilla"), samples_per_prompt=4)
+QUICK = replace(FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "guarded_off", "guarded_on"), samples_per_prompt=4)
+# each world's sizes: the steps world's answers are 17-33 tokens, the trap's verbose ones 12
+WORLD_SETTINGS = {
+    "rules": {},
+    "steps": dict(world=replace(WORLDS["steps"], heldout_prompts_per_family=48, validation_prompts_per_family=24),
+                  seq_length=72, max_new_tokens=40),
+    "trap": dict(world=WORLDS["trap"], max_new_tokens=24),
+}
+
+
+def for_world(s: Settings, kind: str) -> Settings:
+    """``s`` with world ``kind``'s data and sizes (:data:`WORLD_SETTINGS`)."""
+    if kind not in WORLD_SETTINGS:
+        raise ValueError(f"no world {kind!r} (have {sorted(WORLD_SETTINGS)})")
+    return replace(s, **(WORLD_SETTINGS[kind] or {"world": WORLDS[kind]}))
+
 
 MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -71,26 +105,42 @@ MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_
 
 
 def row_label(row: str) -> str:
-    return {"sft": "SFT", "dpo": "DPO (beta 0.1)", "dpo_beta0.01": "DPO (beta 0.01)",
-            "dpo_long": "DPO (beta 0.1), AlignDistil's budget",
-            "ad_off": "AlignDistil off-policy", "ad_on": "AlignDistil on-policy",
-            "ad_off_noguard": "AlignDistil off-policy, no guard (paper)",
-            "ad_on_noguard": "AlignDistil on-policy, no guard (paper)",
-            "ad_const1.0": "constant alpha 1.0", "ad_const1.5": "constant alpha 1.5",
-            "ad_const2.0": "constant alpha 2.0", "ad_vanilla": "vanilla teacher (DPO + ref)"}.get(row, row)
+    return {"sft": "SFT", "dpo": "DPO (beta 0.1)", "dpo_beta0.01": "DPO (beta 0.01)", "dpo_best": "DPO, best-tuned",
+            "ad_off": "AlignDistil off-policy (paper)", "ad_on": "AlignDistil on-policy (paper)",
+            "guarded_off": "AlignDistil off-policy, --recipe guarded",
+            "guarded_on": "AlignDistil on-policy, --recipe guarded",
+            "ad_const1.0": "constant alpha 1.0 (paper loss)",
+            "ad_vanilla": "vanilla teacher (DPO + ref, paper loss)"}.get(row, row)
 
 
 class Reproduction:
     prefix = PREFIX  # of the lines it prints
 
-    def __init__(self, run_dir: str, s: Settings):
-        self.run, self.s = os.path.abspath(run_dir), s
+    def __init__(self, run_dir: str, s: Settings, tag: str = ""):
+        """``tag``: prefix of this reproduction's job names (one per world when several run together)."""
+        self.run, self.s, self.tag = os.path.abspath(run_dir), s, tag
 
     def path(self, *parts) -> str:
         return os.path.join(self.run, *parts)
 
     def _launch(self, args, name, script=None, nproc=1):
         launch(args, self.path("logs", f"{name}.log"), nproc=nproc, script=script, prefix=self.prefix)
+
+    def teacher(self, seed: int) -> str:
+        """The DPO teacher: the DPO row's run at the teachers' budget."""
+        return self.path(f"seed{seed}", "dpo", cell_name(self.s.teacher_epochs, 1.0))
+
+    def cells(self, row: str) -> list[tuple[float, float]]:
+        """The grid cells trained for ``row`` (DPO beta 0.1 also at the teachers' budget)."""
+        if row == "sft":
+            return []
+        cells = list(self.s.cells)
+        if row == "dpo" and (self.s.teacher_epochs, 1.0) not in cells:
+            cells.append((self.s.teacher_epochs, 1.0))
+        return cells
+
+    def run_path(self, seed: int, row: str, cell=None) -> str:
+        return self.path(f"seed{seed}", row) if cell is None else self.path(f"seed{seed}", row, cell_name(*cell))
 
     # ----------------------------------------------------------------- shared data
     def make_data(self):
@@ -102,7 +152,7 @@ class Reproduction:
 
         s = self.s
         paths = write_world(s.world, self.path("data"))
-        train_tokenizer(corpus(), vocab_size=MODEL["vocab_size"]).save_pretrained(self.path("tokenizer"))
+        train_tokenizer(corpus(s.world.families), vocab_size=MODEL["vocab_size"]).save_pretrained(self.path("tokenizer"))
         tok = AutoTokenizer.from_pretrained(self.path("tokenizer"))
         for name in ("sft", "pairs", "heldout_pairs"):
             report = preprocess(load_records(paths[name]), tok, self.path("data", "tok", name),
@@ -129,114 +179,161 @@ class Reproduction:
         convert_hf_to_megatron(hf, self.path(f"seed{seed}", "base"), progress=False, overwrite=True)
 
     # ----------------------------------------------------------------- training stages
-    def _train(self, seed, name, method, load, data, iters, lr, extra, tp=1, pp=1):
+    def _train(self, seed, save, method, load, data, iters, lr, extra, tp=1, pp=1):
         s = self.s
-        save = self.path(f"seed{seed}", name)
         layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        name = os.path.relpath(save, self.run).replace(os.sep, "_")
         self._launch([method, *layout, "--load", load, "--save", save, "--data-path", data, "--global-batch-size",
                       str(s.batch), "--micro-batch-size", str(s.batch), "--seq-length", str(s.seq_length),
                       "--train-iters", str(iters), "--lr", str(lr), "--min-lr", str(lr / 10),
                       "--lr-warmup-fraction", "0.1", "--seed", str(seed), "--save-interval", str(iters),
-                      "--no-progress", *extra], f"seed{seed}_{name}", nproc=tp * pp)
+                      "--no-progress", *extra], name, nproc=tp * pp)
 
     def sft(self, seed):
         s = self.s
-        self._train(seed, "sft", "sft", self.path(f"seed{seed}", "base"), self.path("data", "tok", "sft_chosen.jsonl"),
-                    s.sft_iters, s.sft_lr, [])
+        self._train(seed, self.run_path(seed, "sft"), "sft", self.path(f"seed{seed}", "base"),
+                    self.path("data", "tok", "sft_chosen.jsonl"), s.sft_iters, s.sft_lr, [])
 
-    def dpo(self, seed, name, beta, reverse=False, long=False):
-        """``long``: DPO with AlignDistil's training budget (epochs, lr): a baseline, not a teacher."""
+    def dpo(self, seed, save, beta, epochs, lr, reverse=False):
         s = self.s
-        epochs, lr = (s.ad_epochs, s.ad_lr) if long else (s.dpo_epochs, s.dpo_lr)
-        self._train(seed, name, "dpo", self.path(f"seed{seed}", "sft"), self.path("data", "tok", "pairs_pairs.jsonl"),
+        self._train(seed, save, "dpo", self.run_path(seed, "sft"), self.path("data", "tok", "pairs_pairs.jsonl"),
                     s.iters(s.world.pair_records, epochs), lr, ["--dpo-beta", str(beta)] + (["--reverse"] if reverse else []))
 
-    def aligndistil(self, seed, name, extra, on_policy=False):
+    def reverse_dpo(self, seed):
+        self.dpo(seed, self.run_path(seed, "rev"), self.s.dpo_beta, self.s.teacher_epochs, self.s.base_lr, reverse=True)
+
+    def aligndistil(self, seed, row, cell):
+        """One AlignDistil row (:data:`ROWS`) at one grid cell."""
         s = self.s
-        d = self.path(f"seed{seed}")
-        data = "pairs_prompts.jsonl" if on_policy else "pairs_chosen.jsonl"
-        flags = ["--dpo-load", os.path.join(d, "dpo"), "--tvd-scale", str(s.r), "--beta0", str(s.beta0), *s.extra_ad_flags]
-        if s.plausibility_threshold > 0 and not name.endswith("_noguard"):
-            flags += ["--plausibility-threshold", str(s.plausibility_threshold)]
-        if "--ref-load" not in extra:
-            flags += ["--rev-load", os.path.join(d, "rev")]
+        on_policy = row.endswith("_on")
+        flags = ["--dpo-load", self.teacher(seed), "--beta0", str(s.beta0), *s.extra_ad_flags]
+        if row.startswith("guarded"):
+            flags += ["--recipe", "guarded"]
+        else:
+            flags += ["--tvd-scale", str(s.r)]
+        if row == "ad_vanilla":
+            flags += ["--ref-load", self.run_path(seed, "sft"), "--constant-alpha", "1.0"]
+        else:
+            flags += ["--rev-load", self.run_path(seed, "rev")]
+        if row.startswith("ad_const"):
+            flags += ["--constant-alpha", row[len("ad_const"):]]
         if on_policy:
             flags += ["--rollout", "on-policy", "--max-new-tokens", str(s.max_new_tokens)]
         tp, pp = s.on_policy_layout if on_policy and s.on_policy_layout else (s.ad_tp, s.ad_pp)
-        self._train(seed, name, "aligndistil", os.path.join(d, "sft"), self.path("data", "tok", data),
-                    s.iters(s.world.pair_records, s.ad_epochs), s.ad_lr, flags + list(extra), tp=tp, pp=pp)
+        data = "pairs_prompts.jsonl" if on_policy else "pairs_chosen.jsonl"
+        epochs, scale = cell
+        self._train(seed, self.run_path(seed, row, cell), "aligndistil", self.run_path(seed, "sft"),
+                    self.path("data", "tok", data), s.iters(s.world.pair_records, epochs), s.base_lr * scale, flags,
+                    tp=tp, pp=pp)
+
+    def train_cell(self, seed, row, cell):
+        s = self.s
+        if row in DPO_ROWS:
+            beta = s.dpo_beta if row == "dpo" else float(row.split("beta")[1])
+            self.dpo(seed, self.run_path(seed, row, cell), beta, cell[0], s.base_lr * cell[1])
+        else:
+            self.aligndistil(seed, row, cell)
 
     def reward_accuracy(self, seed):
-        d = self.path(f"seed{seed}")
-        self._launch(["--dpo-load", os.path.join(d, "dpo"), "--ref-load", os.path.join(d, "sft"),
-                      "--rev-load", os.path.join(d, "rev"), "--data-path", self.path("data", "tok", "heldout_pairs_pairs.jsonl"),
+        self._launch(["--dpo-load", self.teacher(seed), "--ref-load", self.run_path(seed, "sft"),
+                      "--rev-load", self.run_path(seed, "rev"),
+                      "--data-path", self.path("data", "tok", "heldout_pairs_pairs.jsonl"),
                       "--dpo-beta", str(self.s.dpo_beta), "--micro-batch-size", "32",
                       "--out", self.path("eval", f"reward_seed{seed}.json")],
                      f"seed{seed}_reward", script=os.path.join(REPO_TOOLS, "eval_reward.py"))
 
-    def evaluate(self, seed):
-        s = self.s
-        d = self.path(f"seed{seed}")
-        policies = [f"--policy={row}={os.path.join(d, row)}" for row in s.rows]
-        self._launch(policies + ["--prompts", self.path("data", "heldout_prompts.jsonl"),
-                                 "--ref-load", os.path.join(d, "sft"), "--dpo-load", os.path.join(d, "dpo"),
-                                 "--samples-per-prompt", str(s.samples_per_prompt), "--temperature", "1",
-                                 "--max-new-tokens", str(s.max_new_tokens), "--seed", str(seed),
-                                 "--out", self.path("eval", f"policies_seed{seed}.json")],
-                     f"seed{seed}_eval", script=os.path.join(REPO_TOOLS, "eval_policy.py"))
+    def _evaluate(self, seed, policies: dict, prompts: str, samples: int, out: str, greedy: bool):
+        self._launch([f"--policy={name}={path}" for name, path in policies.items()]
+                     + ["--prompts", self.path("data", prompts), "--ref-load", self.run_path(seed, "sft"),
+                        "--dpo-load", self.teacher(seed), "--samples-per-prompt", str(samples), "--temperature", "1",
+                        "--max-new-tokens", str(self.s.max_new_tokens), "--seed", str(seed), "--out", out]
+                     + ([] if greedy else ["--no-greedy"]),
+                     os.path.basename(out).replace(".json", ""), script=os.path.join(REPO_TOOLS, "eval_policy.py"))
+
+    def validate(self, seed):
+        """Every trained cell of every row on the validation prompts."""
+        policies = {f"{row}/{cell_name(*c)}": self.run_path(seed, row, c) for row in self.s.rows for c in self.cells(row)}
+        self._evaluate(seed, policies, "validation_prompts.jsonl", self.s.validation_samples_per_prompt,
+                       self.path("eval", f"validation_seed{seed}.json"), greedy=False)
+
+    def chosen(self, seed) -> dict:
+        """row -> the grid cell name with the best validation gold rate (first in grid order on a tie)."""
+        val = {r["name"]: r["gold_rate"] for r in json.load(open(self.path("eval", f"validation_seed{seed}.json")))["policies"]}
+        out = {}
+        for row in self.s.rows:
+            if row != "sft":
+                names = [cell_name(*c) for c in self.s.cells]
+                out[row] = max(names, key=lambda n: (val[f"{row}/{n}"], -names.index(n)))
+        return out
+
+    def test(self, seed):
+        """SFT and each row's chosen cell on the test prompts."""
+        chosen = self.chosen(seed)
+        policies = {row: self.run_path(seed, row) if row == "sft" else os.path.join(self.run_path(seed, row), chosen[row])
+                    for row in self.s.rows}
+        self._evaluate(seed, policies, "heldout_prompts.jsonl", self.s.samples_per_prompt,
+                       self.path("eval", f"policies_seed{seed}.json"), greedy=True)
 
     def jobs(self) -> list[Job]:
         s = self.s
-        jobs = [Job("data", self.make_data)]
-        variants = {  # row -> (job function, deps)
-            "dpo": (lambda sd: self.dpo(sd, "dpo", s.dpo_beta), ("sft",)),
-            "dpo_beta0.01": (lambda sd: self.dpo(sd, "dpo_beta0.01", 0.01), ("sft",)),
-            "dpo_long": (lambda sd: self.dpo(sd, "dpo_long", s.dpo_beta, long=True), ("sft",)),
-            "ad_off": (lambda sd: self.aligndistil(sd, "ad_off", []), ("dpo", "rev")),
-            "ad_on": (lambda sd: self.aligndistil(sd, "ad_on", [], on_policy=True), ("dpo", "rev")),
-            "ad_off_noguard": (lambda sd: self.aligndistil(sd, "ad_off_noguard", []), ("dpo", "rev")),
-            "ad_on_noguard": (lambda sd: self.aligndistil(sd, "ad_on_noguard", [], on_policy=True), ("dpo", "rev")),
-            "ad_vanilla": (lambda sd: self.aligndistil(sd, "ad_vanilla", ["--ref-load", os.path.join(
-                self.path(f"seed{sd}"), "sft"), "--constant-alpha", "1.0"]), ("dpo",)),
-        }
-        for a in ("1.0", "1.5", "2.0"):
-            variants[f"ad_const{a}"] = (lambda sd, a=a: self.aligndistil(sd, f"ad_const{a}", ["--constant-alpha", a]),
-                                        ("dpo", "rev"))
-        for seed in s.seeds:
-            def n(x, seed=seed):
-                return f"seed{seed}_{x}"
+        if "dpo" not in s.rows:
+            raise ValueError("rows must include dpo (the teacher)")
+        unknown = [r for r in s.rows if r not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown rows {unknown} (have {ROWS})")
 
-            jobs += [Job(n("base"), lambda sd=seed: self.make_base(sd), ("data",)),
-                     Job(n("sft"), lambda sd=seed: self.sft(sd), (n("base"),)),
-                     Job(n("rev"), lambda sd=seed: self.dpo(sd, "rev", s.dpo_beta, reverse=True), (n("sft"),))]
-            if "dpo" not in s.rows:
-                raise ValueError("rows must include dpo (the teacher)")
+        def n(x):
+            return f"{self.tag}{x}"
+
+        teacher_cell = cell_name(s.teacher_epochs, 1.0)
+        jobs = [Job(n("data"), self.make_data)]
+        for seed in s.seeds:
+            sd = f"seed{seed}_"
+            jobs += [Job(n(sd + "base"), lambda seed=seed: self.make_base(seed), (n("data"),)),
+                     Job(n(sd + "sft"), lambda seed=seed: self.sft(seed), (n(sd + "base"),)),
+                     Job(n(sd + "rev"), lambda seed=seed: self.reverse_dpo(seed), (n(sd + "sft"),))]
+            trained = []
             for row in s.rows:
-                if row == "sft":
-                    continue
-                fn, deps = variants[row]
-                jobs.append(Job(n(row), lambda sd=seed, fn=fn: fn(sd), tuple(n(d) for d in deps)))
-            jobs.append(Job(n("reward"), lambda sd=seed: self.reward_accuracy(sd), (n("dpo"), n("rev"))))
-            jobs.append(Job(n("eval"), lambda sd=seed: self.evaluate(sd), tuple(n(r) for r in s.rows)))
-        # the order jobs are listed in is the order ready jobs start: teachers of every seed first
-        return sorted(jobs, key=lambda j: (0 if j.name == "data" else 1 if not j.name.endswith(("eval", "reward"))
-                                           and "ad_" not in j.name else 2 if "ad_" in j.name else 3))
+                for cell in self.cells(row):
+                    deps = (n(sd + "sft"),) if row in DPO_ROWS else \
+                        (n(sd + "sft"), n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))
+                    name = n(f"{sd}{row}_{cell_name(*cell)}")
+                    jobs.append(Job(name, lambda seed=seed, row=row, cell=cell: self.train_cell(seed, row, cell), deps))
+                    trained.append(name)
+            jobs.append(Job(n(sd + "reward"), lambda seed=seed: self.reward_accuracy(seed),
+                            (n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))))
+            jobs.append(Job(n(sd + "validate"), lambda seed=seed: self.validate(seed), tuple(trained)))
+            jobs.append(Job(n(sd + "eval"), lambda seed=seed: self.test(seed), (n(sd + "validate"),)))
+        return jobs
 
     # ----------------------------------------------------------------- results
     def results(self) -> dict:
         s = self.s
         per_seed = {sd: {r["name"]: r for r in json.load(open(self.path("eval", f"policies_seed{sd}.json")))["policies"]}
                     for sd in s.seeds}
+        chosen = {sd: self.chosen(sd) for sd in s.seeds}
+        val = {sd: {r["name"]: r["gold_rate"] for r in
+                    json.load(open(self.path("eval", f"validation_seed{sd}.json")))["policies"]} for sd in s.seeds}
+        # the best-tuned DPO of each seed: the DPO row (beta) whose chosen cell is best on validation
+        for sd in s.seeds:
+            dpo_rows = [r for r in DPO_ROWS if r in s.rows]
+            best = max(dpo_rows, key=lambda r: (val[sd][f"{r}/{chosen[sd][r]}"], -dpo_rows.index(r)))
+            per_seed[sd]["dpo_best"] = dict(per_seed[sd][best], name="dpo_best")
+            chosen[sd]["dpo_best"] = f"{best}/{chosen[sd][best]}"
         rewards = {sd: json.load(open(self.path("eval", f"reward_seed{sd}.json"))) for sd in s.seeds}
         rows = []
-        for row in s.rows:
+        for row in list(s.rows) + ["dpo_best"]:
             runs = [per_seed[sd][row] for sd in s.seeds]
             clusters = [g for r in runs for g in r["per_prompt_gold"]]
             out = {"row": row, "label": row_label(row), "gold": mean_ci(clusters),
-                   "gold_by_seed": [r["gold_rate"] for r in runs],
-                   "greedy_gold": sum(r["greedy_gold_rate"] for r in runs) / len(runs)}
+                   "gold_by_seed": [r["gold_rate"] for r in runs], "per_prompt_gold": [r["per_prompt_gold"] for r in runs],
+                   "greedy_gold": sum(r["greedy_gold_rate"] for r in runs) / len(runs),
+                   "chosen": [chosen[sd].get(row, "") for sd in s.seeds],
+                   "validation_gold": [val[sd][c if "/" in c else f"{row}/{c}"] if (c := chosen[sd].get(row)) else None
+                                       for sd in s.seeds]}
             for key in ("response_len_mean", "eos_rate", "kl_from_ref", "kl_from_dpo"):
                 out[key] = sum(r[key] for r in runs) / len(runs)
+            out["len_by_seed"] = [r["response_len_mean"] for r in runs]
             fams = runs[0]["gold_by_family"].keys()
             out["gold_by_family"] = {f: sum(r["gold_by_family"][f] for r in runs) / len(runs) for f in fams}
             rows.append(out)
@@ -244,11 +341,13 @@ class Reproduction:
                       for k in ("dpo_reward", "contrastive_reward")}
         train_stats = {}
         for row in s.rows:
-            if row.startswith("ad_"):
-                ms = [read_metrics(self.path(f"seed{sd}", row, "metrics.jsonl")) for sd in s.seeds]
+            if row.startswith(("ad_", "guarded_")):
+                ms = [read_metrics(os.path.join(self.run_path(sd, row), chosen[sd][row], "metrics.jsonl"))
+                      for sd in s.seeds]
                 train_stats[row] = {k: sum(sum(m[k] for m in run) / len(run) for run in ms) / len(ms)
                                     for k in ("alpha_mean", "tvd_mean", "kl")}
-        return {"settings": asdict(s), "rows": rows, "reward_accuracy": reward_acc, "train_stats": train_stats}
+        return {"settings": asdict(s), "rows": rows, "reward_accuracy": reward_acc, "train_stats": train_stats,
+                "versus_dpo": versus(rows, "dpo_best")}
 
     def write_results(self, res: dict, wall_s: float) -> str:
         res["wall_s"] = wall_s
@@ -261,22 +360,45 @@ class Reproduction:
         return text
 
 
+def versus(rows: list[dict], baseline: str) -> dict:
+    """Each AlignDistil row minus ``baseline`` on the same test prompts: per seed, and pooled with
+    a 95% interval over (seed, prompt) clusters of the paired per-prompt differences."""
+    base = next(r for r in rows if r["row"] == baseline)
+    out = {}
+    for r in rows:
+        if r["row"].startswith(("ad_", "guarded_")):
+            diffs = [a - b for pa, pb in zip(r["per_prompt_gold"], base["per_prompt_gold"]) for a, b in zip(pa, pb)]
+            out[r["row"]] = {"diff": mean_ci(diffs, bounds=(-1.0, 1.0)),
+                             "by_seed": [a - b for a, b in zip(r["gold_by_seed"], base["gold_by_seed"])]}
+    return out
+
+
 def markdown(res: dict) -> str:
-    """The results table (gold rate, length, EOS, KL; reward accuracy; teacher statistics)."""
+    """The results tables: test gold rate of each row's validation-chosen cell (with the cells), the
+    AlignDistil rows minus the best-tuned DPO, reward accuracy, teacher statistics, families."""
     sft = next(r for r in res["rows"] if r["row"] == "sft")
-    lines = ["| policy | gold rate [95% CI] | per seed | greedy | length (x SFT) | EOS | KL from SFT | KL from DPO |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | chosen cell per seed | test gold rate [95% CI] | per seed | greedy | length (x SFT) | EOS "
+             "| KL from SFT | KL from DPO |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         seeds = " ".join(f"{g:.2f}" for g in r["gold_by_seed"])
-        lines.append(f"| {r['label']} | {fmt_ci(r['gold'])} | {seeds} | {r['greedy_gold']:.3f} | "
+        cells = ", ".join(r["chosen"]) if any(r["chosen"]) else "-"
+        lines.append(f"| {r['label']} | {cells} | {fmt_ci(r['gold'])} | {seeds} | {r['greedy_gold']:.3f} | "
                      f"{r['response_len_mean']:.2f} ({r['response_len_mean'] / sft['response_len_mean']:.2f}) | "
                      f"{r['eos_rate']:.2f} | {r['kl_from_ref']:.2f} | {r['kl_from_dpo']:.2f} |")
+    lines += ["", "| AlignDistil row | minus best-tuned DPO [95% CI] | per seed | length x SFT per seed |",
+              "|---|---|---|---|"]
+    for row, v in res["versus_dpo"].items():
+        r = next(x for x in res["rows"] if x["row"] == row)
+        ratio = " ".join(f"{a / b:.2f}" for a, b in zip(r["len_by_seed"], sft["len_by_seed"]))
+        d = v["diff"]
+        lines.append(f"| {row_label(row)} | {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
+                     + " ".join(f"{x:+.2f}" for x in v["by_seed"]) + f" | {ratio} |")
     ra = res["reward_accuracy"]
     lines += ["", "| reward on held-out pairs | accuracy [95% CI over seeds] |", "|---|---|",
               f"| DPO reward (DPO vs SFT reference) | {fmt_ci(ra['dpo_reward'])} |",
               f"| contrastive reward (DPO vs reverse DPO) | {fmt_ci(ra['contrastive_reward'])} |"]
     if res["train_stats"]:
-        lines += ["", "| AlignDistil run | mean alpha | mean TVD | mean KL to teacher |", "|---|---|---|---|"]
+        lines += ["", "| AlignDistil run (chosen cells) | mean alpha | mean TVD | mean KL to teacher |", "|---|---|---|---|"]
         for row, st in res["train_stats"].items():
             lines.append(f"| {row_label(row)} | {st['alpha_mean']:.2f} | {st['tvd_mean']:.3f} | {st['kl']:.3f} |")
     fam_rows = res["rows"]
@@ -295,20 +417,46 @@ def plot_results(res: dict, out_png: str) -> None:
          f"gold rate, {len(res['settings']['seeds'])} seed(s), 95% CI")
 
 
+def summary_markdown(by_world: dict) -> str:
+    """One line per world and AlignDistil row: minus the best-tuned DPO (pooled, per seed), against
+    SFT, and length: the verdict table across worlds."""
+    lines = ["| world | AlignDistil row | gold | best-tuned DPO | minus DPO [95% CI] | per seed | min over seeds of "
+             "(row - SFT) | max length x SFT |", "|---|---|---|---|---|---|---|---|"]
+    for world, res in by_world.items():
+        rows = {r["row"]: r for r in res["rows"]}
+        for row, v in res["versus_dpo"].items():
+            r, d = rows[row], v["diff"]
+            above_sft = min(a - b for a, b in zip(r["gold_by_seed"], rows["sft"]["gold_by_seed"]))
+            ratio = max(a / b for a, b in zip(r["len_by_seed"], rows["sft"]["len_by_seed"]))
+            lines.append(f"| {world} | {row_label(row)} | {r['gold']['mean']:.3f} | {rows['dpo_best']['gold']['mean']:.3f} "
+                         f"| {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
+                         + " ".join(f"{x:+.2f}" for x in v["by_seed"]) + f" | {above_sft:+.2f} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seed_of(job_name: str) -> int:
+    m = re.search(r"seed(\d+)_", job_name)
+    return int(m.group(1)) if m else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/paper")
-    ap.add_argument("--quick", action="store_true", help="one seed, fewer rows and samples (about 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="one seed, one world, fewer rows and samples")
+    ap.add_argument("--worlds", nargs="+", choices=list(WORLD_SETTINGS), default=None,
+                    help="gold worlds to run (default: all; --quick: rules); each in <run-dir>/<world>")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a Settings field, e.g. --set r=5 --set ad_lr=1e-4")
+                    help="override a Settings field in every world, e.g. --set r=5 --set base_lr=1e-4")
     args = ap.parse_args(argv)
-    s = QUICK if args.quick else FULL
+    base = QUICK if args.quick else FULL
+    worlds = args.worlds or (["rules"] if args.quick else list(WORLD_SETTINGS))
+    overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in Settings.__dataclass_fields__:
-            ap.error(f"--set {item}: no setting {key!r} (have {sorted(Settings.__dataclass_fields__)})")
-        current = getattr(s, key)
+        if key not in Settings.__dataclass_fields__ or key == "world":
+            ap.error(f"--set {item}: no setting {key!r} (have {sorted(set(Settings.__dataclass_fields__) - {'world'})})")
+        current = getattr(base, key)
         try:
             if isinstance(current, tuple):
                 value = tuple(type(current[0])(v) for v in value.split(",")) if current else tuple(value.split(","))
@@ -320,17 +468,29 @@ def main(argv=None) -> int:
             kind = f"comma-separated {type(current[0]).__name__}s" if isinstance(current, tuple) and current else \
                 type(current).__name__
             ap.error(f"--set {item}: {key} takes {kind} (now {current!r})")
-        s = replace(s, **{key: value})
+        overrides[key] = value
     if args.seeds:
-        s = replace(s, seeds=tuple(args.seeds))
-    rep = Reproduction(args.run_dir, s)
-    os.makedirs(rep.path("eval"), exist_ok=True)
-    with open(rep.path("settings.json"), "w") as f:
-        json.dump(asdict(s), f, indent=1)
+        overrides["seeds"] = tuple(args.seeds)
+    reps = {}
+    for kind in worlds:
+        s = replace(for_world(base, kind), **overrides)
+        reps[kind] = Reproduction(os.path.join(args.run_dir, kind), s, tag=f"{kind}.")
+        os.makedirs(reps[kind].path("eval"), exist_ok=True)
+        with open(reps[kind].path("settings.json"), "w") as f:
+            json.dump(asdict(s), f, indent=1)
+    # seed by seed across worlds, so the first seeds of every world finish first
+    jobs = sorted((j for rep in reps.values() for j in rep.jobs()), key=lambda j: _seed_of(j.name))
     t0 = time.time()
-    run_jobs(rep.jobs(), rep.path(".done"), workers=s.workers, prefix=rep.prefix)
-    text = rep.write_results(rep.results(), time.time() - t0)
-    say(f"results ({time.time() - t0:.0f} s; {rep.path('results.md')}):\n\n{text}", PREFIX)
+    run_jobs(jobs, os.path.join(args.run_dir, ".done"), workers=base.workers, prefix=PREFIX)
+    by_world = {}
+    for kind, rep in reps.items():
+        by_world[kind] = rep.results()
+        text = rep.write_results(by_world[kind], time.time() - t0)
+        say(f"{kind} world ({rep.path('results.md')}):\n\n{text}", PREFIX)
+    summary = summary_markdown(by_world)
+    with open(os.path.join(args.run_dir, "summary.md"), "w") as f:
+        f.write(summary)
+    say(f"every world ({time.time() - t0:.0f} s; {os.path.join(args.run_dir, 'summary.md')}):\n\n{summary}", PREFIX)
     return 0
 
 

@@ -97,6 +97,14 @@ def _data_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-config", default=None, help="dry run only: HF config.json when --load is not on this machine")
 
 
+# --recipe NAME -> (dest, flags that set it, value): the preset's settings, applied where none of
+# the flags is given. "paper" is the defaults themselves (SPEC section 1).
+RECIPES = {
+    "paper": (),
+    "guarded": (("r", ("--tvd-scale", "--r"), 5.0), ("plausibility_threshold", ("--plausibility-threshold",), 0.1)),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_aligndistil.train",
                                      description="Train with AlignDistil or DPO on Megatron-Core.")
@@ -153,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plausibility-threshold", type=float, default=None, metavar="TAU",
                    help="never let extrapolation raise a token whose DPO probability is below TAU (it may "
                         "still lower it); not in the paper, see docs/alignment.md. Default: off")
+    g.add_argument("--recipe", choices=list(RECIPES), default="paper",
+                   help="a named set of loss settings; flags given explicitly win. paper: the paper's loss "
+                        "(the defaults above); guarded: --tvd-scale 5 --plausibility-threshold 0.1 (the "
+                        "benchmark's preset, docs/alignment.md)")
 
     s = sub.add_parser("sft", help="supervised fine-tuning on response tokens (the step-time baseline)")
     _common(s)
@@ -177,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = parser.parse_args(argv)
+    for dest, flags, value in RECIPES.get(getattr(args, "recipe", None), ()):
+        if not _values_of(argv, flags):
+            setattr(args, dest, value)
     errors = _range_errors(args)
     scales = _values_of(argv, ("--tvd-scale", "--r"))
     if len({v for _, v in scales}) > 1:  # both names set r: the last would win silently
