@@ -478,6 +478,10 @@ def main(argv=None) -> int:
         os.makedirs(reps[kind].path("eval"), exist_ok=True)
         with open(reps[kind].path("settings.json"), "w") as f:
             json.dump(asdict(s), f, indent=1)
+    # the stages run in threads: import transformers' lazy modules once here, as two threads doing
+    # it at once can see a half-initialised module ("cannot import name 'AutoTokenizer'")
+    from transformers import AutoTokenizer, Qwen2ForCausalLM  # noqa: F401
+
     # seed by seed across worlds, so the first seeds of every world finish first
     jobs = sorted((j for rep in reps.values() for j in rep.jobs()), key=lambda j: _seed_of(j.name))
     t0 = time.time()
