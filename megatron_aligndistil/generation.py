@@ -46,11 +46,14 @@ def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.T
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
 
 
-def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None, inference_context=None):
+def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None, inference_context=None,
+                 combine=None):
     """Forward-only schedule over ``tokens [n, seq_len]``. Returns, on the last stage, the float32
     full-vocab logits ``[n, V]`` (padding -inf) of row i at position ``rows_at[i]`` (default: the
     last position); None on other stages. Only those rows are gathered over TP (with a cache,
-    Megatron gathers the decode step's logits itself)."""
+    Megatron gathers the decode step's logits itself). ``combine``: for a model whose last stage
+    returns several models' logits (``LockstepStage``), maps their ``[n, vocab_size]`` rows (the
+    vocab padding cut off) to the logits to sample from."""
     from types import SimpleNamespace
 
     from megatron.core import parallel_state
@@ -63,8 +66,7 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
     if inference_context is not None:
         kwargs = {"inference_context": inference_context, "runtime_gather_output": True}
 
-    def collect(outputs, _batch):
-        logits = outputs[0]
+    def rows_of(logits):
         if rows_at is None:
             rows = logits[:, -1]
         else:
@@ -74,12 +76,18 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
             parts = [torch.empty_like(rows) for _ in range(tp)]
             torch.distributed.all_gather(parts, rows, group=tp_group)
             rows = torch.cat(parts, -1)
+        return rows
+
+    def collect(outputs, _batch):
+        rows = rows_of(outputs[0])
+        if combine is not None:
+            rows[:, :vocab_size] = combine([rows_of(o)[:, :vocab_size] for o in outputs])
         rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
         return rows
 
     step = SimpleNamespace(tokens=tokens, positions=positions)
-    got = drive(model, [step], collect, forward_only=True, seq_length=seq_len, rows=pipeline_rows(n),
-                model_kwargs=kwargs)
+    got = drive(model, [step], collect, forward_only=True, seq_length=seq_len,
+                rows=pipeline_rows(n, getattr(model, "num_models", 1)), model_kwargs=kwargs)
     return got[0] if got else None
 
 
@@ -132,7 +140,7 @@ class _Batch:
         self.done.logical_or_(hit | (self.made >= self.limit))
 
 
-def _decode_recomputing(model, state: _Batch, vocab_size: int, last_stage: bool) -> torch.Tensor:
+def _decode_recomputing(model, state: _Batch, vocab_size: int, last_stage: bool, combine=None) -> torch.Tensor:
     """The reference decoder: the whole prefix every step. Returns each sequence's end."""
     dev = platform.device()
     n = len(state.ids)
@@ -141,7 +149,8 @@ def _decode_recomputing(model, state: _Batch, vocab_size: int, last_stage: bool)
         cur = int(lengths.max())
         positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
         # each row's next-token logits sit at its own last position: gather those rows' logits
-        logits = _run_forward(model, state.tokens[:, :cur].to(dev), positions, n, cur, vocab_size, rows_at=lengths - 1)
+        logits = _run_forward(model, state.tokens[:, :cur].to(dev), positions, n, cur, vocab_size, rows_at=lengths - 1,
+                              combine=combine)
         new = state.choose(logits, last_stage)
         rows = ~state.done
         state.accept(new, rows, lengths)
@@ -179,11 +188,14 @@ def _decode_cached(model, state: _Batch, vocab_size: int, last_stage: bool) -> t
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
              sequence_ids: list[int] | None = None, kv_cache: bool = True,
-             max_new_tokens: list[int] | None = None) -> list[dict]:
+             max_new_tokens: list[int] | None = None, combine=None) -> list[dict]:
     """Sample a response for each prompt. ``model``: this rank's pipeline stage (a GPTModel, or
     anything whose last stage returns logits ``[b, s, V/TP]``). ``sequence_ids``: global indices
     seeding each sequence's randomness (default 0..n-1). ``max_new_tokens``: a per-sequence limit
-    (default ``params.max_new_tokens`` for all). Collective over the TP and PP groups.
+    (default ``params.max_new_tokens`` for all). ``combine``: sample from a function of several
+    models' logits (``model`` a ``LockstepStage``; see :func:`_run_forward`), e.g. AlignDistil's
+    teacher z*; it decodes without a KV cache (the models would share one cache). Collective over
+    the TP and PP groups.
 
     Returns ``[{"response_ids": [...], "stopped": bool}]`` on every rank.
     """
@@ -196,14 +208,17 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
 
         set_model_to_sequence_parallel(model, False)
         try:
-            return generate(model, prompts, params, vocab_size, sequence_ids, kv_cache, max_new_tokens)
+            return generate(model, prompts, params, vocab_size, sequence_ids, kv_cache, max_new_tokens, combine)
         finally:
             set_model_to_sequence_parallel(model, True)
     from megatron.core import parallel_state
 
     state = _Batch(prompts, params, sequence_ids, max_new_tokens)
     model.eval()
-    decode = _decode_cached if kv_cache else _decode_recomputing
-    end = decode(model, state, vocab_size, parallel_state.is_pipeline_last_stage())
+    last_stage = parallel_state.is_pipeline_last_stage()
+    if combine is not None:
+        end = _decode_recomputing(model, state, vocab_size, last_stage, combine)
+    else:
+        end = (_decode_cached if kv_cache else _decode_recomputing)(model, state, vocab_size, last_stage)
     return [{"response_ids": state.tokens[i, len(prompts[i]): int(end[i])].tolist(), "stopped": bool(state.stopped[i])}
             for i in range(len(prompts))]

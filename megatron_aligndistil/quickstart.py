@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -24,15 +25,18 @@ from .eval import reproduce
 from .eval.stats import fmt_ci
 from .pipeline import Job, run_jobs
 
-# r 5 with the plausibility guard: the setting the benchmark recommends on this world (docs/alignment.md).
-# Shorter than the benchmark (SFT 448 iterations, AlignDistil 2 epochs, 4 samples per held-out prompt)
-# to stay within 6 minutes from a fresh clone. Off-policy at TP2 PP2 (4 processes); on-policy at TP1:
-# on 2 cores TP/PP sampling is communication-bound (docs/training.md); the tests cover on-policy
-# training at TP2 and sampling at TP2 PP2.
-QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "ad_on"), ad_tp=2, ad_pp=2,
-                     on_policy_layout=(1, 1), samples_per_prompt=4, r=5.0, sft_iters=448, ad_epochs=2.0)
+# One seed of the benchmark on the rules world: SFT, DPO and AlignDistil with --recipe guarded (r 5, the
+# plausibility guard 0.1; docs/alignment.md), each trained at 2 epochs with lr 2e-4 and 5e-4 and the
+# better of the two chosen on validation prompts. Shorter than the benchmark (SFT 448 iterations, 4
+# samples per test prompt) to stay near 8 minutes from a fresh clone. Off-policy at TP2 PP2 (4
+# processes); on-policy at TP1: on 2 cores TP/PP sampling is communication-bound (docs/training.md);
+# the tests cover on-policy training at TP2 and sampling at TP2 PP2.
+QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "guarded_off", "guarded_on"), ad_tp=2, ad_pp=2,
+                     on_policy_layout=(1, 1), samples_per_prompt=4, sft_iters=448, grid_epochs=(2.0,),
+                     grid_lr_scales=(1.0, 2.5))
 SHORT = replace(QUICKSTART, world=replace(QUICKSTART.world, sft_records=64, pair_records=32), batch=8, sft_iters=3,
-                ad_epochs=0.75, samples_per_prompt=1, max_new_tokens=8)
+                grid_epochs=(0.75,), grid_lr_scales=(1.0,), samples_per_prompt=1, validation_samples_per_prompt=1,
+                max_new_tokens=8)
 
 
 class Quickstart(reproduce.Reproduction):
@@ -41,9 +45,9 @@ class Quickstart(reproduce.Reproduction):
     def export(self):
         from .convert.hf import convert_megatron_to_hf
 
-        for name in ("sft", "ad_off"):
-            convert_megatron_to_hf(self.path("seed1", name, "release"), self.path("hf", name), progress=False,
-                                   overwrite=True)
+        for name in ("sft", "guarded_off"):
+            convert_megatron_to_hf(os.path.join(self.chosen_run(name), "release"), self.path("hf", name),
+                                   progress=False, overwrite=True)
 
     def generate(self):
         """Greedy answers of the exported SFT and AlignDistil models, with transformers."""
@@ -52,11 +56,11 @@ class Quickstart(reproduce.Reproduction):
 
         from .eval.world import judge
 
-        tok = AutoTokenizer.from_pretrained(self.path("hf", "ad_off"))
+        tok = AutoTokenizer.from_pretrained(self.path("hf", "guarded_off"))
         items = [json.loads(line) for line in open(self.path("data", "heldout_prompts.jsonl"))]
         picked = [next(it for it in items if it["family"] == f) for f in ("color", "repeat", "last", "order")]
         out = []
-        for name in ("sft", "ad_off"):
+        for name in ("sft", "guarded_off"):
             model = AutoModelForCausalLM.from_pretrained(self.path("hf", name), dtype=torch.float32).eval()
             for it in picked:
                 ids = tok.apply_chat_template([{"role": "user", "content": it["instruction"]}], add_generation_prompt=True,
@@ -70,14 +74,19 @@ class Quickstart(reproduce.Reproduction):
         with open(self.path("generations.json"), "w") as f:
             json.dump(out, f, indent=2)
 
+    def chosen_run(self, row: str) -> str:
+        """Seed 1's run of ``row`` at the grid cell chosen on validation prompts."""
+        return self.run_path(1, row) if row == "sft" else os.path.join(self.run_path(1, row), self.chosen(1)[row])
+
     def plots(self):
         from .train.plots import plot_runs
 
-        d = self.path("seed1")
-        plot_runs({"off-policy": f"{d}/ad_off/metrics.jsonl", "on-policy": f"{d}/ad_on/metrics.jsonl"},
-                  self.path("plots", "aligndistil.png"), "AlignDistil: off-policy TP2 PP2, on-policy TP1")
-        plot_runs({"dpo": f"{d}/dpo/metrics.jsonl", "reverse dpo": f"{d}/rev/metrics.jsonl"},
-                  self.path("plots", "dpo.png"), "DPO and reverse-DPO teachers")
+        plot_runs({"off-policy": os.path.join(self.chosen_run("guarded_off"), "metrics.jsonl"),
+                   "on-policy": os.path.join(self.chosen_run("guarded_on"), "metrics.jsonl")},
+                  self.path("plots", "aligndistil.png"), "AlignDistil --recipe guarded: off-policy TP2 PP2, on-policy TP1")
+        plot_runs({"dpo": os.path.join(self.chosen_run("dpo"), "metrics.jsonl"),
+                   "reverse dpo": os.path.join(self.run_path(1, "rev"), "metrics.jsonl")},
+                  self.path("plots", "dpo.png"), "DPO (chosen cell) and the reverse-DPO teacher")
 
     def jobs(self):
         return super().jobs() + [Job("export_hf", self.export, ("seed1_eval",)),
@@ -86,10 +95,12 @@ class Quickstart(reproduce.Reproduction):
 
 
 def summary_rows(res: dict, run_dir: str) -> list[tuple[str, str]]:
-    rows = [(f"gold rate, {r['label']}", fmt_ci(r["gold"])) for r in res["rows"]]
+    rows = [(f"gold rate, {r['label']}", fmt_ci(r["gold"])) for r in res["rows"] if r["row"] != "dpo_best"]
+    rows += [(f"{r['label']}: cell chosen on validation", r["chosen"][0]) for r in res["rows"]
+             if r["row"] not in ("sft", "dpo_best")]
     sft = next(r for r in res["rows"] if r["row"] == "sft")
     for r in res["rows"]:
-        if r["row"].startswith("ad_"):
+        if r["row"].startswith(("ad_", "guarded_")):
             rows.append((f"{r['label']}: length x SFT, KL from SFT / DPO",
                          f"{r['response_len_mean'] / sft['response_len_mean']:.2f}, "
                          f"{r['kl_from_ref']:.2f} / {r['kl_from_dpo']:.2f}"))
@@ -98,8 +109,11 @@ def summary_rows(res: dict, run_dir: str) -> list[tuple[str, str]]:
              ("contrastive reward accuracy (DPO vs reverse DPO)", f"{ra['contrastive_reward']['mean']:.3f}")]
     for row, st in res["train_stats"].items():
         rows.append((f"{reproduce.row_label(row)}: mean alpha, TVD", f"{st['alpha_mean']:.2f}, {st['tvd_mean']:.3f}"))
+    for recipe, (p,) in res["preflight"].items():
+        rows.append((f"teacher pre-flight, --recipe {recipe}", f"{p['verdict']}: teacher {p['teacher_gold']:.3f} vs DPO "
+                     f"{p['dpo_gold']:.3f} on validation prompts, length x{p['length_ratio']:.2f}"))
     rows += [("results, plots", f"{run_dir}/results.md, {run_dir}/plots/"),
-             ("exported HF model", f"{run_dir}/hf/ad_off")]
+             ("exported HF model", f"{run_dir}/hf/guarded_off")]
     return rows
 
 

@@ -355,3 +355,30 @@ def test_masked_positions_contribute_exactly_zero_whatever_their_values(token_we
         masked(vocab_parallel_logprobs(z, target), mask).sum().backward()
         grads.append(z.grad)
     assert torch.equal(grads[0][mask > 0], grads[1][mask > 0]) and torch.all(grads[1][mask == 0] == 0)
+
+
+@pytest.mark.parametrize("settings", [{}, {"r": 5.0, "plausibility_threshold": 0.1}, {"constant_alpha": 1.5},
+                                      {"tvd_half": False, "r": 7.0}, {"direction": "forward"}],
+                         ids=["paper", "guarded", "constant", "no-half", "forward"])
+def test_dense_teacher_is_the_losss_teacher(settings):
+    """Issue 28: the pre-flight samples from ``dense_teacher``; its alpha and TVD are the loss's per
+    token, and the loss's KL is the KL between the policy and softmax of its z* (both directions)."""
+    from megatron_aligndistil.config import AlignDistilLossConfig
+    from megatron_aligndistil.loss.aligndistil import aligndistil_loss, dense_teacher
+
+    torch.manual_seed(3)
+    zp, zd, zr = (torch.randn(6, 40, dtype=torch.float64) * 2 for _ in range(3))
+    zd[0, 5] = zr[1, 7] = float("-inf")  # masked entries stay out of the teacher
+    cfg = AlignDistilLossConfig(**settings)
+    z_star, alpha, tvd = dense_teacher(zd, zr, cfg)
+    out = aligndistil_loss(zp, zd, zr, cfg)
+    assert torch.allclose(alpha, out.alpha.double(), atol=1e-6) and torch.allclose(tvd, out.tvd.double(), atol=1e-6)
+    log_t, log_p = torch.log_softmax(z_star, -1), torch.log_softmax(zp, -1)
+    if cfg.direction == "reverse":
+        kl = (log_p.exp() * (log_p - log_t.clamp(min=-1e30))).sum(-1)
+    else:
+        t = log_t.exp()
+        kl = torch.where(t > 0, t * (log_t - log_p), torch.zeros_like(t)).sum(-1)
+    finite = torch.isfinite(out.kl)  # reverse KL is inf where the policy has mass the teacher masks
+    assert torch.allclose(kl[finite], out.kl.double()[finite], rtol=2e-4) and finite[2:].all()  # float32 loss
+    assert z_star[0, 5] == float("-inf") and z_star[1, 7] == float("-inf")

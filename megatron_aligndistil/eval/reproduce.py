@@ -83,7 +83,7 @@ def cell_name(epochs: float, scale: float) -> str:
 
 FULL = Settings()
 QUICK = replace(FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "guarded_off", "guarded_on"), samples_per_prompt=4)
-# each world's sizes: the steps world's answers are 17-33 tokens, the trap's verbose ones 12
+# each world's sizes: the steps world's answers are 13-30 tokens, the trap's longer wrong ones up to 11
 WORLD_SETTINGS = {
     "rules": {},
     "steps": dict(world=replace(WORLDS["steps"], heldout_prompts_per_family=48, validation_prompts_per_family=24),
@@ -242,6 +242,18 @@ class Reproduction:
                       "--out", self.path("eval", f"reward_seed{seed}.json")],
                      f"seed{seed}_reward", script=os.path.join(REPO_TOOLS, "eval_reward.py"))
 
+    def preflight(self, seed, recipe: str):
+        """The teacher pre-flight (tools/teacher_preflight.py) on the validation prompts, with the
+        paper's loss (``recipe`` paper, r ``s.r``) or ``--recipe guarded``."""
+        s = self.s
+        flags = ["--recipe", recipe] + (["--tvd-scale", str(s.r)] if recipe == "paper" else [])
+        self._launch(["--dpo-load", self.teacher(seed), "--rev-load", self.run_path(seed, "rev"),
+                      "--prompts", self.path("data", "validation_prompts.jsonl"), *flags,
+                      "--samples-per-prompt", str(s.validation_samples_per_prompt), "--max-new-tokens",
+                      str(s.max_new_tokens), "--seed", str(seed), "--target-alpha", "0.6", "--warn-only",
+                      "--out", self.path("eval", f"preflight_{recipe}_seed{seed}.json")],
+                     f"seed{seed}_preflight_{recipe}", script=os.path.join(REPO_TOOLS, "teacher_preflight.py"))
+
     def _evaluate(self, seed, policies: dict, prompts: str, samples: int, out: str, greedy: bool):
         self._launch([f"--policy={name}={path}" for name, path in policies.items()]
                      + ["--prompts", self.path("data", prompts), "--ref-load", self.run_path(seed, "sft"),
@@ -302,6 +314,9 @@ class Reproduction:
                     trained.append(name)
             jobs.append(Job(n(sd + "reward"), lambda seed=seed: self.reward_accuracy(seed),
                             (n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))))
+            for recipe in ("paper", "guarded"):
+                jobs.append(Job(n(f"{sd}preflight_{recipe}"), lambda seed=seed, recipe=recipe: self.preflight(seed, recipe),
+                                (n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))))
             jobs.append(Job(n(sd + "validate"), lambda seed=seed: self.validate(seed), tuple(trained)))
             jobs.append(Job(n(sd + "eval"), lambda seed=seed: self.test(seed), (n(sd + "validate"),)))
         return jobs
@@ -346,8 +361,19 @@ class Reproduction:
                       for sd in s.seeds]
                 train_stats[row] = {k: sum(sum(m[k] for m in run) / len(run) for run in ms) / len(ms)
                                     for k in ("alpha_mean", "tvd_mean", "kl")}
+        preflight = {recipe: [self._preflight_summary(sd, recipe) for sd in s.seeds] for recipe in ("paper", "guarded")}
         return {"settings": asdict(s), "rows": rows, "reward_accuracy": reward_acc, "train_stats": train_stats,
+                "preflight": preflight,
                 "versus_dpo": versus(rows, "dpo_best")}
+
+    def _preflight_summary(self, seed, recipe) -> dict:
+        r = json.load(open(self.path("eval", f"preflight_{recipe}_seed{seed}.json")))
+        return {"seed": seed, "verdict": r["verdict"], "reasons": r["reasons"], "dpo_gold": r["dpo"]["gold_rate"],
+                "teacher_gold": r["teacher"]["gold_rate"], "diff": r["teacher_minus_dpo"],
+                "length_ratio": r["teacher"]["response_len_mean"] / max(r["dpo"]["response_len_mean"], 1e-9),
+                "teacher_eos": r["teacher"]["eos_rate"], "dpo_eos": r["dpo"]["eos_rate"],
+                "tvd_mean": r["token_stats"]["tvd_mean"], "alpha_mean": r["token_stats"]["alpha_mean"],
+                "r_for_alpha_0.6": r["r_for_target_alpha"]}
 
     def write_results(self, res: dict, wall_s: float) -> str:
         res["wall_s"] = wall_s
@@ -401,6 +427,14 @@ def markdown(res: dict) -> str:
         lines += ["", "| AlignDistil run (chosen cells) | mean alpha | mean TVD | mean KL to teacher |", "|---|---|---|---|"]
         for row, st in res["train_stats"].items():
             lines.append(f"| {row_label(row)} | {st['alpha_mean']:.2f} | {st['tvd_mean']:.3f} | {st['kl']:.3f} |")
+    lines += ["", "| teacher pre-flight (validation prompts) | seed | DPO gold | teacher gold | teacher - DPO [95% CI] "
+              "| length x DPO | EOS teacher / DPO | mean TVD | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for recipe, runs in res.get("preflight", {}).items():
+        for p in runs:
+            d = p["diff"]
+            lines.append(f"| {recipe} | {p['seed']} | {p['dpo_gold']:.3f} | {p['teacher_gold']:.3f} | {d['mean']:+.3f} "
+                         f"[{d['lo']:+.3f}, {d['hi']:+.3f}] | {p['length_ratio']:.2f} | {p['teacher_eos']:.2f} / "
+                         f"{p['dpo_eos']:.2f} | {p['tvd_mean']:.3f} | {p['verdict']} |")
     fam_rows = res["rows"]
     fams = list(fam_rows[0]["gold_by_family"])
     lines += ["", "| policy | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]

@@ -12,7 +12,7 @@ color     ``Describe the red fox.``                   ``The red fox sleeps.`` (a
 repeat    ``Say owl three times.``                    ``owl owl owl.`` (one copy more or less)
 last      ``Which word is last: cat, red, owl?``      ``The last word is owl.`` (an earlier word)
 order     ``Put fox before blue.``                    ``fox then blue.`` (the two swapped)
-story     ``Tell the day of the red fox.``            four sentences, 33 tokens, each naming
+story     ``Tell the day of the red fox.``            four sentences, 30 tokens, each naming
                                                       the red fox (one names another colour)
 list      ``List owl, red, cat, fox.``                ``First owl, then red, then cat, then
                                                       fox. That makes four.`` (two neighbours
@@ -23,7 +23,7 @@ A *world* (:data:`WORLDS`) is a set of families and a way of making preference d
 
 * ``rules``: color / repeat / last / order, wrong answers one token away (two for ``order``),
   10% of the preference labels flipped: the token-level credit assignment AlignDistil claims;
-* ``steps``: story / list, 17-33 token answers whose credit sits on one or two tokens;
+* ``steps``: story / list, 13-30 token answers whose credit sits on one or two tokens;
 * ``trap``: color / last / order with half of the wrong answers a correct answer followed by an
   extra sentence (the rejected answer is longer), 25% of the labels flipped: a length trap under
   heavy preference noise.

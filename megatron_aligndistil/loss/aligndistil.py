@@ -98,6 +98,21 @@ def teacher_logits(z_dpo: torch.Tensor, z_rev: torch.Tensor, alpha: torch.Tensor
     return torch.where((z_dpo == -_INF) | (z_rev == -_INF), -_INF, z)
 
 
+def dense_teacher(z_dpo: torch.Tensor, z_other: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss's teacher over whole rows, for sampling from it: ``z_dpo``, ``z_other`` float
+    ``[n, V]`` (the reverse-DPO model, or the reference for the vanilla teacher), ``config`` an
+    ``AlignDistilLossConfig`` (alpha, TVD convention, plausibility guard). Returns (z* ``[n, V]``,
+    alpha ``[n]``, TVD ``[n]``), the same quantities the vocab-parallel loss computes per token."""
+    p_dpo, p_other = torch.softmax(z_dpo, -1), torch.softmax(z_other, -1)
+    tvd = (p_dpo - p_other).abs().sum(-1) * (0.5 if config.tvd_half else 1.0)
+    alpha = torch.full_like(tvd, config.constant_alpha) if config.constant_alpha is not None \
+        else config.r * tvd + config.eps
+    floor = None
+    if config.plausibility_threshold is not None:
+        floor = torch.logsumexp(z_dpo, -1, keepdim=True) + math.log(config.plausibility_threshold)
+    return teacher_logits(z_dpo, z_other, alpha.unsqueeze(-1), floor), alpha, tvd
+
+
 def _weighted(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """p * d, and 0 where p == 0 (masked or underflowed entries: no 0 * inf = NaN)."""
     return torch.where(p > 0, p * d, 0.0)

@@ -105,6 +105,13 @@ RECIPES = {
 }
 
 
+def apply_recipe(args: argparse.Namespace, argv: list[str]) -> None:
+    """Set ``args.recipe``'s settings (:data:`RECIPES`) that none of their flags in ``argv`` set."""
+    for dest, flags, value in RECIPES.get(getattr(args, "recipe", None), ()):
+        if not _values_of(argv, flags):
+            setattr(args, dest, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_aligndistil.train",
                                      description="Train with AlignDistil or DPO on Megatron-Core.")
@@ -189,9 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = parser.parse_args(argv)
-    for dest, flags, value in RECIPES.get(getattr(args, "recipe", None), ()):
-        if not _values_of(argv, flags):
-            setattr(args, dest, value)
+    apply_recipe(args, argv)
     errors = _range_errors(args)
     scales = _values_of(argv, ("--tvd-scale", "--r"))
     if len({v for _, v in scales}) > 1:  # both names set r: the last would win silently
