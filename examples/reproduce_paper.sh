@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The paper's comparisons (Tables 1-3) on the gold-judged world, on this CPU machine, no download:
-# SFT, DPO (beta 0.1, 0.01, and with AlignDistil's training budget), reverse DPO, DPO and
-# contrastive reward accuracy, AlignDistil off- and on-policy (with and without the plausibility
-# guard), constant alpha 1.0 / 1.5 / 2.0, and the vanilla teacher; 3 seeds, gold rate +- 95% CI.
+# The alignment benchmark on three gold-judged worlds (rules, steps, trap), on this CPU machine, no
+# download: SFT; DPO (beta 0.1 and 0.01); AlignDistil with the paper's loss off- and on-policy,
+# constant alpha 1.0 and the vanilla teacher; AlignDistil --recipe guarded off- and on-policy. Every
+# row but SFT is trained on one grid (epochs {1, 3} x lr {2e-4, 5e-4}), the cell chosen on validation
+# prompts, judged on test prompts; 3 seeds, gold rate +- 95% CI; the teacher pre-flight per seed.
 #
-#   bash examples/reproduce_paper.sh           # full: about 22 minutes on 2 cores
-#   bash examples/reproduce_paper.sh --quick   # one seed, fewer rows: about 6-8 minutes
+#   bash examples/reproduce_paper.sh           # full: 3 worlds x 3 seeds, about 2 hours on 2 cores
+#   bash examples/reproduce_paper.sh --quick   # rules world, one seed, 5 rows: about 10 minutes
 #
-# Results: runs/paper/results.md (table), results.json, plots/gold_rate.png; docs/alignment.md.
-# Extra flags go to python -m megatron_aligndistil.eval.reproduce (--run-dir, --seeds, --set K=V).
+# Results: runs/paper/summary.md (every world), runs/paper/<world>/results.{md,json}, plots/;
+# docs/alignment.md. Extra flags go to python -m megatron_aligndistil.eval.reproduce (--run-dir,
+# --worlds, --seeds, --set K=V).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$(bash "$repo/scripts/setup_env.sh")

@@ -17,7 +17,7 @@ is sampled token by token from softmax(z*) built by the loss's own teacher, the 
 in lockstep (any TP/PP; the remaining ranks split the prompts). Prints the comparison and the
 verdict (pass / warn / fail, eval/preflight.py), the teachers' mean TVD and alpha on the DPO
 model's samples and, with --target-alpha, the --tvd-scale that puts mean alpha there. Exit status:
-0 pass or warn, 3 fail (0 with --warn-only), 2 bad input.
+0 pass or warn, 3 fail (0 with --warn-only), 2 bad input (torchrun reports a rank that exits 3 as 1).
 """
 
 import argparse
@@ -83,7 +83,8 @@ def main(argv=None):
     from megatron_aligndistil.config import AlignDistilLossConfig, ConfigError
 
     try:
-        loss = AlignDistilLossConfig(r=args.r, eps=args.eps, constant_alpha=args.constant_alpha,
+        # the token weight scales the loss, not the teacher: any weight that accepts every alpha
+        loss = AlignDistilLossConfig(r=args.r, eps=args.eps, constant_alpha=args.constant_alpha, token_weight="none",
                                      tvd_half=not args.tvd_without_half,
                                      plausibility_threshold=args.plausibility_threshold)
     except ConfigError as exc:
