@@ -89,9 +89,10 @@ class Quickstart(reproduce.Reproduction):
                   self.path("plots", "dpo.png"), "DPO (chosen cell) and the reverse-DPO teacher")
 
     def jobs(self):
-        return super().jobs() + [Job("export_hf", self.export, ("seed1_eval",)),
-                                 Job("generate", self.generate, ("export_hf",)),
-                                 Job("plots", self.plots, ("seed1_eval",))]
+        jobs = super().jobs()
+        tested = tuple(j.name for j in jobs if j.name.startswith("seed1_test_"))
+        return jobs + [Job("export_hf", self.export, tested), Job("generate", self.generate, ("export_hf",)),
+                       Job("plots", self.plots, tested)]
 
 
 def summary_rows(res: dict, run_dir: str) -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "hf" / "guarded_off")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
-    assert again.stdout.count("done already, skipped") == 16
+    assert again.stdout.count("done already, skipped") == 21
     # the teacher pre-flight on the quickstart's teachers (validation prompts)
     tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "teacher_preflight.py")
 

@@ -29,8 +29,10 @@ from .world import WORLDS, WorldConfig
 PREFIX = "reproduce"
 _GLOBAL_RNG = threading.Lock()  # held while a stage seeds and draws from torch's global RNG
 
-# rows -> what they train. "ad_*": the paper's loss (r 15, no guard); "guarded_*": --recipe guarded.
-ROWS = ("sft", "dpo", "dpo_beta0.01", "ad_off", "ad_on", "guarded_off", "guarded_on", "ad_const1.0", "ad_vanilla")
+# rows -> what they train. "ad_*": the paper's loss (r 15, no guard); "guarded_*": --recipe guarded with
+# the default teachers; "guarded_best_*": --recipe guarded with teachers from the best-tuned DPO cell.
+ROWS = ("sft", "dpo", "dpo_beta0.01", "ad_off", "ad_on", "guarded_off", "guarded_on", "ad_const1.0", "ad_vanilla",
+        "guarded_best_off", "guarded_best_on")
 DPO_ROWS = ("dpo", "dpo_beta0.01")
 
 
@@ -110,6 +112,8 @@ def row_label(row: str) -> str:
             "guarded_off": "AlignDistil off-policy, --recipe guarded",
             "guarded_on": "AlignDistil on-policy, --recipe guarded",
             "ad_const1.0": "constant alpha 1.0 (paper loss)",
+            "guarded_best_off": "AlignDistil off-policy, --recipe guarded, teachers from the best-tuned DPO",
+            "guarded_best_on": "AlignDistil on-policy, --recipe guarded, teachers from the best-tuned DPO",
             "ad_vanilla": "vanilla teacher (DPO + ref, paper loss)"}.get(row, row)
 
 
@@ -126,9 +130,16 @@ class Reproduction:
     def _launch(self, args, name, script=None, nproc=1):
         launch(args, self.path("logs", f"{name}.log"), nproc=nproc, script=script, prefix=self.prefix)
 
-    def teacher(self, seed: int) -> str:
-        """The DPO teacher: the DPO row's run at the teachers' budget."""
-        return self.path(f"seed{seed}", "dpo", cell_name(self.s.teacher_epochs, 1.0))
+    def teacher(self, seed: int, best: bool = False) -> str:
+        """The DPO teacher: the DPO row's run at the teachers' budget, or (``best``) at the cell
+        chosen on validation prompts (the best-tuned DPO beta 0.1)."""
+        cell = self.chosen(seed, ("dpo",))["dpo"] if best else cell_name(self.s.teacher_epochs, 1.0)
+        return self.path(f"seed{seed}", "dpo", cell)
+
+    def reverse_teacher(self, seed: int, best: bool = False) -> str:
+        """The reverse-DPO teacher, at the same budget as :meth:`teacher`."""
+        return self.path(f"seed{seed}", "rev_best", self.chosen(seed, ("dpo",))["dpo"]) if best else \
+            self.run_path(seed, "rev")
 
     def cells(self, row: str) -> list[tuple[float, float]]:
         """The grid cells trained for ``row`` (DPO beta 0.1 also at the teachers' budget)."""
@@ -199,14 +210,19 @@ class Reproduction:
         self._train(seed, save, "dpo", self.run_path(seed, "sft"), self.path("data", "tok", "pairs_pairs.jsonl"),
                     s.iters(s.world.pair_records, epochs), lr, ["--dpo-beta", str(beta)] + (["--reverse"] if reverse else []))
 
-    def reverse_dpo(self, seed):
-        self.dpo(seed, self.run_path(seed, "rev"), self.s.dpo_beta, self.s.teacher_epochs, self.s.base_lr, reverse=True)
+    def reverse_dpo(self, seed, best: bool = False):
+        """The reverse-DPO teacher at the teachers' budget, or (``best``) at the best-tuned DPO's cell."""
+        s = self.s
+        epochs, scale = next(c for c in s.cells + [(s.teacher_epochs, 1.0)]
+                             if cell_name(*c) == self.chosen(seed, ("dpo",))["dpo"]) if best else (s.teacher_epochs, 1.0)
+        self.dpo(seed, self.reverse_teacher(seed, best), s.dpo_beta, epochs, s.base_lr * scale, reverse=True)
 
     def aligndistil(self, seed, row, cell):
         """One AlignDistil row (:data:`ROWS`) at one grid cell."""
         s = self.s
         on_policy = row.endswith("_on")
-        flags = ["--dpo-load", self.teacher(seed), "--beta0", str(s.beta0), *s.extra_ad_flags]
+        best = row.startswith("guarded_best")
+        flags = ["--dpo-load", self.teacher(seed, best), "--beta0", str(s.beta0), *s.extra_ad_flags]
         if row.startswith("guarded"):
             flags += ["--recipe", "guarded"]
         else:
@@ -214,7 +230,7 @@ class Reproduction:
         if row == "ad_vanilla":
             flags += ["--ref-load", self.run_path(seed, "sft"), "--constant-alpha", "1.0"]
         else:
-            flags += ["--rev-load", self.run_path(seed, "rev")]
+            flags += ["--rev-load", self.reverse_teacher(seed, best)]
         if row.startswith("ad_const"):
             flags += ["--constant-alpha", row[len("ad_const"):]]
         if on_policy:
@@ -243,16 +259,20 @@ class Reproduction:
                      f"seed{seed}_reward", script=os.path.join(REPO_TOOLS, "eval_reward.py"))
 
     def preflight(self, seed, recipe: str):
-        """The teacher pre-flight (tools/teacher_preflight.py) on the validation prompts, with the
-        paper's loss (``recipe`` paper, r ``s.r``) or ``--recipe guarded``."""
+        """The teacher pre-flight (tools/teacher_preflight.py) on the validation prompts: ``recipe``
+        paper (r ``s.r``, no guard), guarded, or guarded_best (teachers from the best-tuned DPO)."""
         s = self.s
-        flags = ["--recipe", recipe] + (["--tvd-scale", str(s.r)] if recipe == "paper" else [])
-        self._launch(["--dpo-load", self.teacher(seed), "--rev-load", self.run_path(seed, "rev"),
+        best = recipe == "guarded_best"
+        flags = ["--recipe", "paper", "--tvd-scale", str(s.r)] if recipe == "paper" else ["--recipe", "guarded"]
+        self._launch(["--dpo-load", self.teacher(seed, best), "--rev-load", self.reverse_teacher(seed, best),
                       "--prompts", self.path("data", "validation_prompts.jsonl"), *flags,
                       "--samples-per-prompt", str(s.validation_samples_per_prompt), "--max-new-tokens",
                       str(s.max_new_tokens), "--seed", str(seed), "--target-alpha", "0.6", "--warn-only",
                       "--out", self.path("eval", f"preflight_{recipe}_seed{seed}.json")],
                      f"seed{seed}_preflight_{recipe}", script=os.path.join(REPO_TOOLS, "teacher_preflight.py"))
+
+    def preflight_recipes(self) -> list[str]:
+        return ["paper", "guarded"] + (["guarded_best"] if any(r.startswith("guarded_best") for r in self.s.rows) else [])
 
     def _evaluate(self, seed, policies: dict, prompts: str, samples: int, out: str, greedy: bool):
         self._launch([f"--policy={name}={path}" for name, path in policies.items()]
@@ -262,29 +282,45 @@ class Reproduction:
                      + ([] if greedy else ["--no-greedy"]),
                      os.path.basename(out).replace(".json", ""), script=os.path.join(REPO_TOOLS, "eval_policy.py"))
 
-    def validate(self, seed):
-        """Every trained cell of every row on the validation prompts."""
-        policies = {f"{row}/{cell_name(*c)}": self.run_path(seed, row, c) for row in self.s.rows for c in self.cells(row)}
+    def validate(self, seed, row):
+        """Every trained cell of ``row`` on the validation prompts."""
+        policies = {f"{row}/{cell_name(*c)}": self.run_path(seed, row, c) for c in self.cells(row)}
         self._evaluate(seed, policies, "validation_prompts.jsonl", self.s.validation_samples_per_prompt,
-                       self.path("eval", f"validation_seed{seed}.json"), greedy=False)
+                       self.path("eval", f"validation_{row}_seed{seed}.json"), greedy=False)
 
-    def chosen(self, seed) -> dict:
-        """row -> the grid cell name with the best validation gold rate (first in grid order on a tie)."""
-        val = {r["name"]: r["gold_rate"] for r in json.load(open(self.path("eval", f"validation_seed{seed}.json")))["policies"]}
+    def validation(self, seed, rows) -> dict:
+        """"row/cell" -> validation gold rate (per-row files; a run of the earlier one-file layout too)."""
         out = {}
-        for row in self.s.rows:
-            if row != "sft":
-                names = [cell_name(*c) for c in self.s.cells]
-                out[row] = max(names, key=lambda n: (val[f"{row}/{n}"], -names.index(n)))
+        for row in rows:
+            path = self.path("eval", f"validation_{row}_seed{seed}.json")
+            if not os.path.exists(path):
+                path = self.path("eval", f"validation_seed{seed}.json")
+            out.update({r["name"]: r["gold_rate"] for r in json.load(open(path))["policies"]
+                        if r["name"].startswith(row + "/")})
         return out
 
-    def test(self, seed):
-        """SFT and each row's chosen cell on the test prompts."""
-        chosen = self.chosen(seed)
-        policies = {row: self.run_path(seed, row) if row == "sft" else os.path.join(self.run_path(seed, row), chosen[row])
-                    for row in self.s.rows}
-        self._evaluate(seed, policies, "heldout_prompts.jsonl", self.s.samples_per_prompt,
-                       self.path("eval", f"policies_seed{seed}.json"), greedy=True)
+    def chosen(self, seed, rows=None) -> dict:
+        """row -> the grid cell name with the best validation gold rate (first in grid order on a tie)."""
+        rows = [r for r in (rows or self.s.rows) if r != "sft"]
+        val = self.validation(seed, rows)
+        names = [cell_name(*c) for c in self.s.cells]
+        return {row: max(names, key=lambda n: (val[f"{row}/{n}"], -names.index(n))) for row in rows}
+
+    def test(self, seed, row):
+        """``row``'s chosen cell (SFT: its run) on the test prompts."""
+        path = self.run_path(seed, row) if row == "sft" else os.path.join(self.run_path(seed, row), self.chosen(seed, (row,))[row])
+        self._evaluate(seed, {row: path}, "heldout_prompts.jsonl", self.s.samples_per_prompt,
+                       self.path("eval", f"test_{row}_seed{seed}.json"), greedy=True)
+
+    def test_results(self, seed) -> dict:
+        """row -> its test evaluation (per-row files; a run of the earlier one-file layout too)."""
+        out = {}
+        for row in self.s.rows:
+            path = self.path("eval", f"test_{row}_seed{seed}.json")
+            if not os.path.exists(path):
+                path = self.path("eval", f"policies_seed{seed}.json")
+            out[row] = next(r for r in json.load(open(path))["policies"] if r["name"] == row)
+        return out
 
     def jobs(self) -> list[Job]:
         s = self.s
@@ -304,31 +340,40 @@ class Reproduction:
             jobs += [Job(n(sd + "base"), lambda seed=seed: self.make_base(seed), (n("data"),)),
                      Job(n(sd + "sft"), lambda seed=seed: self.sft(seed), (n(sd + "base"),)),
                      Job(n(sd + "rev"), lambda seed=seed: self.reverse_dpo(seed), (n(sd + "sft"),))]
-            trained = []
+            dpo_cell = n(f"{sd}dpo_{teacher_cell}")
             for row in s.rows:
+                if row == "sft":
+                    jobs.append(Job(n(f"{sd}test_sft"), lambda seed=seed: self.test(seed, "sft"), (n(sd + "sft"),)))
+                    continue
+                if row in DPO_ROWS:
+                    deps = (n(sd + "sft"),)
+                elif row.startswith("guarded_best"):
+                    deps = (n(sd + "rev_best"),)
+                else:
+                    deps = (n(sd + "sft"), n(sd + "rev"), dpo_cell)
+                names = []
                 for cell in self.cells(row):
-                    deps = (n(sd + "sft"),) if row in DPO_ROWS else \
-                        (n(sd + "sft"), n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))
-                    name = n(f"{sd}{row}_{cell_name(*cell)}")
-                    jobs.append(Job(name, lambda seed=seed, row=row, cell=cell: self.train_cell(seed, row, cell), deps))
-                    trained.append(name)
-            jobs.append(Job(n(sd + "reward"), lambda seed=seed: self.reward_accuracy(seed),
-                            (n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))))
-            for recipe in ("paper", "guarded"):
+                    names.append(n(f"{sd}{row}_{cell_name(*cell)}"))
+                    jobs.append(Job(names[-1], lambda seed=seed, row=row, cell=cell: self.train_cell(seed, row, cell), deps))
+                jobs.append(Job(n(f"{sd}validate_{row}"), lambda seed=seed, row=row: self.validate(seed, row), tuple(names)))
+                jobs.append(Job(n(f"{sd}test_{row}"), lambda seed=seed, row=row: self.test(seed, row),
+                                (n(f"{sd}validate_{row}"),)))
+            if any(r.startswith("guarded_best") for r in s.rows):
+                jobs.append(Job(n(sd + "rev_best"), lambda seed=seed: self.reverse_dpo(seed, best=True),
+                                (n(f"{sd}validate_dpo"),)))
+            jobs.append(Job(n(sd + "reward"), lambda seed=seed: self.reward_accuracy(seed), (n(sd + "rev"), dpo_cell)))
+            for recipe in self.preflight_recipes():
+                deps = (n(sd + "rev_best"),) if recipe == "guarded_best" else (n(sd + "rev"), dpo_cell)
                 jobs.append(Job(n(f"{sd}preflight_{recipe}"), lambda seed=seed, recipe=recipe: self.preflight(seed, recipe),
-                                (n(sd + "rev"), n(f"{sd}dpo_{teacher_cell}"))))
-            jobs.append(Job(n(sd + "validate"), lambda seed=seed: self.validate(seed), tuple(trained)))
-            jobs.append(Job(n(sd + "eval"), lambda seed=seed: self.test(seed), (n(sd + "validate"),)))
+                                deps))
         return jobs
 
     # ----------------------------------------------------------------- results
     def results(self) -> dict:
         s = self.s
-        per_seed = {sd: {r["name"]: r for r in json.load(open(self.path("eval", f"policies_seed{sd}.json")))["policies"]}
-                    for sd in s.seeds}
+        per_seed = {sd: self.test_results(sd) for sd in s.seeds}
         chosen = {sd: self.chosen(sd) for sd in s.seeds}
-        val = {sd: {r["name"]: r["gold_rate"] for r in
-                    json.load(open(self.path("eval", f"validation_seed{sd}.json")))["policies"]} for sd in s.seeds}
+        val = {sd: self.validation(sd, [r for r in s.rows if r != "sft"]) for sd in s.seeds}
         # the best-tuned DPO of each seed: the DPO row (beta) whose chosen cell is best on validation
         for sd in s.seeds:
             dpo_rows = [r for r in DPO_ROWS if r in s.rows]
@@ -361,7 +406,7 @@ class Reproduction:
                       for sd in s.seeds]
                 train_stats[row] = {k: sum(sum(m[k] for m in run) / len(run) for run in ms) / len(ms)
                                     for k in ("alpha_mean", "tvd_mean", "kl")}
-        preflight = {recipe: [self._preflight_summary(sd, recipe) for sd in s.seeds] for recipe in ("paper", "guarded")}
+        preflight = {recipe: [self._preflight_summary(sd, recipe) for sd in s.seeds] for recipe in self.preflight_recipes()}
         return {"settings": asdict(s), "rows": rows, "reward_accuracy": reward_acc, "train_stats": train_stats,
                 "preflight": preflight,
                 "versus_dpo": versus(rows, "dpo_best")}
