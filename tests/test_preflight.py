@@ -87,3 +87,132 @@ def test_recipe_sets_what_no_flag_sets(extra, r, tau):
 
     loss = AlignDistilLossConfig.from_args(args)
     assert (loss.r, loss.plausibility_threshold) == (r, tau)
+
+
+# ----------------------------------------------------------------------------- on real (tiny) models
+PROMPTS = ["Describe the red fox.", "Say owl three times.", "Which word is last: cat, red, owl?", "Put fox before blue."]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two tiny random Qwen2 models with the gold world's tokenizer (the "DPO" and "reverse" teachers;
+    tied embeddings, 448 rows for a 400-id tokenizer, as real Qwen pads its vocabulary)."""
+    import json
+
+    from hf_fixtures import tiny_hf_model
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+    from megatron_aligndistil.data.synthetic import train_tokenizer
+    from megatron_aligndistil.eval.world import corpus
+
+    root = tmp_path_factory.mktemp("preflight")
+    tok = train_tokenizer(corpus(), vocab_size=400)
+    out = {}
+    for name, seed in (("dpo", 3), ("rev", 4)):
+        model = tiny_hf_model("qwen2", tied=True, vocab_size=448, seed=seed)
+        model.config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(root / f"hf_{name}")
+        tok.save_pretrained(root / f"hf_{name}")
+        out[name] = convert_hf_to_megatron(str(root / f"hf_{name}"), str(root / name), progress=False)
+        out[f"hf_{name}"] = str(root / f"hf_{name}")
+    with open(root / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"instruction": p}) + "\n" for p in PROMPTS)
+    out["prompts"] = str(root / "prompts.jsonl")
+    return out
+
+
+def _teacher_on_ranks(paths, tp, pp, loss_kwargs):
+    """On each rank: the pre-flight's token statistics on fixed responses, its teacher samples, and
+    (alpha-0 check) the DPO model's own samples from the plain KV-cached sampler."""
+    from megatron_aligndistil.config import AlignDistilLossConfig, SamplingParams
+    from megatron_aligndistil.eval.policy_eval import EvalSettings, PolicyEvaluator, load_prompts
+    from megatron_aligndistil.eval.preflight import sample_teacher, teacher_token_stats
+    from megatron_aligndistil.generation import generate
+    from megatron_aligndistil.models.lockstep import LockstepStage
+
+    settings = EvalSettings(samples_per_prompt=2, sampling=SamplingParams(max_new_tokens=5, seed=7), batch_size=3,
+                            greedy=False)
+    ev = PolicyEvaluator(load_prompts(paths["prompts"]), lambda p, r: 0.0, settings, tokenizer_path=paths["dpo"],
+                         tp=tp, pp=pp)
+    stage = LockstepStage(ev._build(paths["dpo"]), [ev._build(paths["rev"])]).eval()
+    cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
+    pairs = [(p, [(7 * i + j) % 390 + 5 for j in range(3 + i)]) for i, p in enumerate(ev.prompts)]
+    stats = teacher_token_stats(ev, stage, pairs, cfg)
+    samples = sample_teacher(ev, stage, cfg, stop_ids=[ev.tokenizer.eos_token_id])
+    plain = generate(stage.policy, [ev.prompts[i] for i, _ in sorted(samples)],
+                     SamplingParams(max_new_tokens=5, seed=7, stop_ids=(ev.tokenizer.eos_token_id,)), ev.vocab_size,
+                     sequence_ids=[i * 2 + k for i, k in sorted(samples)])
+    return stats, {k: v["response_ids"] for k, v in samples.items()}, [r["response_ids"] for r in plain], pairs, \
+        ev.vocab_size
+
+
+def _dense_stats(paths, pairs, vocab_size, loss_kwargs):
+    """The same statistics from the HF models, full vocabulary rows, float64."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_aligndistil.config import AlignDistilLossConfig
+    from megatron_aligndistil.loss.aligndistil import dense_teacher
+
+    cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
+    models = [AutoModelForCausalLM.from_pretrained(paths[f"hf_{n}"], dtype=torch.float64).eval() for n in ("dpo", "rev")]
+    tvd = alpha = tokens = 0.0
+    with torch.no_grad():
+        for prompt, response in pairs:
+            ids = torch.tensor([prompt + response])
+            z = [m(ids).logits[0, len(prompt) - 1: -1, :vocab_size] for m in models]
+            _, a, t = dense_teacher(z[0], z[1], cfg)
+            tvd, alpha, tokens = tvd + float(t.sum()), alpha + float(a.sum()), tokens + len(response)
+    return tvd / tokens, alpha / tokens, tokens
+
+
+@pytest.mark.parametrize("layout,world", [((1, 1), 1), ((2, 1), 2), ((1, 2), 2)], ids=["tp1", "tp2", "pp2"])
+def test_teacher_statistics_and_samples_at_every_layout(teachers, layout, world):
+    """The pre-flight's mean TVD / alpha equal a dense float64 reference on the HF models; at alpha 0
+    the teacher samples exactly the DPO model's tokens (the lockstep, uncached sampler against the
+    plain KV-cached one); TP2 and PP2 sample the same teacher tokens as TP1."""
+    from megatron_aligndistil.testing import run_distributed
+
+    # random tiny models are near-uniform (TVD ~1e-2): a large r and a small tau make the teacher differ
+    # from the DPO model and the guard act on part of the vocabulary
+    guarded = {"r": 200.0, "plausibility_threshold": 0.002}
+    got = run_distributed(_teacher_on_ranks, world, args=(teachers, *layout, guarded), timeout=600)
+    stats, samples, _, pairs, vocab_size = got[0]
+    tvd, alpha, tokens = _dense_stats(teachers, pairs, vocab_size, guarded)
+    assert stats["tokens"] == tokens and abs(stats["tvd_mean"] - tvd) < 1e-5 and abs(stats["alpha_mean"] - alpha) < 1e-4
+    assert all(g[1] == samples for g in got)  # every rank holds every sample
+    zero = run_distributed(_teacher_on_ranks, world, args=(teachers, *layout, {"constant_alpha": 0.0}), timeout=600)
+    _, samples0, plain, _, _ = zero[0]
+    assert [samples0[k] for k in sorted(samples0)] == plain
+    if layout != (1, 1):
+        ref = run_distributed(_teacher_on_ranks, 1, args=(teachers, 1, 1, guarded), timeout=600)
+        assert ref[0][1] == samples
+    else:  # each sample's first token is a draw from softmax(z*) of the HF models, with the sampler's seed
+        assert _dense_first_tokens(teachers, guarded, vocab_size, sorted(samples)) == \
+            [samples[k][0] for k in sorted(samples)]
+        assert [samples[k] for k in sorted(samples)] != zero[0][2]  # the guarded teacher is not the DPO model
+
+
+def _dense_first_tokens(paths, loss_kwargs, vocab_size, jobs):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_aligndistil.config import AlignDistilLossConfig
+    from megatron_aligndistil.loss.aligndistil import dense_teacher
+
+    cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
+    tok = AutoTokenizer.from_pretrained(paths["hf_dpo"])
+    models = [AutoModelForCausalLM.from_pretrained(paths[f"hf_{n}"], dtype=torch.float64).eval() for n in ("dpo", "rev")]
+    items = [json.loads(line)["instruction"] for line in open(paths["prompts"])]
+    out = []
+    with torch.no_grad():
+        for i, k in jobs:
+            ids = tok.apply_chat_template([{"role": "user", "content": items[i]}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+            z = [m(ids).logits[0, -1, :vocab_size].float() for m in models]
+            z_star = torch.full((448,), float("-inf"))
+            z_star[:vocab_size] = dense_teacher(z[0][None], z[1][None], cfg)[0][0]
+            g = torch.Generator().manual_seed(7 * 1_000_003 + (i * 2 + k) * 7_919)
+            out.append(int(torch.multinomial(torch.softmax(z_star, -1), 1, generator=g)[0]))
+    return out
