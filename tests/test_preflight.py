@@ -36,6 +36,20 @@ def test_verdict_at_its_boundaries(case, expected):
     assert bool(reasons) == (expected != "pass")
 
 
+def test_degeneracy_is_judged_against_sft_when_given():
+    """The DPO model itself may have lost the format (likelihood displacement): with the SFT model,
+    a teacher as long and as rarely ending as that DPO model fails; without it, it passes."""
+    broken = _result(length=30.0, eos=0.3, dpo_length=30.0, dpo_eos=0.3)
+    assert verdict(broken)[0] == "pass"
+    broken["sft"] = {"response_len_mean": 21.0, "eos_rate": 1.0}
+    level, reasons = verdict(broken)
+    assert level == "fail" and "1.43x as long as the SFT model's" in reasons[0] and "the SFT model 100%" in reasons[1]
+    assert "the DPO model itself degenerates against SFT" in reasons[2]
+    fine = _result(length=21.0 * 1.3, eos=0.9, dpo_length=30.0, dpo_eos=0.3)
+    fine["sft"] = {"response_len_mean": 21.0, "eos_rate": 1.0}
+    assert verdict(fine)[0] == "pass"  # at both limits against SFT, though far from the broken DPO model
+
+
 def test_verdict_limits_are_settable():
     assert verdict(_result(length=15.0), PreflightLimits(max_length_ratio=1.5))[0] == "pass"
     assert verdict(_result(eos=0.5), PreflightLimits(min_eos_ratio=0.5))[0] == "pass"

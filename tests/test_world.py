@@ -93,6 +93,12 @@ def test_every_world_splits_prompts_three_ways(kind):
     assert {W.family_of(p)[0] for p in train} == set(cfg.families)
     other = W.make_world(replace(cfg, sft_records=400, pair_records=300, seed=5))
     _, test_pool, val_pool = W.split_prompts(cfg.heldout_fraction, cfg.validation_fraction, cfg.families)
+    from collections import Counter
+
+    for name, pool, per in (("heldout_prompts", test_pool, cfg.heldout_prompts_per_family),
+                            ("validation_prompts", val_pool, cfg.validation_prompts_per_family)):
+        assert Counter(p["family"] for p in data[name]) == {f: min(per, len(pool[f])) for f in cfg.families}
+    assert (cfg.heldout_prompts_per_family, cfg.validation_prompts_per_family) == (32, 16)
     for d in (data, other):
         assert all(p["instruction"] in test_pool[p["family"]] for p in d["heldout_prompts"])
         assert all(p["instruction"] in val_pool[p["family"]] for p in d["validation_prompts"])

@@ -39,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--dpo-load", required=True, help="DPO teacher checkpoint")
     ap.add_argument("--rev-load", default=None, help="reverse-DPO teacher checkpoint")
     ap.add_argument("--ref-load", default=None, help="reference model: the vanilla teacher (needs --constant-alpha)")
+    ap.add_argument("--sft-load", default=None, help="the policy's starting checkpoint: the teacher's length and "
+                                                       "end-of-turn rate are compared with its samples (default: "
+                                                       "the DPO model's)")
     ap.add_argument("--prompts", required=True, help="JSON list or JSONL of {\"instruction\": ...}, not test prompts")
     ap.add_argument("--judge", choices=["world", "none"], default="world")
     ap.add_argument("--reward-model", default=None, help="HF sequence-classification reward model directory")
@@ -116,7 +119,8 @@ def main(argv=None):
         evaluator = PolicyEvaluator(items, judge, settings, tokenizer_path=args.dpo_load,
                                     tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                                     scratch=scratch)
-        result = preflight(evaluator, args.dpo_load, args.rev_load or args.ref_load, loss, args.target_alpha)
+        result = preflight(evaluator, args.dpo_load, args.rev_load or args.ref_load, loss, args.target_alpha,
+                           args.sft_load)
         if args.reward_model:  # the teacher's win rate against the DPO model's samples, minus one half
             from megatron_aligndistil.eval.reward_model import RewardModelJudge, win_rate
             from megatron_aligndistil.eval.stats import mean_ci
@@ -134,7 +138,9 @@ def main(argv=None):
             return
         d, t, st = result["dpo"], result["teacher"], result["token_stats"]
         print(f"{'':<10} {'gold':>22} {'length':>8} {'EOS':>6}")
-        for name, r in (("DPO", d), ("teacher", t)):
+        for name, r in (("SFT", result.get("sft")), ("DPO", d), ("teacher", t)):
+            if r is None:
+                continue
             g = r["gold"]
             print(f"{name:<10} {g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}] {r['response_len_mean']:>8.2f} "
                   f"{r['eos_rate']:>6.2f}")

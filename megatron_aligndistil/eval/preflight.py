@@ -15,9 +15,12 @@ the distilled policy worse. Before training, on prompts disjoint from the test p
    loss's own computation), and the r that would put mean alpha at a target.
 
 Verdict (:func:`verdict`): ``fail`` when the teacher degenerates (mean length above
-``max_length_ratio`` x the DPO model's, or end-of-turn rate below ``min_eos_ratio`` x the DPO
-model's) or answers worse than the DPO model with the 95% interval of the paired difference
-entirely below 0; ``warn`` when it answers worse but the interval reaches 0; ``pass`` otherwise.
+``max_length_ratio`` x the baseline's, or end-of-turn rate below ``min_eos_ratio`` x the
+baseline's; the baseline is the SFT model, the policy's start, when given, else the DPO model) or
+answers worse than the DPO model with the 95% interval of the paired difference entirely below 0;
+``warn`` when it answers worse but the interval reaches 0; ``pass`` otherwise. A DPO model that
+itself degenerates against SFT (likelihood displacement) makes every teacher built on it suspect:
+with the SFT model given, such a teacher fails on length or end-of-turn rate.
 """
 
 from __future__ import annotations
@@ -102,12 +105,13 @@ def sample_teacher(evaluator: PolicyEvaluator, stage, loss_config, stop_ids) -> 
 
 @torch.no_grad()
 def preflight(evaluator: PolicyEvaluator, dpo_load: str, other_load: str, loss_config,
-              target_alpha: float | None = None) -> dict:
+              target_alpha: float | None = None, sft_load: str | None = None) -> dict:
     """Judge the DPO model and the teacher it makes with ``other_load`` (the reverse-DPO model, or
     the reference for the vanilla teacher) under ``loss_config``; see the module docstring.
     Collective; the same dict on every rank: ``dpo`` and ``teacher`` (gold, length, EOS rate and
     their per-prompt values), ``teacher_minus_dpo`` (paired, 95% interval over prompts),
-    ``token_stats`` (on the DPO model's samples) and ``r_for_target_alpha``."""
+    ``token_stats`` (on the DPO model's samples) and ``r_for_target_alpha``; with ``sft_load``
+    also ``sft`` (the policy's start, the baseline of the degeneracy checks)."""
     from ..models.lockstep import LockstepStage
 
     s = evaluator.settings
@@ -132,8 +136,11 @@ def preflight(evaluator: PolicyEvaluator, dpo_load: str, other_load: str, loss_c
     r_target = None
     if target_alpha is not None and stats["tvd_mean"] > 0:
         r_target = (target_alpha - loss_config.eps) / stats["tvd_mean"]
-    return {"dpo": dpo_result, "teacher": teacher, "teacher_minus_dpo": mean_ci(diffs, bounds=(-1.0, 1.0)),
-            "token_stats": stats, "target_alpha": target_alpha, "r_for_target_alpha": r_target}
+    out = {"dpo": dpo_result, "teacher": teacher, "teacher_minus_dpo": mean_ci(diffs, bounds=(-1.0, 1.0)),
+           "token_stats": stats, "target_alpha": target_alpha, "r_for_target_alpha": r_target}
+    if sft_load is not None:
+        out["sft"] = evaluator.evaluate("sft", sft_load)
+    return out
 
 
 def verdict(result: dict, limits: PreflightLimits = PreflightLimits()) -> tuple[str, list[str]]:
@@ -141,17 +148,23 @@ def verdict(result: dict, limits: PreflightLimits = PreflightLimits()) -> tuple[
     docstring). The comparison uses ``teacher_minus_dpo``: the gold rates, or the reward model's
     win rate minus one half when the caller put that there."""
     dpo, teacher, diff = result["dpo"], result["teacher"], result["teacher_minus_dpo"]
+    base, who = (result["sft"], "SFT") if result.get("sft") else (dpo, "DPO")
     reasons, level = [], "pass"
-    ratio = teacher["response_len_mean"] / max(dpo["response_len_mean"], 1e-9)
+    ratio = teacher["response_len_mean"] / max(base["response_len_mean"], 1e-9)
     if ratio > limits.max_length_ratio:
-        reasons.append(f"degenerate: the teacher's responses are {ratio:.2f}x as long as the DPO model's "
-                       f"({teacher['response_len_mean']:.1f} vs {dpo['response_len_mean']:.1f} tokens; limit "
+        reasons.append(f"degenerate: the teacher's responses are {ratio:.2f}x as long as the {who} model's "
+                       f"({teacher['response_len_mean']:.1f} vs {base['response_len_mean']:.1f} tokens; limit "
                        f"{limits.max_length_ratio}x)")
         level = "fail"
-    if teacher["eos_rate"] < limits.min_eos_ratio * dpo["eos_rate"]:
-        reasons.append(f"degenerate: the teacher ends {teacher['eos_rate']:.0%} of its responses, the DPO model "
-                       f"{dpo['eos_rate']:.0%} (limit {limits.min_eos_ratio}x)")
+    if teacher["eos_rate"] < limits.min_eos_ratio * base["eos_rate"]:
+        reasons.append(f"degenerate: the teacher ends {teacher['eos_rate']:.0%} of its responses, the {who} model "
+                       f"{base['eos_rate']:.0%} (limit {limits.min_eos_ratio}x)")
         level = "fail"
+    if who == "SFT" and level == "fail" and (dpo["eos_rate"] < limits.min_eos_ratio * base["eos_rate"] or
+                                             dpo["response_len_mean"] > limits.max_length_ratio * base["response_len_mean"]):
+        reasons.append(f"the DPO model itself degenerates against SFT (length {dpo['response_len_mean']:.1f} vs "
+                       f"{base['response_len_mean']:.1f}, end-of-turn {dpo['eos_rate']:.0%} vs {base['eos_rate']:.0%}): "
+                       "every teacher built on it inherits that")
     if diff["mean"] < 0:
         sure = diff["hi"] < 0
         reasons.append(f"the teacher answers worse than the DPO model: {diff['mean']:+.3f} "

@@ -265,6 +265,7 @@ class Reproduction:
         best = recipe == "guarded_best"
         flags = ["--recipe", "paper", "--tvd-scale", str(s.r)] if recipe == "paper" else ["--recipe", "guarded"]
         self._launch(["--dpo-load", self.teacher(seed, best), "--rev-load", self.reverse_teacher(seed, best),
+                      "--sft-load", self.run_path(seed, "sft"),
                       "--prompts", self.path("data", "validation_prompts.jsonl"), *flags,
                       "--samples-per-prompt", str(s.validation_samples_per_prompt), "--max-new-tokens",
                       str(s.max_new_tokens), "--seed", str(seed), "--target-alpha", "0.6", "--warn-only",
@@ -415,8 +416,9 @@ class Reproduction:
         r = json.load(open(self.path("eval", f"preflight_{recipe}_seed{seed}.json")))
         return {"seed": seed, "verdict": r["verdict"], "reasons": r["reasons"], "dpo_gold": r["dpo"]["gold_rate"],
                 "teacher_gold": r["teacher"]["gold_rate"], "diff": r["teacher_minus_dpo"],
-                "length_ratio": r["teacher"]["response_len_mean"] / max(r["dpo"]["response_len_mean"], 1e-9),
-                "teacher_eos": r["teacher"]["eos_rate"], "dpo_eos": r["dpo"]["eos_rate"],
+                "length_ratio": r["teacher"]["response_len_mean"] / max(r["sft"]["response_len_mean"], 1e-9),
+                "teacher_eos": r["teacher"]["eos_rate"], "dpo_eos": r["dpo"]["eos_rate"], "sft_eos": r["sft"]["eos_rate"],
+                "sft_gold": r["sft"]["gold_rate"],
                 "tvd_mean": r["token_stats"]["tvd_mean"], "alpha_mean": r["token_stats"]["alpha_mean"],
                 "r_for_alpha_0.6": r["r_for_target_alpha"]}
 
@@ -472,14 +474,16 @@ def markdown(res: dict) -> str:
         lines += ["", "| AlignDistil run (chosen cells) | mean alpha | mean TVD | mean KL to teacher |", "|---|---|---|---|"]
         for row, st in res["train_stats"].items():
             lines.append(f"| {row_label(row)} | {st['alpha_mean']:.2f} | {st['tvd_mean']:.3f} | {st['kl']:.3f} |")
-    lines += ["", "| teacher pre-flight (validation prompts) | seed | DPO gold | teacher gold | teacher - DPO [95% CI] "
-              "| length x DPO | EOS teacher / DPO | mean TVD | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| teacher pre-flight (validation prompts) | seed | SFT gold | DPO gold | teacher gold | teacher - DPO "
+              "[95% CI] | length x SFT | EOS teacher / DPO / SFT | mean TVD | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for recipe, runs in res.get("preflight", {}).items():
         for p in runs:
             d = p["diff"]
-            lines.append(f"| {recipe} | {p['seed']} | {p['dpo_gold']:.3f} | {p['teacher_gold']:.3f} | {d['mean']:+.3f} "
-                         f"[{d['lo']:+.3f}, {d['hi']:+.3f}] | {p['length_ratio']:.2f} | {p['teacher_eos']:.2f} / "
-                         f"{p['dpo_eos']:.2f} | {p['tvd_mean']:.3f} | {p['verdict']} |")
+            lines.append(f"| {recipe} | {p['seed']} | {p['sft_gold']:.3f} | {p['dpo_gold']:.3f} | {p['teacher_gold']:.3f} "
+                         f"| {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {p['length_ratio']:.2f} | "
+                         f"{p['teacher_eos']:.2f} / {p['dpo_eos']:.2f} / {p['sft_eos']:.2f} | {p['tvd_mean']:.3f} | "
+                         f"{p['verdict']} |")
     fam_rows = res["rows"]
     fams = list(fam_rows[0]["gold_by_family"])
     lines += ["", "| policy | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
