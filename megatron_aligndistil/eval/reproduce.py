@@ -343,8 +343,8 @@ class Reproduction:
                      Job(n(sd + "rev"), lambda seed=seed: self.reverse_dpo(seed), (n(sd + "sft"),))]
             dpo_cell = n(f"{sd}dpo_{teacher_cell}")
             for row in s.rows:
-                if row == "sft":
-                    jobs.append(Job(n(f"{sd}test_sft"), lambda seed=seed: self.test(seed, "sft"), (n(sd + "sft"),)))
+                if row == "sft":  # every evaluation also scores its samples under the SFT and DPO teacher models
+                    jobs.append(Job(n(f"{sd}test_sft"), lambda seed=seed: self.test(seed, "sft"), (n(sd + "sft"), dpo_cell)))
                     continue
                 if row in DPO_ROWS:
                     deps = (n(sd + "sft"),)
@@ -356,7 +356,8 @@ class Reproduction:
                 for cell in self.cells(row):
                     names.append(n(f"{sd}{row}_{cell_name(*cell)}"))
                     jobs.append(Job(names[-1], lambda seed=seed, row=row, cell=cell: self.train_cell(seed, row, cell), deps))
-                jobs.append(Job(n(f"{sd}validate_{row}"), lambda seed=seed, row=row: self.validate(seed, row), tuple(names)))
+                jobs.append(Job(n(f"{sd}validate_{row}"), lambda seed=seed, row=row: self.validate(seed, row),
+                                tuple(names) + (dpo_cell,)))
                 jobs.append(Job(n(f"{sd}test_{row}"), lambda seed=seed, row=row: self.test(seed, row),
                                 (n(f"{sd}validate_{row}"),)))
             if any(r.startswith("guarded_best") for r in s.rows):
