@@ -26,12 +26,12 @@ from .eval.stats import fmt_ci
 from .pipeline import Job, run_jobs
 
 # One seed of the benchmark on the rules world: SFT, DPO and AlignDistil with --recipe guarded (r 5, the
-# plausibility guard 0.1; docs/alignment.md), each trained at 2 epochs with lr 2e-4 and 5e-4 and the
-# better of the two chosen on validation prompts. Shorter than the benchmark (SFT 448 iterations, 4
+# plausibility guard 0.1) and teachers from the best-tuned DPO (docs/alignment.md), each trained at 2
+# epochs with lr 2e-4 and 5e-4 and the better of the two chosen on validation prompts. Shorter than the benchmark (SFT 448 iterations, 4
 # samples per test prompt) to stay near 8 minutes from a fresh clone. Off-policy at TP2 PP2 (4
 # processes); on-policy at TP1: on 2 cores TP/PP sampling is communication-bound (docs/training.md);
 # the tests cover on-policy training at TP2 and sampling at TP2 PP2.
-QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "guarded_off", "guarded_on"), ad_tp=2, ad_pp=2,
+QUICKSTART = replace(reproduce.FULL, seeds=(1,), rows=("sft", "dpo", "guarded_best_off", "guarded_best_on"), ad_tp=2, ad_pp=2,
                      on_policy_layout=(1, 1), samples_per_prompt=4, sft_iters=448, grid_epochs=(2.0,),
                      grid_lr_scales=(1.0, 2.5))
 SHORT = replace(QUICKSTART, world=replace(QUICKSTART.world, sft_records=64, pair_records=32), batch=8, sft_iters=3,
@@ -45,7 +45,7 @@ class Quickstart(reproduce.Reproduction):
     def export(self):
         from .convert.hf import convert_megatron_to_hf
 
-        for name in ("sft", "guarded_off"):
+        for name in ("sft", "guarded_best_off"):
             convert_megatron_to_hf(os.path.join(self.chosen_run(name), "release"), self.path("hf", name),
                                    progress=False, overwrite=True)
 
@@ -56,11 +56,11 @@ class Quickstart(reproduce.Reproduction):
 
         from .eval.world import judge
 
-        tok = AutoTokenizer.from_pretrained(self.path("hf", "guarded_off"))
+        tok = AutoTokenizer.from_pretrained(self.path("hf", "guarded_best_off"))
         items = [json.loads(line) for line in open(self.path("data", "heldout_prompts.jsonl"))]
         picked = [next(it for it in items if it["family"] == f) for f in ("color", "repeat", "last", "order")]
         out = []
-        for name in ("sft", "guarded_off"):
+        for name in ("sft", "guarded_best_off"):
             model = AutoModelForCausalLM.from_pretrained(self.path("hf", name), dtype=torch.float32).eval()
             for it in picked:
                 ids = tok.apply_chat_template([{"role": "user", "content": it["instruction"]}], add_generation_prompt=True,
@@ -81,8 +81,8 @@ class Quickstart(reproduce.Reproduction):
     def plots(self):
         from .train.plots import plot_runs
 
-        plot_runs({"off-policy": os.path.join(self.chosen_run("guarded_off"), "metrics.jsonl"),
-                   "on-policy": os.path.join(self.chosen_run("guarded_on"), "metrics.jsonl")},
+        plot_runs({"off-policy": os.path.join(self.chosen_run("guarded_best_off"), "metrics.jsonl"),
+                   "on-policy": os.path.join(self.chosen_run("guarded_best_on"), "metrics.jsonl")},
                   self.path("plots", "aligndistil.png"), "AlignDistil --recipe guarded: off-policy TP2 PP2, on-policy TP1")
         plot_runs({"dpo": os.path.join(self.chosen_run("dpo"), "metrics.jsonl"),
                    "reverse dpo": os.path.join(self.run_path(1, "rev"), "metrics.jsonl")},
@@ -114,7 +114,7 @@ def summary_rows(res: dict, run_dir: str) -> list[tuple[str, str]]:
         rows.append((f"teacher pre-flight, --recipe {recipe}", f"{p['verdict']}: teacher {p['teacher_gold']:.3f} vs DPO "
                      f"{p['dpo_gold']:.3f} on validation prompts, length x{p['length_ratio']:.2f}"))
     rows += [("results, plots", f"{run_dir}/results.md, {run_dir}/plots/"),
-             ("exported HF model", f"{run_dir}/hf/guarded_off")]
+             ("exported HF model", f"{run_dir}/hf/guarded_best_off")]
     return rows
 
 

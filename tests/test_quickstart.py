@@ -16,9 +16,9 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "megatron_aligndistil.quickstart", "--short", "--run-dir", str(run)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[quickstart] summary" in r.stdout and "gold rate, AlignDistil on-policy, --recipe guarded" in r.stdout
+    assert "[quickstart] summary" in r.stdout and "gold rate, AlignDistil on-policy, --recipe guarded, teachers from the best-tuned DPO" in r.stdout
     res = json.load(open(run / "results.json"))
-    assert [row["row"] for row in res["rows"]] == ["sft", "dpo", "guarded_off", "guarded_on", "dpo_best"]
+    assert [row["row"] for row in res["rows"]] == ["sft", "dpo", "guarded_best_off", "guarded_best_on", "dpo_best"]
     assert [row["chosen"] for row in res["rows"]][1:] == [["e0.75_lr1x"]] * 3 + [["dpo/e0.75_lr1x"]]
     for row in res["rows"]:
         g = row["gold"]
@@ -29,19 +29,23 @@ def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):
         assert 0 <= res["reward_accuracy"][k]["mean"] <= 1
     for png in ("aligndistil.png", "dpo.png", "gold_rate.png"):
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    ad = [json.loads(line) for line in open(run / "seed1" / "guarded_off" / "e0.75_lr1x" / "metrics.jsonl")]
+    ad = [json.loads(line) for line in open(run / "seed1" / "guarded_best_off" / "e0.75_lr1x" / "metrics.jsonl")]
     assert [m["iteration"] for m in ad] == [1, 2, 3] and all("alpha_mean" in m for m in ad)
-    args = json.load(open(run / "seed1" / "guarded_off" / "e0.75_lr1x" / "args.json"))
+    args = json.load(open(run / "seed1" / "guarded_best_off" / "e0.75_lr1x" / "args.json"))
     assert args["tensor_model_parallel_size"] == 2 and args["pipeline_model_parallel_size"] == 2
     assert args["recipe"] == "guarded" and args["plausibility_threshold"] == 0.1 and args["r"] == 5.0
-    onp = [json.loads(line) for line in open(run / "seed1" / "guarded_on" / "e0.75_lr1x" / "metrics.jsonl")]
+    # teachers from the best-tuned DPO cell (the grid's one cell here), the reverse model at that cell
+    assert args["dpo_load"].endswith("dpo/e0.75_lr1x") and args["rev_load"].endswith("rev_best/e0.75_lr1x")
+    rev = json.load(open(run / "seed1" / "rev_best" / "e0.75_lr1x" / "args.json"))
+    assert rev["reverse"] and rev["train_iters"] == 3 and rev["lr"] == 2e-4
+    onp = [json.loads(line) for line in open(run / "seed1" / "guarded_best_on" / "e0.75_lr1x" / "metrics.jsonl")]
     assert len(onp) == 3 and all("rollout_s" in m for m in onp)
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run / "hf" / "guarded_off")
+    AutoModelForCausalLM.from_pretrained(run / "hf" / "guarded_best_off")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
-    assert again.stdout.count("done already, skipped") == 21
+    assert again.stdout.count("done already, skipped") == 23
     # the teacher pre-flight on the quickstart's teachers (validation prompts)
     tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "teacher_preflight.py")
 

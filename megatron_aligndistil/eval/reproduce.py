@@ -84,7 +84,7 @@ def cell_name(epochs: float, scale: float) -> str:
 
 
 FULL = Settings()
-QUICK = replace(FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "guarded_off", "guarded_on"), samples_per_prompt=4)
+QUICK = replace(FULL, seeds=(1,), rows=("sft", "dpo", "ad_off", "guarded_best_off", "guarded_best_on"), samples_per_prompt=4)
 # each world's sizes: the steps world's answers are 13-30 tokens, the trap's longer wrong ones up to 11
 WORLD_SETTINGS = {
     "rules": {},
