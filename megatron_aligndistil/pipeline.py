@@ -26,7 +26,24 @@ def launch(args: list[str], log_path: str, nproc: int = 1, script: str | None = 
            prefix: str = "pipeline") -> None:
     """Run ``torchrun ... -m megatron_aligndistil.train -- ARGS`` (or ``torchrun SCRIPT -- ARGS``);
     output to ``log_path``. ``progress=(metrics.jsonl, total)`` drives a bar from the metrics.
-    Raises RuntimeError with the log's tail on failure."""
+    Raises RuntimeError with the log's tail on failure. A launch whose rendezvous port was taken
+    between ``free_port`` and torchrun binding it (EADDRINUSE; nothing ran) is relaunched, twice
+    at most, on a new port."""
+    for attempt in range(3):
+        try:
+            return _launch_once(args, log_path, nproc, script, progress, prefix)
+        except _PortTaken:  # free_port's port was taken by another launch before torchrun bound it
+            if attempt == 2:
+                raise RuntimeError(f"stage command failed three times on a rendezvous port taken by another "
+                                   f"process (EADDRINUSE); log {log_path}") from None
+            say(f"rendezvous port taken by another process (EADDRINUSE), relaunching ({attempt + 1}/2)", prefix)
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _launch_once(args, log_path, nproc, script, progress, prefix) -> None:
     from tqdm import tqdm
 
     from .parallel import free_port
@@ -52,6 +69,8 @@ def launch(args: list[str], log_path: str, nproc: int = 1, script: str | None = 
             bar.close()
     if proc.returncode:
         tail = open(log_path).read()[-3000:]
+        if "EADDRINUSE" in tail:
+            raise _PortTaken(tail)
         raise RuntimeError(f"stage command failed (exit {proc.returncode}), log {log_path}: {shown}\n{tail}")
 
 

@@ -71,3 +71,32 @@ def test_base_models_made_in_parallel_threads_are_reproducible(tmp_path):
         for seed in (1, 2):
             again = weights(run, seed)
             assert all(torch.equal(first[seed][k], again[k]) for k in first[seed]), (seed, run.run)
+
+
+def test_a_launch_whose_rendezvous_port_is_taken_is_relaunched_on_another(tmp_path, monkeypatch, capsys):
+    """free_port picks a port, another process binds it before torchrun does: torchrun fails with
+    EADDRINUSE before anything runs. The stage is relaunched on a new port (twice at most)."""
+    import socket
+
+    from megatron_aligndistil import parallel, pipeline
+
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nopen(sys.argv[-1], 'a').write('ran\\n')\n")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    real = parallel.free_port
+    ports = iter([taken, taken])
+    monkeypatch.setattr(parallel, "free_port", lambda: next(ports, None) or real())
+    out = tmp_path / "ran.txt"
+    try:
+        pipeline.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
+        assert out.read_text() == "ran\n"  # ran once, on the third port
+        assert capsys.readouterr().out.count("relaunching") == 2
+        ports = iter([taken] * 3)
+        monkeypatch.setattr(parallel, "free_port", lambda: next(ports))
+        with pytest.raises(RuntimeError, match="failed three times on a rendezvous port taken"):
+            pipeline.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
+    finally:
+        holder.close()
