@@ -155,8 +155,13 @@ def _teacher_on_ranks(paths, tp, pp, loss_kwargs):
     plain = generate(stage.policy, [ev.prompts[i] for i, _ in sorted(samples)],
                      SamplingParams(max_new_tokens=5, seed=7, stop_ids=(ev.tokenizer.eos_token_id,)), ev.vocab_size,
                      sequence_ids=[i * 2 + k for i, k in sorted(samples)])
+    whole = None
+    if tp == pp == 1 and "r" in loss_kwargs:  # the whole pre-flight, the DPO model standing in for SFT too
+        from megatron_aligndistil.eval.preflight import preflight
+
+        whole = preflight(ev, paths["dpo"], paths["rev"], cfg, target_alpha=0.6, sft_load=paths["dpo"])
     return stats, {k: v["response_ids"] for k, v in samples.items()}, [r["response_ids"] for r in plain], pairs, \
-        ev.vocab_size
+        ev.vocab_size, whole
 
 
 def _dense_stats(paths, pairs, vocab_size, loss_kwargs):
@@ -190,12 +195,12 @@ def test_teacher_statistics_and_samples_at_every_layout(teachers, layout, world)
     # from the DPO model and the guard act on part of the vocabulary
     guarded = {"r": 200.0, "plausibility_threshold": 0.002}
     got = run_distributed(_teacher_on_ranks, world, args=(teachers, *layout, guarded), timeout=600)
-    stats, samples, _, pairs, vocab_size = got[0]
+    stats, samples, _, pairs, vocab_size, whole = got[0]
     tvd, alpha, tokens = _dense_stats(teachers, pairs, vocab_size, guarded)
     assert stats["tokens"] == tokens and abs(stats["tvd_mean"] - tvd) < 1e-5 and abs(stats["alpha_mean"] - alpha) < 1e-4
     assert all(g[1] == samples for g in got)  # every rank holds every sample
     zero = run_distributed(_teacher_on_ranks, world, args=(teachers, *layout, {"constant_alpha": 0.0}), timeout=600)
-    _, samples0, plain, _, _ = zero[0]
+    _, samples0, plain, _, _, _ = zero[0]
     assert [samples0[k] for k in sorted(samples0)] == plain
     if layout != (1, 1):
         ref = run_distributed(_teacher_on_ranks, 1, args=(teachers, 1, 1, guarded), timeout=600)
@@ -204,6 +209,12 @@ def test_teacher_statistics_and_samples_at_every_layout(teachers, layout, world)
         assert _dense_first_tokens(teachers, guarded, vocab_size, sorted(samples)) == \
             [samples[k][0] for k in sorted(samples)]
         assert [samples[k] for k in sorted(samples)] != zero[0][2]  # the guarded teacher is not the DPO model
+        # preflight() as a whole: the SFT stand-in samples what the DPO model samples; the teacher's
+        # samples are sample_teacher's; the statistics are on the DPO model's own samples
+        assert whole["sft"]["sample_response_ids"] == whole["dpo"]["sample_response_ids"]
+        assert whole["teacher"]["gold"]["n"] == len(PROMPTS) and whole["token_stats"]["tokens"] > 0
+        assert whole["r_for_target_alpha"] == pytest.approx((0.6 - 1e-3) / whole["token_stats"]["tvd_mean"])
+        assert whole["teacher_minus_dpo"]["mean"] == 0  # the judge gives 0 to everything
 
 
 def _dense_first_tokens(paths, loss_kwargs, vocab_size, jobs):
