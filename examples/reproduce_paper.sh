@@ -5,8 +5,9 @@
 # row but SFT is trained on one grid (epochs {1, 3} x lr {2e-4, 5e-4}), the cell chosen on validation
 # prompts, judged on test prompts; 3 seeds, gold rate +- 95% CI; the teacher pre-flight per seed.
 #
-#   bash examples/reproduce_paper.sh           # full: 3 worlds x 3 seeds, about 2 hours on 2 cores
-#   bash examples/reproduce_paper.sh --quick   # rules world, one seed, 5 rows: about 10 minutes
+#   bash examples/reproduce_paper.sh           # full: 3 worlds x 3 seeds x 11 rows (seed 1 of every world and
+#                                              # row took about 55 min on 2 cores; docs/alignment.md)
+#   bash examples/reproduce_paper.sh --quick   # rules world, one seed, 5 rows
 #
 # Results: runs/paper/summary.md (every world), runs/paper/<world>/results.{md,json}, plots/;
 # docs/alignment.md. Extra flags go to python -m megatron_aligndistil.eval.reproduce (--run-dir,
