@@ -191,3 +191,12 @@ def test_the_tokenizer_corpus_has_every_answer_shape_of_its_families():
         prompts = [t.split("user\n")[1].split("<|im_end|>")[0] for t in texts]
         judged = [W.judge(p, r) for p, r in zip(prompts, responses)]
         assert 0 < sum(judged) < len(judged)  # correct and wrong answers both
+
+
+def test_prompts_of_no_family_are_refused_naming_file_and_index():
+    from megatron_aligndistil.cli_errors import UserError
+
+    W.check_world_prompts([{"instruction": "List owl, red, cat."}], "p.jsonl", "hint")  # a family: fine
+    with pytest.raises(UserError, match=r"^p.jsonl: prompt 1 \('Write a poem.'\) is not a gold-world prompt; use X$"):
+        W.check_world_prompts([{"instruction": "Say owl two times."}, {"instruction": "Write a poem."}], "p.jsonl",
+                              "use X")

@@ -92,12 +92,9 @@ def main(argv=None):
                                 chat_template_kwargs=template_kwargs, engine=args.rollout_engine)
         judge = world_judge if args.judge == "world" else (lambda prompt, response: 0.0)
         if args.judge == "world":  # fail before any model is built, not after generating
-            from megatron_aligndistil.eval.world import family_of
+            from megatron_aligndistil.eval.world import check_world_prompts
 
-            for i, it in enumerate(items):
-                if family_of(it["instruction"]) is None:
-                    raise UserError(f"{args.prompts}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world "
-                                     "prompt; for real data use --judge none and/or --reward-model")
+            check_world_prompts(items, args.prompts, "for real data use --judge none and/or --reward-model")
         scratch = None if args.out is None else os.path.dirname(os.path.abspath(args.out))
         evaluator = PolicyEvaluator(items, judge, settings, tokenizer_path=policies[0][1], ref_load=args.ref_load,
                                     dpo_load=args.dpo_load, tp=args.tensor_model_parallel_size,

@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
+from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
 
 FAIL_EXIT = 3
 
@@ -103,12 +103,9 @@ def main(argv=None):
 
         items = load_prompts(args.prompts)
         if args.judge == "world":
-            from megatron_aligndistil.eval.world import family_of, judge
+            from megatron_aligndistil.eval.world import check_world_prompts, judge
 
-            for i, it in enumerate(items):
-                if family_of(it["instruction"]) is None:
-                    raise UserError(f"{args.prompts}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world "
-                                    "prompt; for real data use --judge none --reward-model DIR")
+            check_world_prompts(items, args.prompts, "for real data use --judge none --reward-model DIR")
         else:
             def judge(prompt, response):
                 return 0.0

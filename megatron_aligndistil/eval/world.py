@@ -187,6 +187,16 @@ def judge(prompt: str, response: str) -> float:
     return float(text == correct_response(prompt))
 
 
+def check_world_prompts(items: list[dict], path: str, hint: str) -> None:
+    """Refuse prompt items (``{"instruction": ...}`` from ``path``) that belong to no family, before
+    any model is built; ``hint`` ends the message (what to use for real data)."""
+    from ..cli_errors import UserError
+
+    for i, it in enumerate(items):
+        if family_of(it["instruction"]) is None:
+            raise UserError(f"{path}: prompt {i} ({it['instruction'][:60]!r}) is not a gold-world prompt; {hint}")
+
+
 def _parse(prompt: str) -> tuple[str, tuple]:
     found = family_of(prompt)
     if found is None:
