@@ -130,15 +130,21 @@ class Reproduction:
     def _launch(self, args, name, script=None, nproc=1):
         launch(args, self.path("logs", f"{name}.log"), nproc=nproc, script=script, prefix=self.prefix)
 
-    def teacher(self, seed: int, best: bool = False) -> str:
-        """The DPO teacher: the DPO row's run at the teachers' budget, or (``best``) at the cell
+    def teacher_cell(self, seed: int, best: bool = False) -> tuple[float, float]:
+        """(epochs, lr scale) of the teachers: the teachers' budget, or (``best``) the DPO row's cell
         chosen on validation prompts (the best-tuned DPO beta 0.1)."""
-        cell = self.chosen(seed, ("dpo",))["dpo"] if best else cell_name(self.s.teacher_epochs, 1.0)
-        return self.path(f"seed{seed}", "dpo", cell)
+        if not best:
+            return self.s.teacher_epochs, 1.0
+        name = self.chosen(seed, ("dpo",))["dpo"]
+        return next(c for c in self.s.cells if cell_name(*c) == name)
+
+    def teacher(self, seed: int, best: bool = False) -> str:
+        """The DPO teacher: the DPO row's run at :meth:`teacher_cell`."""
+        return self.path(f"seed{seed}", "dpo", cell_name(*self.teacher_cell(seed, best)))
 
     def reverse_teacher(self, seed: int, best: bool = False) -> str:
         """The reverse-DPO teacher, at the same budget as :meth:`teacher`."""
-        return self.path(f"seed{seed}", "rev_best", self.chosen(seed, ("dpo",))["dpo"]) if best else \
+        return self.path(f"seed{seed}", "rev_best", cell_name(*self.teacher_cell(seed, True))) if best else \
             self.run_path(seed, "rev")
 
     def cells(self, row: str) -> list[tuple[float, float]]:
@@ -213,8 +219,7 @@ class Reproduction:
     def reverse_dpo(self, seed, best: bool = False):
         """The reverse-DPO teacher at the teachers' budget, or (``best``) at the best-tuned DPO's cell."""
         s = self.s
-        epochs, scale = next(c for c in s.cells + [(s.teacher_epochs, 1.0)]
-                             if cell_name(*c) == self.chosen(seed, ("dpo",))["dpo"]) if best else (s.teacher_epochs, 1.0)
+        epochs, scale = self.teacher_cell(seed, best)
         self.dpo(seed, self.reverse_teacher(seed, best), s.dpo_beta, epochs, s.base_lr * scale, reverse=True)
 
     def aligndistil(self, seed, row, cell):
