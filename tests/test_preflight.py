@@ -107,10 +107,10 @@ def test_recipe_sets_what_no_flag_sets(extra, r, tau):
 PROMPTS = ["Describe the red fox.", "Say owl three times.", "Which word is last: cat, red, owl?", "Put fox before blue."]
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def teachers(tmp_path_factory, request):
     """Two tiny random Qwen2 models with the gold world's tokenizer (the "DPO" and "reverse" teachers;
-    tied embeddings, 448 rows for a 400-id tokenizer, as real Qwen pads its vocabulary)."""
+    tied and untied embeddings, 448 rows for a 400-id tokenizer, as real Qwen pads its vocabulary)."""
     import json
 
     from hf_fixtures import tiny_hf_model
@@ -122,7 +122,7 @@ def teachers(tmp_path_factory):
     tok = train_tokenizer(corpus(), vocab_size=400)
     out = {}
     for name, seed in (("dpo", 3), ("rev", 4)):
-        model = tiny_hf_model("qwen2", tied=True, vocab_size=448, seed=seed)
+        model = tiny_hf_model("qwen2", tied=request.param, vocab_size=448, seed=seed)
         model.config.eos_token_id = tok.eos_token_id
         model.save_pretrained(root / f"hf_{name}")
         tok.save_pretrained(root / f"hf_{name}")
