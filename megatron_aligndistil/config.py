@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .cli_errors import UserError
+from .core.errors import UserError
 
 TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
 DIRECTIONS = ("reverse", "forward")

@@ -4,7 +4,7 @@ Each step runs Megatron's forward-only schedule over the current sequences (righ
 sequence's next-token logits are read at its own last position, which padding after it cannot
 change under causal attention), gathers only the *last position's* logits over the TP group,
 masks the vocab padding, and samples on the logits' device (only the sampled ids go to the host).
-The forward passes go through the trainer's schedule driver (``train/schedule.drive``); the
+The forward passes go through the trainer's schedule driver (``core/schedule.drive``); the
 rollout engine of ``rollout/megatron.py`` wraps this module. Randomness is per sequence and step
 (``seed``, the record's global index, the step), so a run samples the same tokens at any
 TP/PP/DP layout and batch composition. The last pipeline stage samples and broadcasts the tokens
@@ -58,7 +58,7 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
 
     from megatron.core import parallel_state
 
-    from .train.schedule import drive, pipeline_rows
+    from .core.schedule import drive, pipeline_rows
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()

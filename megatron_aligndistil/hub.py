@@ -13,7 +13,7 @@ import os
 import re
 import threading
 
-from .cli_errors import UserError
+from .core.errors import UserError
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .loss.vocab_parallel import GPU_CHUNK_ELEMENTS
 from .models.qwen import QwenArch
-from .train.schedule import pipeline_rows
+from .core.schedule import pipeline_rows
 
 GIB = 2**30
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from .eval import reproduce
 from .eval.stats import fmt_ci
-from .pipeline import Job, run_jobs
+from .jobs import Job, run_jobs
 
 # One seed of the benchmark on the rules world: SFT, DPO and AlignDistil with --recipe guarded (r 5, the
 # plausibility guard 0.1) and teachers from the best-tuned DPO (docs/alignment.md), each trained at 2

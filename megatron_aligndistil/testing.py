@@ -56,7 +56,7 @@ def _worker(rank, world_size, port, outdir, fn, args, kwargs, layout, seed, env)
     )
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
-        from . import parallel
+        from .core import parallel
 
         parallel.init_distributed(timeout_s=600)
         if layout is not None:
@@ -76,7 +76,7 @@ def _worker(rank, world_size, port, outdir, fn, args, kwargs, layout, seed, env)
 def run_distributed(fn, world_size: int, args=(), kwargs=None, layout=None, seed: int = 1234,
                     timeout: float = 300.0):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the list of results."""
-    from .parallel import free_port
+    from .core.parallel import free_port
 
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="aligndistil-dist-") as outdir:
@@ -141,12 +141,13 @@ def megatron_logits(arch_fields: dict, full, tokens: torch.Tensor):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .models import qwen, sharding
+    from .models import qwen
+    from .core import sharding
 
     arch = qwen.QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
     if isinstance(full, str):
-        from .convert.io import TensorStore
+        from .core.store import TensorStore
 
         with TensorStore(full) as store:
             sharding.load_from_store(model, store)

@@ -82,7 +82,7 @@ def test_the_parser_reports_config_errors_as_flag_errors(capsys):
 def test_transformer_engine_on_request_without_cuda_is_a_clear_error():
     import torch
 
-    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.core.errors import UserError
     from megatron_aligndistil.models.qwen import use_transformer_engine
 
     assert use_transformer_engine("local") is False

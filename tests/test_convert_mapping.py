@@ -9,7 +9,7 @@ import torch
 from hf_fixtures import tiny_hf_model
 from megatron_aligndistil.convert.mapping import hf_tensor_names, hf_to_megatron, megatron_to_hf
 from megatron_aligndistil.models.qwen import ArchitectureError, QwenArch
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import megatron_logits, run_distributed
 
 

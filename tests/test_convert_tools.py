@@ -12,7 +12,7 @@ import torch
 
 from hf_fixtures import save_tiny_hf
 from megatron_aligndistil.models.qwen import QwenArch
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import megatron_logits, run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_tensor_shapes_are_checked_against_the_config(tmp_path, name, shape):
     from safetensors.torch import load_file, save_file
 
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
-    from megatron_aligndistil.convert.io import CheckpointError
+    from megatron_aligndistil.core.store import CheckpointError
 
     hf_dir = tmp_path / "hf"
     save_tiny_hf(hf_dir, "qwen2")

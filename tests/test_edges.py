@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_aligndistil.cli_errors import UserError
+from megatron_aligndistil.core.errors import UserError
 from megatron_aligndistil.data.indexed import IndexedWriter, read_indexed
-from megatron_aligndistil.data.records import KINDS, DataError, read_jsonl, read_records
+from megatron_aligndistil.data import read_records
+from megatron_aligndistil.data.records import KINDS, DataError, read_jsonl
 
 QWEN_VOCAB = 151_936  # Qwen2.5 / Qwen3 embedding rows
 
@@ -190,7 +191,8 @@ def test_one_token_fields_are_kept_empty_ones_refused(tmp_path, fmt):
 # ---------------------------------------------------------------------------------------------
 
 def test_a_sequence_that_exactly_fills_a_row_packs_one_more_token_is_refused():
-    from megatron_aligndistil.data.batching import block_causal_mask, build_micro_batch, pack_records
+    from megatron_aligndistil.core.schedule import block_causal_mask
+    from megatron_aligndistil.data.batching import build_micro_batch, pack_records
 
     exact = [([1, 2, 3], [4, 5, 6])]  # 5 input positions
     assert pack_records([exact], 1, 5) == [[[(0, 0)]]]
@@ -277,7 +279,7 @@ def test_the_range_table_covers_every_numeric_flag():
     from megatron_aligndistil.train.arguments import _RANGES, build_parser
 
     elsewhere = {"constant_alpha": "> 0 (beta_t) or > -1 (vanilla), with the token weight (config.py)",
-                 "stop_token_ids": "inside the tokenizer's ids, once the tokenizer is read (checkpointing.check_stop_ids)"}
+                 "stop_token_ids": "inside the tokenizer's ids, once the tokenizer is read (weights.check_stop_ids)"}
     for parser in build_parser()._subparsers._group_actions[0].choices.values():
         numeric = {a.dest for a in parser._actions if a.type in (int, float)}
         assert numeric - set(_RANGES) - set(elsewhere) == set()
@@ -417,7 +419,7 @@ def _tokenizer_dir(tmp_path, ids: dict, added: dict) -> str:
 @pytest.mark.parametrize("vocab_size,ok", [(10, True), (9, False), (200, True)])
 def test_the_tokenizers_ids_are_its_largest_id_plus_one_gaps_included(tmp_path, vocab_size, ok):
     """A tokenizer whose ids have gaps: its id space is its largest id + 1, not its token count."""
-    from megatron_aligndistil.train.checkpointing import tokenizer_vocab_size
+    from megatron_aligndistil.core.weights import tokenizer_vocab_size
 
     path = _tokenizer_dir(tmp_path, {"a": 0, "b": 1, "c": 5, "<|end|>": 9}, {"<|end|>": 9})
     arch = SimpleNamespace(vocab_size=vocab_size)
@@ -431,7 +433,7 @@ def test_the_tokenizers_ids_are_its_largest_id_plus_one_gaps_included(tmp_path, 
 def test_a_cleanup_that_fails_never_hides_the_write_error(tmp_path, monkeypatch):
     """A full disk inside ``writing``: the temporaries are removed as far as they can be, and the
     user sees the one-line error, not the cleanup's own OSError."""
-    from megatron_aligndistil.cli_errors import writing
+    from megatron_aligndistil.core.errors import writing
 
     stuck = tmp_path / "iter_0000002.tmp"
     stuck.mkdir()
@@ -508,7 +510,7 @@ def test_an_iteration_checkpoint_reads_its_runs_tokenizer(tmp_path):
     """A teacher or policy given as ``<run>/iter_XXXXXXX`` has no tokenizer.json of its own: its
     ids are those of the run's ``--load`` (args.json), as the export reads them; without that, its
     vocabulary would silently be every embedding row."""
-    from megatron_aligndistil.train.checkpointing import _tokenizer_file, tokenizer_vocab_size
+    from megatron_aligndistil.core.weights import tokenizer_file, tokenizer_vocab_size
 
     load = _tokenizer_dir(tmp_path, {"a": 0, "b": 1, "c": 5, "<|end|>": 9}, {"<|end|>": 9})
     run = tmp_path / "run"
@@ -517,13 +519,13 @@ def test_an_iteration_checkpoint_reads_its_runs_tokenizer(tmp_path):
     for name in ("qwen_arch.json", ".metadata", "common.pt"):
         (it / name).write_text("{}")
     (run / "args.json").write_text(json.dumps({"load": load}))
-    assert _tokenizer_file(str(it)) == os.path.join(load, "tokenizer.json")
+    assert tokenizer_file(str(it)) == os.path.join(load, "tokenizer.json")
     assert tokenizer_vocab_size(SimpleNamespace(vocab_size=64), str(it)) == 10
     (run / "args.json").write_text(json.dumps({"load": str(tmp_path / "gone")}))
-    assert _tokenizer_file(str(it)) is None  # the load moved away: the model's own vocab_size, as before
+    assert tokenizer_file(str(it)) is None  # the load moved away: the model's own vocab_size, as before
     (it / "common.pt").unlink()  # not a training checkpoint: only its own tokenizer.json counts
     (run / "args.json").write_text(json.dumps({"load": load}))
-    assert _tokenizer_file(str(it)) is None
+    assert tokenizer_file(str(it)) is None
 
 
 @pytest.mark.parametrize("free,fault", [(1 << 20, None), ((1 << 20) - 1, "ENOSPC"), (0, "ENOSPC")])
@@ -531,7 +533,7 @@ def test_a_location_is_nearly_full_below_one_mebibyte_free(tmp_path, monkeypatch
     """``location_fault``: exactly 1 MiB free still looks writable; one byte less is a full disk."""
     import errno
 
-    from megatron_aligndistil.cli_errors import location_fault
+    from megatron_aligndistil.core.errors import location_fault
 
     real = os.statvfs(tmp_path)
     monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_flag=real.f_flag & ~os.ST_RDONLY,

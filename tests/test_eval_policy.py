@@ -155,7 +155,7 @@ def test_evaluator_guards(world_model, tmp_path, capsys):
     import shutil
     import sys
 
-    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.core.errors import UserError
     from megatron_aligndistil.eval.reward_model import RewardModelJudge
 
     with pytest.raises(UserError, match=r"not a trained sequence-classification reward model: score\.weight is not "

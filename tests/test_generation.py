@@ -8,13 +8,14 @@ import torch
 from hf_fixtures import tiny_hf_model
 from megatron_aligndistil.convert.mapping import hf_to_megatron
 from megatron_aligndistil.models.qwen import QwenArch
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 
 def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True, limits=None):
     from megatron_aligndistil.generation import generate
-    from megatron_aligndistil.models import qwen, sharding
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.core import sharding
 
     arch = QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
@@ -119,7 +120,7 @@ def test_generate_tool_names_bad_prompt_items(tmp_path):
 
     import pytest
 
-    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.core.errors import UserError
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import generate as generate_tool

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from megatron_aligndistil.data.indexed import IndexedWriter, read_indexed
-from megatron_aligndistil.data.records import KINDS, DataError, read_jsonl, read_records
+from megatron_aligndistil.data import read_records
+from megatron_aligndistil.data.records import KINDS, DataError, read_jsonl
 
 VOCAB = 70_000  # past uint16: ids stored as int32
 

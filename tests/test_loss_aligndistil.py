@@ -9,7 +9,7 @@ import torch
 
 from loss_reference import dense_aligndistil
 from megatron_aligndistil.loss import vocab_parallel_aligndistil, vocab_parallel_logprobs
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 PADDED_VOCAB = 128

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 from conftest import tiny_arch

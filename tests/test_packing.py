@@ -7,7 +7,8 @@ a clear error; per-sequence sums over a context-parallel group."""
 import pytest
 import torch
 
-from megatron_aligndistil.data.batching import block_causal_mask, build_micro_batch, input_length, pack_records
+from megatron_aligndistil.core.schedule import block_causal_mask
+from megatron_aligndistil.data.batching import build_micro_batch, input_length, pack_records
 from megatron_aligndistil.testing import run_distributed
 from train_fixtures import aligndistil_argv, dpo_argv, make_setup_with_pairs
 
@@ -49,7 +50,7 @@ def test_block_causal_mask_keeps_attention_inside_each_sequence():
     assert batch.seq_index[0].tolist() == [0, 0, 0, 1, 1, -1]
     assert batch.loss_mask[0].tolist() == [0, 1, 1, 1, 1, 0]  # targets 2 3 4 | 6 7
     # TransformerEngine's THD format (the GPU path): the same blocks as cu_seqlens, padding a segment
-    from megatron_aligndistil.train.schedule import attention_kwargs
+    from megatron_aligndistil.core.schedule import attention_kwargs
 
     params = attention_kwargs(batch, thd=True)["packed_seq_params"]
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 5, 6] and params.max_seqlen_q == 3

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 from conftest import tiny_arch
@@ -16,7 +16,8 @@ def _cross_entropy_step(arch_fields, full_weights, tokens, num_microbatches):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_aligndistil.models import qwen, sharding
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.core import sharding
 
     arch = qwen.QwenArch(**arch_fields)
     config = qwen.transformer_config(arch)

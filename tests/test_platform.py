@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_aligndistil import platform
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import DistributedError, run_distributed
 
 PACKAGE = pathlib.Path(platform.__file__).parent
@@ -107,7 +107,7 @@ def test_platform_is_the_only_cuda_routing_module():
 
 def test_te_parameter_names_map_to_the_checkpoint_names():
     from megatron_aligndistil.models.qwen import use_transformer_engine
-    from megatron_aligndistil.models.sharding import canonical_name
+    from megatron_aligndistil.core.sharding import canonical_name
 
     assert canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
         "decoder.layers.3.input_layernorm.weight"

@@ -141,7 +141,7 @@ def _teacher_on_ranks(paths, tp, pp, loss_kwargs):
     from megatron_aligndistil.eval.policy_eval import EvalSettings, PolicyEvaluator, load_prompts
     from megatron_aligndistil.eval.preflight import sample_teacher, teacher_token_stats
     from megatron_aligndistil.generation import generate
-    from megatron_aligndistil.models.lockstep import LockstepStage
+    from megatron_aligndistil.core.lockstep import LockstepStage
 
     settings = EvalSettings(samples_per_prompt=2, sampling=SamplingParams(max_new_tokens=5, seed=7), batch_size=3,
                             greedy=False)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from megatron_aligndistil.parallel import free_port
+from megatron_aligndistil.core.parallel import free_port
 
 
 def test_short_quickstart_runs_end_to_end_and_resumes(tmp_path):

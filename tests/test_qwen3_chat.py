@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from megatron_aligndistil.cli_errors import UserError
+from megatron_aligndistil.core.errors import UserError
 from megatron_aligndistil.data.preprocess import preprocess, split_conversation, template_kwargs_arg
 from megatron_aligndistil.eval.policy_eval import render_prompts
 from hf_fixtures import CODE, CONVERSATIONS, qwen3_tokenizer

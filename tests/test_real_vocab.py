@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_fixtures import CONVERSATIONS, qwen3_tokenizer, tiny_hf_model
-from megatron_aligndistil.cli_errors import UserError
+from megatron_aligndistil.core.errors import UserError
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
 from train_fixtures import aligndistil_argv, dense_first_iteration, run_train
@@ -66,7 +66,7 @@ def setup(tok, tmp_path_factory):
 
 def test_vocab_size_is_the_tokenizers_and_mismatched_teachers_are_checked(setup, tmp_path):
     from megatron_aligndistil.models.qwen import read_arch
-    from megatron_aligndistil.train.checkpointing import check_compatible, tokenizer_vocab_size
+    from megatron_aligndistil.core.weights import check_compatible, tokenizer_vocab_size
 
     archs = {role: read_arch(setup[role]) for role in VOCABS}
     assert {r: a.vocab_size for r, a in archs.items()} == VOCABS

@@ -11,7 +11,7 @@ import torch
 
 from megatron_aligndistil.convert.mapping import hf_to_megatron
 from megatron_aligndistil.models.qwen import QwenArch
-from megatron_aligndistil.parallel import Layout
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -35,8 +35,8 @@ def peaked_qwen(seed=0, vocab=512, tied=False):
 
 
 def _drive(model, batch, score, forward_only):
-    from megatron_aligndistil.models.lockstep import LockstepStage
-    from megatron_aligndistil.train.schedule import drive, pipeline_rows
+    from megatron_aligndistil.core.lockstep import LockstepStage
+    from megatron_aligndistil.core.schedule import drive, pipeline_rows
 
     return drive(LockstepStage(model, []), [batch], score, forward_only=forward_only,
                  seq_length=batch.tokens.shape[1], rows=pipeline_rows(batch.rows))
@@ -76,7 +76,8 @@ def _engines_agree(arch_fields, full, prompts, vocab):
 
     from megatron_aligndistil.config import RolloutConfig, SamplingParams
     from megatron_aligndistil.data.batching import build_micro_batch
-    from megatron_aligndistil.models import qwen, sharding
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.core import sharding
     from megatron_aligndistil.rollout import logprob_mismatch, make_engine
 
     arch = QwenArch(**arch_fields)
@@ -287,7 +288,7 @@ def _iterations_logged(save):
 def test_vllm_engine_without_the_extra_names_it(monkeypatch):
     import sys
 
-    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.core.errors import UserError
     from megatron_aligndistil.rollout.vllm import import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
@@ -306,7 +307,7 @@ def test_generate_tool_with_vllm_equals_transformers_greedy(tmp_path, tied):
     import sys
 
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
-    from megatron_aligndistil.parallel import free_port
+    from megatron_aligndistil.core.parallel import free_port
 
     arch, hf = peaked_qwen(seed=1, tied=tied)
     hf.save_pretrained(tmp_path / "hf")

@@ -185,7 +185,7 @@ def test_bad_data_and_mismatched_teacher_fail_with_a_clear_message(setup, tmp_pa
     import sys
 
     from megatron_aligndistil.models.qwen import QwenArch
-    from megatron_aligndistil.train.checkpointing import check_compatible
+    from megatron_aligndistil.core.weights import check_compatible
 
     bad = tmp_path / "bad.jsonl"
     lines = open(setup["data"]).read().splitlines()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hf_fixtures import save_tiny_hf, tiny_tokenizer
-from megatron_aligndistil.cli_errors import UserError
+from megatron_aligndistil.core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +141,7 @@ def test_tvd_scale_and_r_must_agree(capsys):
 
 @pytest.mark.parametrize("ids,ok", [([0, 411], True), ([412], False), ([-1], False), ([2**31 - 1], False)])
 def test_stop_ids_outside_the_tokenizer_are_refused(ids, ok):
-    from megatron_aligndistil.train.checkpointing import check_stop_ids
+    from megatron_aligndistil.core.weights import check_stop_ids
 
     if ok:
         check_stop_ids(ids, 412, "ckpt")
@@ -170,12 +170,12 @@ def test_chat_template_kwargs_the_template_never_reads_warn(capsys, monkeypatch)
 
 
 def test_write_failures_are_named_and_their_temporaries_removed(tmp_path):
-    """cli_errors.writing: the errno, the 'os error N' of a native writer's message, or the
+    """core.errors.writing: the errno, the 'os error N' of a native writer's message, or the
     location itself (location_fault) names the cause; files and directories matching the cleanup
     patterns are removed; anything else passes through unchanged."""
     import errno
 
-    from megatron_aligndistil.cli_errors import location_fault, writing
+    from megatron_aligndistil.core.errors import location_fault, writing
 
     (tmp_path / "out.tmp").write_text("x")
     (tmp_path / "dir.tmp").mkdir()

@@ -194,7 +194,7 @@ def test_the_tokenizer_corpus_has_every_answer_shape_of_its_families():
 
 
 def test_prompts_of_no_family_are_refused_naming_file_and_index():
-    from megatron_aligndistil.cli_errors import UserError
+    from megatron_aligndistil.core.errors import UserError
 
     W.check_world_prompts([{"instruction": "List owl, red, cat."}], "p.jsonl", "hint")  # a family: fine
     with pytest.raises(UserError, match=r"^p.jsonl: prompt 1 \('Write a poem.'\) is not a gold-world prompt; use X$"):

@@ -126,7 +126,7 @@ def launch_train(argv, nproc=1, timeout=300):
     import subprocess
     import sys
 
-    from megatron_aligndistil.parallel import free_port
+    from megatron_aligndistil.core.parallel import free_port
 
     cmd = [sys.executable, "-m", "megatron_aligndistil.train", *argv]
     if nproc > 1:

@@ -65,7 +65,7 @@ def rank(path: str, global_batch: int, max_tokens: int) -> None:
     import torch  # noqa: F401
 
     from megatron_aligndistil.data.batching import global_batch_indices
-    from megatron_aligndistil.data.records import read_records
+    from megatron_aligndistil.data import read_records
 
     base = _status()
     t0 = time.time()

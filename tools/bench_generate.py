@@ -43,7 +43,8 @@ def _hf_config(shape: str, max_positions: int = 4096):
 
 def _rank(engine_name, fields, full, prompts, new, kv_cache):
     from megatron_aligndistil.config import RolloutConfig, SamplingParams
-    from megatron_aligndistil.models import qwen, sharding
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.core import sharding
     from megatron_aligndistil.rollout import make_engine
 
     arch = qwen.QwenArch(**fields)
@@ -74,7 +75,7 @@ def throughput(args):
 
     from megatron_aligndistil.convert.mapping import hf_to_megatron
     from megatron_aligndistil.models.qwen import QwenArch
-    from megatron_aligndistil.parallel import Layout
+    from megatron_aligndistil.core.parallel import Layout
     from megatron_aligndistil.testing import run_distributed
 
     for shape in args.shape:
@@ -115,7 +116,7 @@ def on_policy(args):
 
     import torch
 
-    from megatron_aligndistil.parallel import free_port
+    from megatron_aligndistil.core.parallel import free_port
     from megatron_aligndistil.train.metrics import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="bench-onpolicy-") as root:

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.parallel import Layout  # noqa: E402
+from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed  # noqa: E402
 
 

@@ -149,9 +149,9 @@ def check_export(root: str, tok) -> dict:
 
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
     from megatron_aligndistil.models.qwen import read_arch
-    from megatron_aligndistil.parallel import Layout
+    from megatron_aligndistil.core.parallel import Layout
     from megatron_aligndistil.testing import megatron_logits, run_distributed
-    from megatron_aligndistil.train.checkpointing import latest_checkpoint
+    from megatron_aligndistil.core.weights import latest_checkpoint
 
     run = os.path.join(root, "run_aligndistil")
     hf_out, back = os.path.join(root, "hf_aligndistil"), os.path.join(root, "aligndistil_back")

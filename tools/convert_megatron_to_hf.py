@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+from megatron_aligndistil.core.cli import run_tool
 
 
 def main(argv=None):
@@ -34,12 +34,13 @@ def main(argv=None):
         import tempfile
 
         from megatron_aligndistil.convert.hf import convert_megatron_to_hf
+        from megatron_aligndistil.core import weights
         from megatron_aligndistil.train import checkpointing
 
         load = args.load
-        if os.path.isdir(os.path.join(load, checkpointing.RELEASE)) and not checkpointing.is_training_checkpoint(load):
-            load = os.path.join(load, checkpointing.RELEASE)  # a run directory: its final policy
-        if checkpointing.is_training_checkpoint(load):
+        if os.path.isdir(os.path.join(load, weights.RELEASE)) and not weights.is_training_checkpoint(load):
+            load = os.path.join(load, weights.RELEASE)  # a run directory: its final policy
+        if weights.is_training_checkpoint(load):
             with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.save))) as tmp:
                 converted = checkpointing.export_training_checkpoint(load, os.path.join(tmp, "converted"))
                 out = convert_megatron_to_hf(converted, args.save, int(args.max_shard_size_gb * 2**30),

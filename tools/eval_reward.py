@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import run_tool  # noqa: E402
+from megatron_aligndistil.core.cli import run_tool
 
 
 def main(argv=None):

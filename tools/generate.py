@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_aligndistil.cli_errors import UserError, run_tool  # noqa: E402
+from megatron_aligndistil.core.errors import UserError
+from megatron_aligndistil.core.cli import run_tool
 
 
 def read_items(path: str, vocab_size: int) -> list[dict]:
@@ -91,17 +92,17 @@ def main(argv=None):
         import torch
         from megatron.core import parallel_state
 
-        from megatron_aligndistil import parallel
+        from megatron_aligndistil.core import parallel
         from megatron_aligndistil.config import RolloutConfig, SamplingParams
         from megatron_aligndistil.rollout import make_engine
         from megatron_aligndistil.models import qwen
-        from megatron_aligndistil.train import checkpointing
+        from megatron_aligndistil.core import weights
 
         parallel.init_model_parallel(parallel.Layout(args.tensor_model_parallel_size,
                                                      args.pipeline_model_parallel_size))
-        src = checkpointing.weights_dir(args.load)
+        src = weights.weights_dir(args.load)
         arch = qwen.read_arch(src)
-        vocab_size = checkpointing.tokenizer_vocab_size(arch, args.load)  # ids that carry probability
+        vocab_size = weights.tokenizer_vocab_size(arch, args.load)  # ids that carry probability
         items = read_items(args.prompts, vocab_size)
         tok = None
         if any("prompt_ids" not in it for it in items):
@@ -121,17 +122,17 @@ def main(argv=None):
                    for it in items]
         for i, p in enumerate(prompts):  # a prompt plus at least one new token must fit the model's positions
             if len(p) >= arch.max_position_embeddings:
-                from megatron_aligndistil.cli_errors import UserError
+                from megatron_aligndistil.core.errors import UserError
 
                 raise UserError(f"{args.prompts}: prompt {i + 1} has {len(p)} tokens; the model takes "
                                 f"{arch.max_position_embeddings} positions (max_position_embeddings of {args.load}), "
                                 "so no token can follow it")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
-        checkpointing.load_weights(model, args.load)
+        weights.load_weights(model, args.load)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                stop_ids=tuple(checkpointing.stop_token_ids(args.load, args.stop_token_ids)))
-        checkpointing.check_stop_ids(params.stop_ids, vocab_size, args.load)
+                                stop_ids=tuple(weights.stop_token_ids(args.load, args.stop_token_ids)))
+        weights.check_stop_ids(params.stop_ids, vocab_size, args.load)
         engine = make_engine(RolloutConfig(args.rollout_engine, params), model, arch, vocab_size,
                              max_model_len=max(map(len, prompts)) + params.max_new_tokens, checkpoint=args.load)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

@@ -21,7 +21,9 @@ SLOW_VLLM = ("tests/test_rollout_vllm.py::test_engines_that_disagree_stop_the_ru
 # the tests of each module (a narrower selection than the whole suite: a lower bound on kills)
 BY_FILE = {
     "hub.py": ("", "tests/test_user_errors.py"),
-    "cli_errors.py": ("", "tests/test_user_errors.py"),
+    "core/errors.py": ("", "tests/test_user_errors.py"),
+    "core/weights.py": ("", "tests/test_user_errors.py tests/test_real_vocab.py"),
+    "core/": ("tests/test_layering.py tests/test_packing.py", "tests/test_parallel_gpt.py tests/test_user_errors.py"),
     "config.py": ("tests/test_data.py", "tests/test_user_errors.py"),
     "platform.py": ("tests/test_platform.py", SLOW_VLLM),
     "models/qwen.py": ("", "tests/test_real_configs.py"),

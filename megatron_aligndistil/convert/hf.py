@@ -3,7 +3,7 @@
 The Megatron side is a *layout-independent* directory of full (TP1) tensors under Megatron-Core
 names, in sharded safetensors, next to ``qwen_arch.json`` (what the model builder needs), the
 original ``hf_config.json`` and the tokenizer files. Each rank loads only its TP/PP slices
-(``models.sharding.load_from_store``), so one converted checkpoint loads at any layout.
+(``core.sharding.load_from_store``), so one converted checkpoint loads at any layout.
 
 Why not Megatron-Core's ``torch_dist`` format for converted weights: writing it needs the
 sharded state dict of a built model, i.e. the whole model in memory (or a cluster) at conversion
@@ -18,9 +18,10 @@ import os
 
 from tqdm import tqdm
 
-from ..cli_errors import writing
-from ..models.qwen import ARCH_FILE, QwenArch, read_arch
-from .io import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
+from ..core.errors import writing
+from ..core.weights import ARCH_FILE, HF_CONFIG_COPY, SIDE_FILES
+from ..models.qwen import QwenArch, read_arch
+from ..core.store import DEFAULT_MAX_SHARD_BYTES, CheckpointError, ShardedWriter, TensorStore
 from .mapping import (
     describe_unmapped,
     hf_tensor_names,
@@ -34,10 +35,6 @@ from .mapping import (
 
 FORMAT_FILE = "megatron_aligndistil.json"
 FORMAT = {"format": "megatron-full-safetensors", "version": 1}
-HF_CONFIG_COPY = "hf_config.json"
-# copied verbatim both ways so the exported directory tokenizes and generates like the original
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 def _read_json(path: str) -> dict:

@@ -7,7 +7,7 @@ exactly those whose *target* is a response token, from the first response token 
 A micro-batch holds *sequences* (prompt, response) in rows of ``s`` positions. Unpacked, each row
 holds one sequence, right-padded: with a causal model padding after a sequence never changes its
 logits. Packed (``--pack-sequences``), a row holds several sequences back to back and attention is
-block-diagonal causal (:func:`block_causal_mask`), so a sequence sees only its own tokens. Nothing
+block-diagonal causal (``core.schedule.block_causal_mask``), so a sequence sees only its own tokens. Nothing
 downstream assumes one row is one sequence: every position carries the index of its sequence
 (``seq_index``, -1 on padding) and losses are reduced per sequence through it
 (``loss.objectives.sequence_sums``).
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cli_errors import UserError
+from ..core.errors import UserError
 
 
 @dataclass
@@ -131,22 +131,6 @@ def build_micro_batch(rows, seq_len: int, pad_id: int = 0, packed: bool = False)
 def make_micro_batch(sequences, seq_len: int, pad_id: int = 0) -> MicroBatch:
     """One sequence (prompt_ids, response_ids) per row, right-padded to ``seq_len``."""
     return build_micro_batch([[(i, seq)] for i, seq in enumerate(sequences)], seq_len, pad_id)
-
-
-def block_causal_mask(batch: MicroBatch) -> torch.Tensor | None:
-    """Megatron's attention mask ``[b, 1, s, s]`` (True = masked out) for a packed micro-batch:
-    causal inside each sequence, nothing across sequences; None when unpacked (plain causal)."""
-    if not batch.packed:
-        return None
-    b, s = batch.tokens.shape
-    allowed = torch.zeros(b, s, s, dtype=torch.bool)
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    for i, spans in enumerate(batch.segments):
-        for start, n in spans:
-            allowed[i, start: start + n, start: start + n] = causal[:n, :n]
-        end = spans[-1][0] + spans[-1][1] if spans else 0
-        allowed[i, end:, end:] = causal[: s - end, : s - end]  # padding attends to padding (no NaN rows)
-    return ~allowed.unsqueeze(1)
 
 
 def pack_records(record_sequences: list[list], rows_per_micro_batch: int, row_length: int) -> list[list[list]]:

@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..cli_errors import UserError, writing
+from ..core.errors import UserError, writing
 
 
 class RecordError(UserError):

@@ -5,7 +5,7 @@
     on-policy          : {"prompt_ids": [...]}
 
 JSON lines are the readable format, read whole into every rank; the same records in Megatron's
-indexed format (``data.indexed``) are mapped, not read. :func:`read_records` takes either.
+indexed format (``data.indexed``) are mapped, not read. ``data.read_records`` takes either.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..cli_errors import UserError
+from ..core.errors import UserError
 
 KINDS = {
     "distill": ("prompt_ids", "response_ids"),
@@ -63,18 +63,6 @@ def _check_ids(value, where: str, field_name: str, vocab_size: int, allow_empty:
     if bad:
         raise DataError(f"{where}: field {field_name!r} has token id {bad[0]} outside the vocabulary "
                         f"[0, {vocab_size})")
-
-
-def read_records(path: str, kind: str, vocab_size: int, max_tokens: int | None = None,
-                 skip_bad: bool = False) -> Dataset:
-    """``--data-path``: a JSONL file, or the prefix of an indexed dataset (``PREFIX.bin`` and
-    ``PREFIX.idx``; ``data.indexed``). Same checks and errors for both."""
-    from .indexed import indexed_prefix, read_indexed
-
-    prefix = indexed_prefix(path)
-    if prefix is not None:
-        return read_indexed(prefix, kind, vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
-    return read_jsonl(path, kind, vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
 
 
 def read_jsonl(path: str, kind: str, vocab_size: int, max_tokens: int | None = None,

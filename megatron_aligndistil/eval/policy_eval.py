@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .. import parallel, platform
-from ..cli_errors import UserError
+from ..core import parallel
+from .. import platform
+from ..core.errors import UserError
 from ..config import SamplingParams
 from .stats import mean_ci, per_cluster_means
 
@@ -80,7 +81,7 @@ def resolve_checkpoint(path: str, scratch: str) -> str:
     """A loadable converted directory for ``path``: converted/run directories as they are; an HF
     directory (``config.json`` without ``qwen_arch.json``) converted into ``scratch`` by rank 0."""
     from ..models import qwen
-    from ..train.checkpointing import weights_dir
+    from ..core.weights import weights_dir
 
     is_hf = (os.path.exists(os.path.join(path, "config.json"))
              and not os.path.exists(os.path.join(path, qwen.ARCH_FILE))
@@ -117,7 +118,7 @@ class PolicyEvaluator:
             torch.distributed.broadcast_object_list(box, src=0)
             scratch = box[0]
         self.items, self.judge, self.settings, self.scratch = items, judge, settings, scratch
-        from ..train.checkpointing import tokenizer_digest
+        from ..core.weights import tokenizer_digest
 
         self.tokenizer_dir = resolve_checkpoint(tokenizer_path, scratch)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
@@ -135,22 +136,22 @@ class PolicyEvaluator:
 
     def _build(self, path: str):
         from ..models import qwen
-        from ..train import checkpointing
+        from ..core import weights
 
         arch = qwen.read_arch(path)
-        mine, theirs = self._tokenizer_digest, checkpointing.tokenizer_digest(path)
+        mine, theirs = self._tokenizer_digest, weights.tokenizer_digest(path)
         if mine and theirs and mine != theirs:  # prompts are rendered and responses decoded with one tokenizer
             raise UserError(f"{path}: tokenizer.json differs from {self.tokenizer_dir}'s, whose tokenizer renders the "
                             "prompts and decodes every response; evaluate models of one tokenizer together")
         if self.arch is None:
             self.arch, self._checkpoint = arch, path
-            self.vocab_size = checkpointing.tokenizer_vocab_size(arch, path)  # ids that carry probability
+            self.vocab_size = weights.tokenizer_vocab_size(arch, path)  # ids that carry probability
         elif self.settings.engine != "megatron" and arch != self.arch:
             raise UserError(f"{path}: its architecture differs from {self._checkpoint}'s; one "
                             f"--rollout-engine {self.settings.engine} samples models of one architecture")
         elif arch.vocab_size != self.arch.vocab_size and (
                 arch.padded_vocab_size != self.arch.padded_vocab_size
-                or checkpointing.tokenizer_vocab_size(arch, path) != self.vocab_size):
+                or weights.tokenizer_vocab_size(arch, path) != self.vocab_size):
             # the same tokenizer in the same number of embedding rows compares over its ids
             raise UserError(f"{path}: vocab_size {arch.vocab_size} differs from {self._checkpoint}'s "
                              f"{self.arch.vocab_size}, and their tokenizers or embedding rows differ")
@@ -159,11 +160,11 @@ class PolicyEvaluator:
                 raise UserError(f"prompt {i}: token id {max(p)} is outside the vocabulary of {path}'s tokenizer "
                                 f"({self.vocab_size} ids)")
         model = qwen.build_model(arch, qwen.transformer_config(arch))
-        checkpointing.load_weights(model, path)
+        weights.load_weights(model, path)
         return model.eval()
 
     def _stop_ids(self, path: str) -> list[int]:
-        from ..train.checkpointing import stop_token_ids
+        from ..core.weights import stop_token_ids
 
         ids = stop_token_ids(path)
         return ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
@@ -210,8 +211,8 @@ class PolicyEvaluator:
         from ..data.batching import make_micro_batch
         from ..loss import vocab_parallel_logprobs
         from ..loss.objectives import sequence_sums
-        from ..models.lockstep import LockstepStage
-        from ..train.schedule import drive, pipeline_rows
+        from ..core.lockstep import LockstepStage
+        from ..core.schedule import drive, pipeline_rows
 
         stage = LockstepStage(model, list(self.references.values()))
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

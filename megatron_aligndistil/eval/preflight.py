@@ -8,7 +8,7 @@ the distilled policy worse. Before training, on prompts disjoint from the test p
 2. sample K responses per prompt *from the teacher itself*: softmax(z*), with z* built at every
    decoding step by the loss's own teacher (:func:`..loss.aligndistil.dense_teacher`: the same
    alpha, TVD convention and plausibility guard as the training run), the two teachers running
-   in lockstep (:class:`..models.lockstep.LockstepStage`);
+   in lockstep (:class:`..core.lockstep.LockstepStage`);
 3. judge both (a gold rule, or a reward model's win rate of the teacher's samples against the
    DPO model's on the same prompts), and compare length and end-of-turn rate;
 4. measure the teachers' mean TVD and alpha on the DPO model's samples (vocab-parallel, the
@@ -53,7 +53,7 @@ def teacher_token_stats(evaluator: PolicyEvaluator, stage, pairs: list[tuple[lis
     from ..data.batching import make_micro_batch
     from ..loss.aligndistil import aligndistil_loss
     from ..loss.objectives import sequence_sums
-    from ..train.schedule import drive, pipeline_rows
+    from ..core.schedule import drive, pipeline_rows
 
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     idx = [i for i in range(rank, len(pairs), dp) if pairs[i][1]]  # responses of no token add nothing
@@ -112,7 +112,7 @@ def preflight(evaluator: PolicyEvaluator, dpo_load: str, other_load: str, loss_c
     their per-prompt values), ``teacher_minus_dpo`` (paired, 95% interval over prompts),
     ``token_stats`` (on the DPO model's samples) and ``r_for_target_alpha``; with ``sft_load``
     also ``sft`` (the policy's start, the baseline of the degeneracy checks)."""
-    from ..models.lockstep import LockstepStage
+    from ..core.lockstep import LockstepStage
 
     s = evaluator.settings
     dpo_result = evaluator.evaluate("dpo", dpo_load)

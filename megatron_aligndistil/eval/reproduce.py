@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from ..pipeline import REPO_TOOLS, Job, launch, run_jobs, say
+from ..jobs import REPO_TOOLS, Job, launch, run_jobs, say
 from ..train.metrics import read_metrics
 from .stats import fmt_ci, mean_ci
 from .world import WORLDS, WorldConfig

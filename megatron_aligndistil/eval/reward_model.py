@@ -14,7 +14,7 @@ import math
 import torch
 
 from .stats import mean_ci, per_cluster_means
-from ..cli_errors import UserError
+from ..core.errors import UserError
 
 
 class RewardModelJudge:

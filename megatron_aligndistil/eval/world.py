@@ -190,7 +190,7 @@ def judge(prompt: str, response: str) -> float:
 def check_world_prompts(items: list[dict], path: str, hint: str) -> None:
     """Refuse prompt items (``{"instruction": ...}`` from ``path``) that belong to no family, before
     any model is built; ``hint`` ends the message (what to use for real data)."""
-    from ..cli_errors import UserError
+    from ..core.errors import UserError
 
     for i, it in enumerate(items):
         if family_of(it["instruction"]) is None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cli_errors import UserError
+from ..core.errors import UserError
+from ..core.weights import ARCH_FILE
 
 # The Megatron vocab is padded to a multiple of this so that one checkpoint has the same padded
 # shape at every TP size a Qwen dense model admits (TP divides the KV heads, at most 8):
@@ -152,7 +153,6 @@ class QwenArch:
             raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocab")
 
 
-ARCH_FILE = "qwen_arch.json"
 
 
 def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool = False,
@@ -219,7 +219,7 @@ def use_transformer_engine(impl: str = "auto") -> bool:
 
     have_te = bool(getattr(gpt_layer_specs, "HAVE_TE", False)) and torch.cuda.is_available()
     if impl == "transformer_engine" and not have_te:
-        from ..cli_errors import UserError
+        from ..core.errors import UserError
 
         raise UserError("--transformer-impl transformer_engine needs CUDA and transformer-engine installed")
     return have_te

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cli_errors import UserError
+from ..core.errors import UserError
 
 # mean |log p_policy - log p_engine| per token allowed, by the policy's parameter dtype
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -58,9 +58,9 @@ def engine_mismatch(engine, policy, vocab_size: int, sequences: list[list[int]])
     from megatron.core import parallel_state
 
     from ..data.batching import build_micro_batch
-    from ..models.lockstep import LockstepStage
-    from ..train.schedule import drive, pipeline_rows
-    from . import logprob_mismatch
+    from ..core.lockstep import LockstepStage
+    from ..core.schedule import drive, pipeline_rows
+    from .base import logprob_mismatch
 
     scores = engine.score(sequences)
     pp = parallel_state.get_pipeline_model_parallel_world_size()

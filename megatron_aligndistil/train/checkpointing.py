@@ -1,8 +1,5 @@
-"""Where weights come from and where training state goes.
+"""Where training state goes (weights come through :mod:`megatron_aligndistil.core.weights`).
 
-* Weights of the policy at start and of every frozen model: a converted checkpoint directory
-  (``tools/convert_hf_to_megatron.py``) or a run directory that has one in ``release/``. Loaded
-  slice by slice, at any TP/PP.
 * Training state (``--save``): Megatron-Core distributed checkpoints ``<save>/iter_0000010``
   holding the policy, the optimizer (``dp_reshardable``: resumable at the same TP/PP, any DP),
   the LR scheduler, the data position and iteration, plus per-rank RNG states. Written into
@@ -15,107 +12,18 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 
 import torch
 
-from ..convert.hf import HF_CONFIG_COPY, SIDE_FILES
-from ..convert.io import CheckpointError, TensorStore
-from ..models import qwen, sharding
-from ..cli_errors import UserError
+from ..core.store import CheckpointError
+from ..core.weights import LATEST, iteration_of, previous_checkpoint_hint, checkpoint_problem, export_release, load_weights
+from ..models import qwen
 from .arguments import flag_name
 
-LATEST = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
 RUN_FILE = "run.json"  # in each iter_ directory: the run's identity and layout (check_resumable)
-
-
-def _iteration_of(ckpt_dir: str) -> int | None:
-    name = os.path.basename(os.path.normpath(ckpt_dir))
-    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank()
-
-
-def _barrier():
-    torch.distributed.barrier()
-
-
-def weights_dir(path: str) -> str:
-    """A converted-format directory: ``path`` itself or ``path/release``."""
-    if os.path.exists(os.path.join(path, qwen.ARCH_FILE)) and not os.path.exists(os.path.join(path, LATEST)):
-        return path  # a converted checkpoint, a release/ export, or a training iter_ directory
-    if os.path.exists(os.path.join(path, RELEASE, qwen.ARCH_FILE)):
-        return os.path.join(path, RELEASE)
-    raise CheckpointError(
-        f"{path}: no weights found (expected a converted checkpoint with {qwen.ARCH_FILE}, a run "
-        f"directory with {RELEASE}/, or one of a run's iter_XXXXXXX checkpoints; convert HF weights with "
-        "tools/convert_hf_to_megatron.py)"
-    )
-
-
-def latest_checkpoint(save: str) -> str | None:
-    """``<save>/iter_XXXXXXX`` named by the latest file, checked complete; None: start fresh.
-    A damaged checkpoint is refused with the name of the previous complete one."""
-    path = os.path.join(save, LATEST)
-    if not os.path.exists(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}; "
-                              + _previous_hint(save, None))
-    it = int(text)
-    d = os.path.join(save, f"iter_{it:07d}")
-    problem = checkpoint_problem(d)
-    if problem:
-        raise CheckpointError(f"{d} (named by {path}) is damaged: {problem}; " + _previous_hint(save, it))
-    return d
-
-
-def _iterations(save: str) -> list[int]:
-    """Iterations of the ``iter_XXXXXXX`` directories in ``save``, ascending."""
-    return sorted(it for name in os.listdir(save) if os.path.isdir(os.path.join(save, name))
-                  and (it := _iteration_of(name)) is not None)
-
-
-def _previous_hint(save: str, before: int | None) -> str:
-    """Which earlier checkpoint is complete, and how to resume from it."""
-    for it in reversed(_iterations(save)):
-        if (before is None or it < before) and not checkpoint_problem(os.path.join(save, f"iter_{it:07d}")):
-            return (f"the latest complete checkpoint is {os.path.join(save, f'iter_{it:07d}')}: write {it} into "
-                    f"{os.path.join(save, LATEST)} to resume from it")
-    return f"no complete checkpoint is left in {save}: start a new run (another --save) from --load"
-
-
-def checkpoint_problem(ckpt_dir: str) -> str | None:
-    """Why ``ckpt_dir`` is not a complete training checkpoint (missing / truncated files), or None.
-    Reads only the checkpoint's metadata, identically on every rank (no collective)."""
-    if not os.path.isdir(ckpt_dir):
-        return "the directory is missing"
-    for name in ("common.pt", "metadata.json", ".metadata"):
-        if not os.path.isfile(os.path.join(ckpt_dir, name)):
-            return f"{name} is missing"
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
-    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is a damaged checkpoint
-        return f".metadata is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-    need = {}
-    for info in storage.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, size in sorted(need.items()):
-        f = os.path.join(ckpt_dir, rel)
-        if not os.path.isfile(f):
-            return f"{rel} is missing"
-        if os.path.getsize(f) < size:
-            return f"{rel} is truncated ({os.path.getsize(f)} of at least {size} bytes)"
-    return None
 
 
 # flags a resumed run must share with the run that saved the checkpoint. The trainer's identity
@@ -175,139 +83,11 @@ def check_resumable(identity: dict, save: str, ckpt_dir: str, override_schedule:
     raise CheckpointError(f"--save {save} holds {ckpt_dir} of another run: {names}. {what}")
 
 
-def _tokenizer_file(path: str) -> str | None:
-    """``tokenizer.json`` of the checkpoint at ``path`` (for a run's ``iter_`` directory: its
-    ``--load``'s, as the export does); None when there is none."""
-    d = weights_dir(path)
-    f = os.path.join(d, "tokenizer.json")
-    if os.path.exists(f):
-        return f
-    args_json = os.path.join(os.path.dirname(os.path.abspath(d)), "args.json")
-    if is_training_checkpoint(d) and os.path.exists(args_json):
-        load = json.load(open(args_json)).get("load")
-        if load and os.path.isdir(load) and os.path.abspath(load) != os.path.abspath(path):
-            return _tokenizer_file(load)
-    return None
-
-
-def tokenizer_digest(path: str) -> str | None:
-    """sha256 of the checkpoint's tokenizer.json (None when it has none)."""
-    f = _tokenizer_file(path)
-    return hashlib.sha256(open(f, "rb").read()).hexdigest() if f else None
-
-
-def tokenizer_vocab_size(arch: qwen.QwenArch, path: str) -> int:
-    """The ids of the model at ``path`` that carry probability: ``[0, n)``, n = the tokenizer's
-    size (largest id of ``tokenizer.json``, added tokens included, + 1); ``arch.vocab_size``
-    when the checkpoint has no tokenizer.json.
-
-    Checkpoints pad the embedding past the tokenizer: Qwen's 151,669 ids sit in a vocab_size
-    of 151,936 or 152,064, itself padded to 152,576 rows here. Rows past n are excluded from
-    every softmax of this package (loss, log-probs, sampling, the vLLM engine), so ids the
-    tokenizer cannot produce never carry mass. Raises when the tokenizer outgrows the model."""
-    f = _tokenizer_file(path)
-    if f is None:
-        return arch.vocab_size
-    from tokenizers import Tokenizer
-
-    try:
-        n = max(Tokenizer.from_file(f).get_vocab(with_added_tokens=True).values()) + 1
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
-        raise UserError(f"{f}: not a readable tokenizer ({exc})") from exc
-    if n > arch.vocab_size:
-        raise UserError(f"{f}: the tokenizer has ids up to {n - 1}, past the model's vocab_size "
-                        f"{arch.vocab_size} ({path}): ids without an embedding row")
-    return n
-
-
-def check_compatible(arch: qwen.QwenArch, policy_path: str, other_path: str, role: str) -> None:
-    """The frozen model ``role`` must share the policy's architecture and tokenizer.
-
-    Its ``vocab_size`` may differ from the policy's (151,936 vs 152,064, or an HF trainer's
-    ``resize_token_embeddings(len(tokenizer))``) when the shared tokenizer fits both: the models
-    are compared over the tokenizer's ids only, and the frozen model is built with the policy's
-    vocab rows (``load_weights(..., vocab_rows=True)``)."""
-    other_dir = weights_dir(other_path)
-    other = qwen.read_arch(other_dir)
-    flag = {"dpo": "--dpo-load", "rev": "--rev-load", "ref": "--ref-load"}.get(role, role)
-    if other.vocab_size != arch.vocab_size:
-        sizes = (f"{flag} {other_path}: vocab_size {other.vocab_size} differs from the policy's "
-                 f"{arch.vocab_size} (--load {policy_path})")
-        if _tokenizer_file(policy_path) is None or _tokenizer_file(other_path) is None:
-            raise UserError(f"{sizes}, and without both tokenizer.json files the ids the models share "
-                            "are unknown; give models of one vocab_size")
-        n = tokenizer_vocab_size(arch, policy_path)
-        tokenizer_vocab_size(other, other_path)  # the tokenizer fits the frozen model too
-        if other.padded_vocab_size != arch.padded_vocab_size and is_training_checkpoint(other_dir):
-            raise UserError(f"{sizes}: compared over the tokenizer's {n} ids this works from a converted "
-                            f"checkpoint or a run's release/ export, not from a training checkpoint "
-                            f"({other.padded_vocab_size} vs {arch.padded_vocab_size} padded rows)")
-    diff = {k: (getattr(arch, k), getattr(other, k)) for k in arch.__dataclass_fields__
-            if getattr(arch, k) != getattr(other, k) and k not in ("torch_dtype", "vocab_size")}
-    if diff:
-        raise UserError(f"{flag} {other_path}: architecture differs from the policy's (policy, {role}): {diff}")
-    mine, theirs = tokenizer_digest(policy_path), tokenizer_digest(other_path)
-    if mine and theirs and mine != theirs:
-        raise UserError(f"{flag} {other_path}: tokenizer.json differs from the policy's")
-
-
-def check_stop_ids(stop_ids, vocab_size: int, path: str) -> None:
-    """Stop ids must be ids of the tokenizer (``[0, vocab_size)``): one outside can never be
-    sampled, so it would never end a response."""
-    bad = [i for i in stop_ids if not 0 <= i < vocab_size]
-    if bad:
-        raise UserError(f"--stop-token-ids {' '.join(map(str, bad))}: outside the {vocab_size} ids of the tokenizer of "
-                        f"{path} (ids past it are never sampled, so the response would never stop there)")
-
-
-def stop_token_ids(path: str, explicit=None, required: bool = False) -> list[int]:
-    """``explicit`` (``--stop-token-ids``), else the eos_token_id(s) of the checkpoint's
-    generation/HF config; ``required`` (on-policy rollouts): an error when there is none."""
-    if explicit:
-        return list(explicit)
-    src = weights_dir(path)
-    if os.path.exists(os.path.join(path, HF_CONFIG_COPY)):
-        src = path
-    for name in ("generation_config.json", HF_CONFIG_COPY):
-        f = os.path.join(src, name)
-        if os.path.exists(f):
-            eos = json.load(open(f)).get("eos_token_id")
-            if eos is not None:
-                return list(eos) if isinstance(eos, list) else [eos]
-    if required:
-        raise UserError(f"{path}: no eos_token_id in its configs; give --stop-token-ids for on-policy rollouts")
-    return []
-
-
-def is_training_checkpoint(path: str) -> bool:
-    """A trainer's ``iter_XXXXXXX`` directory (Megatron-Core distributed checkpoint)."""
-    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, "common.pt"))
-
-
-def load_weights(model, path: str, vocab_rows: bool = False) -> None:
-    """Collective when ``path`` is a training checkpoint: load this rank's slices of the weights
-    from a converted directory / ``release/`` export, or the policy weights of an ``iter_``
-    checkpoint (at any TP/PP: Megatron reshards them). ``vocab_rows``: a converted checkpoint's
-    embedding / output rows may differ in number from the model's (:func:`check_compatible`)."""
-    d = weights_dir(path)
-    if is_training_checkpoint(d):
-        from megatron.core import dist_checkpointing
-
-        problem = checkpoint_problem(d)
-        if problem:
-            raise CheckpointError(f"{d}: {problem}")
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
-        model.load_state_dict(state["model"])
-        return
-    with TensorStore(d) as store:
-        sharding.load_from_store(model, store, vocab_rows=vocab_rows)
-
-
 def export_training_checkpoint(ckpt_dir: str, out: str) -> str:
     """One process: write the policy of the training checkpoint ``ckpt_dir`` (an ``iter_``
     directory) to ``out`` in the converted format, with the tokenizer and HF config of the run's
     ``--load``. Holds the whole model in host memory once."""
-    from .. import parallel
+    from ..core import parallel
 
     parallel.init_distributed()
     parallel.init_model_parallel(parallel.Layout(1, 1))
@@ -375,12 +155,12 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
     final = os.path.join(save, f"iter_{iteration:07d}")
     tmp = final + ".tmp"
     if checkpoint_problem(final) is None:  # same iteration, same state: nothing to write
-        _barrier()
+        torch.distributed.barrier()
         return final
-    if _rank() == 0:
+    if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    torch.distributed.barrier()
     model_sd = stage.policy.sharded_state_dict()
     state = {
         "model": model_sd,
@@ -392,9 +172,9 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
     dist_checkpointing.save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save({"world": torch.distributed.get_world_size(), "state": _rng_state()},
-               os.path.join(tmp, "rng", f"rank{_rank():05d}.pt"))
-    _barrier()
-    if _rank() == 0:
+               os.path.join(tmp, "rng", f"rank{torch.distributed.get_rank():05d}.pt"))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
         shutil.copy(os.path.join(save, qwen.ARCH_FILE), os.path.join(tmp, qwen.ARCH_FILE))
         if identity is not None:
             with open(os.path.join(tmp, RUN_FILE), "w") as f:
@@ -406,7 +186,7 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
         with open(os.path.join(save, LATEST + ".tmp"), "w") as f:
             f.write(str(iteration))
         os.replace(os.path.join(save, LATEST + ".tmp"), os.path.join(save, LATEST))
-    _barrier()
+    torch.distributed.barrier()
     return final
 
 
@@ -481,12 +261,12 @@ def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
     except Exception as exc:  # noqa: BLE001 - the metadata looked complete; name the checkpoint and the cause
         raise CheckpointError(f"{ckpt_dir}: the training checkpoint does not load ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]}); "
-                              + _previous_hint(os.path.dirname(ckpt_dir), _iteration_of(ckpt_dir))) from exc
+                              + previous_checkpoint_hint(os.path.dirname(ckpt_dir), iteration_of(ckpt_dir))) from exc
     stage.policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = os.path.join(ckpt_dir, "rng", f"rank{_rank():05d}.pt")
+    rng = os.path.join(ckpt_dir, "rng", f"rank{torch.distributed.get_rank():05d}.pt")
     if os.path.exists(rng):
         saved = torch.load(rng, weights_only=False)
         if saved["world"] == torch.distributed.get_world_size():
@@ -494,48 +274,3 @@ def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
     return {"iteration": int(state["iteration"]), "consumed_samples": int(state["consumed_samples"])}
 
 
-@torch.no_grad()
-def export_release(policy, arch: qwen.QwenArch, load: str, out: str) -> None:
-    """Collective: write the policy in the converted format to ``out`` (loadable at any layout,
-    exportable to HF). Each pipeline stage's TP-rank-0/DP-rank-0 gathers and writes its own
-    tensors, one at a time; rank 0 writes the index and publishes the directory atomically."""
-    from megatron.core import parallel_state
-
-    writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
-                   and parallel_state.get_data_parallel_rank() == 0)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    tmp = out + ".tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    tensors = {}
-    for local_name, param in policy.named_parameters():
-        name = sharding.full_name(policy, local_name)
-        if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
-            continue  # tied copy on the last stage: the first stage writes the embedding
-        full = sharding.gather_tensor_parallel(name, param, param.data)
-        if writer_rank:
-            tensors[name] = full.to(getattr(torch, arch.torch_dtype)).cpu()
-    weight_map = {}
-    if writer_rank and tensors:
-        from safetensors.torch import save_file
-
-        fname = f"model-stage{stage:03d}.safetensors"
-        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        weight_map = {k: fname for k in tensors}
-    maps = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(maps, weight_map)
-    if _rank() == 0:
-        merged = {k: v for m in maps for k, v in (m or {}).items()}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": dict(sorted(merged.items()))}, f, indent=2)
-        with open(os.path.join(tmp, qwen.ARCH_FILE), "w") as f:
-            f.write(arch.to_json())
-        src = weights_dir(load)
-        for name in (HF_CONFIG_COPY,) + SIDE_FILES:
-            if os.path.exists(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    _barrier()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import parallel, platform
+from ..core import parallel
+from .. import platform
 from ..config import DPOConfig
-from ..data.records import read_records
+from ..data import read_records
 from ..models import qwen
-from . import checkpointing
+from ..core import weights
 from .dpo import DPO
 
 
@@ -26,20 +27,20 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
     The DPO method's own terms and reduction score the pairs, in one forward-only schedule call."""
     from megatron.core import parallel_state
 
-    from ..models.lockstep import LockstepStage
+    from ..core.lockstep import LockstepStage
     from .method import score_micro_batch
-    from .schedule import drive, pipeline_rows
+    from ..core.schedule import drive, pipeline_rows
 
     parallel.init_model_parallel(parallel.Layout(tp, pp))
-    arch = qwen.read_arch(checkpointing.weights_dir(model_path))
-    checkpointing.check_compatible(arch, model_path, ref_path, "ref")
-    vocab_size = checkpointing.tokenizer_vocab_size(arch, model_path)  # ids that carry probability
+    arch = qwen.read_arch(weights.weights_dir(model_path))
+    weights.check_compatible(arch, model_path, ref_path, "ref")
+    vocab_size = weights.tokenizer_vocab_size(arch, model_path)  # ids that carry probability
     data = read_records(data_path, "dpo", vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
     config = qwen.transformer_config(arch)
     models = []
     for path in (model_path, ref_path):
         model = qwen.build_model(arch, config)
-        checkpointing.load_weights(model, path, vocab_rows=path == ref_path)
+        weights.load_weights(model, path, vocab_rows=path == ref_path)
         models.append(model)
     stage = LockstepStage(models[0], models[1:]).eval()
     method = DPO(DPOConfig(beta=beta), ref_path)

@@ -21,17 +21,19 @@ import time
 
 import torch
 
-from .. import parallel, platform
-from ..cli_errors import UserError
+from ..core import parallel
+from .. import platform
+from ..core.errors import UserError
 from ..config import RolloutConfig, TrainingConfig
 from ..data.batching import global_batch_indices
-from ..data.records import read_records
+from ..data import read_records
 from ..models import qwen
 from ..rollout import MISMATCH_MAXES, MISMATCH_SUMS, logprob_mismatch, mismatch_metrics
+from ..core import weights
 from . import checkpointing
 from .method import Method, score_micro_batch
 from .metrics import MetricsWriter
-from .schedule import drive, pipeline_rows
+from ..core.schedule import drive, pipeline_rows
 
 
 class TrainingDiverged(UserError):
@@ -103,7 +105,7 @@ class Trainer:
             raise UserError("--pack-sequences with TransformerEngine layers (the THD format) takes one row per "
                             "micro-batch: use --micro-batch-size 1 (not available for DPO, two rows per pair), "
                             "or --transformer-impl local")
-        self.resume_dir = checkpointing.latest_checkpoint(cfg.save)
+        self.resume_dir = weights.latest_checkpoint(cfg.save)
         self.overrides = {}
         if self.resume_dir:  # the same run, at the same layout, or a clear refusal
             self.overrides = checkpointing.check_resumable(self.run_identity(), cfg.save, self.resume_dir,
@@ -114,18 +116,18 @@ class Trainer:
             raise UserError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings "
                             f"{self.arch.max_position_embeddings} ({policy_source})")
         # ids [0, vocab_size) carry probability; the rest of the embedding rows are padding
-        self.vocab_size = checkpointing.tokenizer_vocab_size(self.arch, cfg.load)
+        self.vocab_size = weights.tokenizer_vocab_size(self.arch, cfg.load)
         if self.vocab_size < self.arch.padded_vocab_size and torch.distributed.get_rank() == 0:
             print(f"vocabulary: {self.vocab_size} tokenizer ids of {self.arch.padded_vocab_size} embedding rows "
                   f"(config vocab_size {self.arch.vocab_size}); the other rows carry no probability", flush=True)
         if self.rollout_config is not None:
-            checkpointing.check_stop_ids(self.rollout_config.sampling.stop_ids, self.vocab_size, cfg.load)
+            weights.check_stop_ids(self.rollout_config.sampling.stop_ids, self.vocab_size, cfg.load)
         self._load_data()  # a bad record fails in seconds, before any model is built
         frozen = self.method.frozen_models()
         self.role_paths = [("policy", policy_source)] + [(spec.role, spec.path) for spec in frozen]
         self.roles = [role for role, _ in self.role_paths]
         for spec in frozen:
-            checkpointing.check_compatible(self.arch, policy_source, spec.path, spec.role)
+            weights.check_compatible(self.arch, policy_source, spec.path, spec.role)
         self.transformer_config = qwen.transformer_config(
             self.arch, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, bf16=cfg.bf16,
             sequence_parallel=cfg.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
@@ -180,15 +182,15 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.module import Float16Module
 
-        from ..models.lockstep import LockstepStage
+        from ..core.lockstep import LockstepStage
 
         impl = self.cfg.transformer_impl
         policy = qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl)
         frozen_models = [qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl) for _ in frozen]
         if not self.resume_dir:
-            checkpointing.load_weights(policy, policy_source)
+            weights.load_weights(policy, policy_source)
         for model, spec in zip(frozen_models, frozen):
-            checkpointing.load_weights(model, spec.path, vocab_rows=True)
+            weights.load_weights(model, spec.path, vocab_rows=True)
         _refuse_identical_frozen_models(frozen_models, frozen)
         self.stage = LockstepStage(policy, frozen_models)
         module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
@@ -444,9 +446,9 @@ class Trainer:
             if exiting:
                 break
         bar.close()
-        release = os.path.join(a.save, checkpointing.RELEASE)
+        release = os.path.join(a.save, weights.RELEASE)
         if self.iteration >= self.train_iters and not a.no_export and (steps_this_run or not os.path.isdir(release)):
-            checkpointing.export_release(self.stage.policy, self.arch, a.load, release)
+            weights.export_release(self.stage.policy, self.arch, a.load, release)
         self.metrics.close()
         return last
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-from ..models.qwen import ARCH_FILE, QwenArch
-from ..cli_errors import UserError
-from .schedule import pipeline_rows
+from ..core.weights import ARCH_FILE
+from ..models.qwen import QwenArch
+from ..core.errors import UserError
+from ..core.schedule import pipeline_rows
 
 
 def resolve_arch(path: str) -> QwenArch:

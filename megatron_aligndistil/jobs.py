@@ -46,7 +46,7 @@ class _PortTaken(RuntimeError):
 def _launch_once(args, log_path, nproc, script, progress, prefix) -> None:
     from tqdm import tqdm
 
-    from .parallel import free_port
+    from .core.parallel import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port())]

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from megatron_aligndistil.pipeline import Job, run_jobs
+from megatron_aligndistil.jobs import Job, run_jobs
 
 
 def test_jobs_run_after_their_dependencies_and_are_skipped_once_done(tmp_path):
@@ -78,7 +78,8 @@ def test_a_launch_whose_rendezvous_port_is_taken_is_relaunched_on_another(tmp_pa
     EADDRINUSE before anything runs. The stage is relaunched on a new port (twice at most)."""
     import socket
 
-    from megatron_aligndistil import parallel, pipeline
+    from megatron_aligndistil.core import parallel
+    from megatron_aligndistil import jobs
 
     script = tmp_path / "stage.py"
     script.write_text("import sys\nopen(sys.argv[-1], 'a').write('ran\\n')\n")
@@ -91,12 +92,12 @@ def test_a_launch_whose_rendezvous_port_is_taken_is_relaunched_on_another(tmp_pa
     monkeypatch.setattr(parallel, "free_port", lambda: next(ports, None) or real())
     out = tmp_path / "ran.txt"
     try:
-        pipeline.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
+        jobs.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
         assert out.read_text() == "ran\n"  # ran once, on the third port
         assert capsys.readouterr().out.count("relaunching") == 2
         ports = iter([taken] * 3)
         monkeypatch.setattr(parallel, "free_port", lambda: next(ports))
         with pytest.raises(RuntimeError, match="failed three times on a rendezvous port taken"):
-            pipeline.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
+            jobs.launch([str(out)], str(tmp_path / "log.txt"), script=str(script))
     finally:
         holder.close()

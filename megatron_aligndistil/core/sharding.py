@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import torch
-from ..cli_errors import UserError
+from .errors import UserError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -146,7 +146,7 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = Tr
 
 def load_from_store(model, store, strict: bool = True, vocab_rows: bool = False) -> None:
     """Like :func:`load_full_state_dict`, reading only this rank's slices from a
-    :class:`~megatron_aligndistil.convert.io.TensorStore` (memory: one shard at a time).
+    :class:`~megatron_aligndistil.core.store.TensorStore` (memory: one shard at a time).
     ``vocab_rows``: the embedding / output layer may have more or fewer rows than the model;
     the model's rows are read, zeros past the stored ones (for a model whose vocab_size differs
     from the one it is built with, compared over a shared tokenizer's ids only)."""

@@ -8,7 +8,7 @@ stage their logits exist only for the micro-batch being scored and are freed aft
 Backward flows through the policy slice only (the frozen slices of the gradient sent upstream
 are zeros).
 
-Give the schedule ``train.schedule.pipeline_rows(rows, num_models)`` rows so its p2p buffers fit
+Give the schedule ``core.schedule.pipeline_rows(rows, num_models)`` rows so its p2p buffers fit
 the stacked tensor.
 """
 

@@ -17,8 +17,24 @@ from .. import platform
 
 def pipeline_rows(rows: int, num_models: int = 1) -> int:
     """Rows of the activation sent between pipeline stages: a micro-batch's rows for each model
-    of a :class:`~megatron_aligndistil.models.lockstep.LockstepStage` (policy + frozen)."""
+    of a :class:`~megatron_aligndistil.core.lockstep.LockstepStage` (policy + frozen)."""
     return rows * num_models
+
+
+def block_causal_mask(batch) -> torch.Tensor | None:
+    """Megatron's attention mask ``[b, 1, s, s]`` (True = masked out) for a packed micro-batch:
+    causal inside each sequence, nothing across sequences; None when unpacked (plain causal)."""
+    if not batch.packed:
+        return None
+    b, s = batch.tokens.shape
+    allowed = torch.zeros(b, s, s, dtype=torch.bool)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for i, spans in enumerate(batch.segments):
+        for start, n in spans:
+            allowed[i, start: start + n, start: start + n] = causal[:n, :n]
+        end = spans[-1][0] + spans[-1][1] if spans else 0
+        allowed[i, end:, end:] = causal[: s - end, : s - end]  # padding attends to padding (no NaN rows)
+    return ~allowed.unsqueeze(1)
 
 
 def attention_kwargs(batch, thd: bool = False) -> dict:
@@ -29,8 +45,6 @@ def attention_kwargs(batch, thd: bool = False) -> dict:
     if not getattr(batch, "packed", False):
         return {}
     if not thd:
-        from ..data.batching import block_causal_mask
-
         return {"attention_mask": block_causal_mask(batch).to(platform.device())}
     from megatron.core.packed_seq_params import PackedSeqParams
 

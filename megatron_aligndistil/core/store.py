@@ -16,7 +16,7 @@ from contextlib import ExitStack
 
 import torch
 
-from ..cli_errors import UserError
+from .errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import platform
-from .cli_errors import UserError
+from .. import platform
+from .errors import UserError
 
 
 @dataclass(frozen=True)
