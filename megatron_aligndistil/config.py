@@ -180,6 +180,8 @@ class TrainingConfig:
     micro_batch_size: int = 1
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    num_virtual_stages_per_pipeline_rank: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     recompute_granularity: str | None = None
@@ -217,8 +219,29 @@ class TrainingConfig:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        virtual = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage",
+                                             self.num_layers_per_virtual_pipeline_stage),
+                                            ("--num-virtual-stages-per-pipeline-rank",
+                                             self.num_virtual_stages_per_pipeline_rank)) if value is not None]
+        if len(virtual) > 1:
+            raise ConfigError(f"{' and '.join(virtual)} set the same thing (virtual pipeline stages): give one")
+        if virtual and self.pipeline_model_parallel_size == 1:
+            raise ConfigError(f"{virtual[0]} interleaves the stages of a pipeline: it needs "
+                              "--pipeline-model-parallel-size > 1")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+
+    def virtual_stages(self, num_layers: int) -> int:
+        """Model chunks per pipeline rank for a model of ``num_layers`` layers (1: no interleaving),
+        from either virtual-stage flag (Megatron-LM's: N layers per virtual stage means
+        num_layers / (PP * N) chunks per rank). Raises :class:`ConfigError` when it does not divide."""
+        pp, per_stage = self.pipeline_model_parallel_size, self.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return self.num_virtual_stages_per_pipeline_rank or 1
+        if num_layers % (pp * per_stage):
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {per_stage} x --pipeline-model-parallel-size "
+                              f"{pp} does not divide the model's {num_layers} layers")
+        return num_layers // (pp * per_stage)
 
     def identity(self) -> dict:
         """The fields that change the trajectory (inputs as absolute paths, optimizer, schedule,
@@ -238,4 +261,5 @@ class TrainingConfig:
 TRAINING_IDENTITY = ("global_batch_size", "seq_length", "seed", "no_shuffle", "skip_bad_records", "lr", "min_lr",
                      "lr_warmup_fraction", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                      "clip_grad", "bf16", "train_iters", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size", "use_distributed_optimizer")
+                     "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                     "num_virtual_stages_per_pipeline_rank", "use_distributed_optimizer")

@@ -52,7 +52,7 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
     full-vocab logits ``[n, V]`` (padding -inf) of row i at position ``rows_at[i]`` (default: the
     last position); None on other stages. Only those rows are gathered over TP (with a cache,
     Megatron gathers the decode step's logits itself). ``combine``: for a model whose last stage
-    returns several models' logits (``LockstepStage``), maps their ``[n, vocab_size]`` rows (the
+    returns several models' logits (``LockstepStage``), maps their ``{role: [n, vocab_size]}`` rows (the
     vocab padding cut off) to the logits to sample from."""
     from types import SimpleNamespace
 
@@ -79,9 +79,10 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
         return rows
 
     def collect(outputs, _batch):
-        rows = rows_of(outputs[0])
+        named = outputs if isinstance(outputs, dict) else {"policy": outputs}
+        rows = rows_of(next(iter(named.values())))
         if combine is not None:
-            rows[:, :vocab_size] = combine([rows_of(o)[:, :vocab_size] for o in outputs])
+            rows[:, :vocab_size] = combine({role: rows_of(o)[:, :vocab_size] for role, o in named.items()})
         rows[:, vocab_size:] = float("-inf")  # Megatron's vocab padding is never sampled
         return rows
 
@@ -193,7 +194,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
     anything whose last stage returns logits ``[b, s, V/TP]``). ``sequence_ids``: global indices
     seeding each sequence's randomness (default 0..n-1). ``max_new_tokens``: a per-sequence limit
     (default ``params.max_new_tokens`` for all). ``combine``: sample from a function of several
-    models' logits (``model`` a ``LockstepStage``; see :func:`_run_forward`), e.g. AlignDistil's
+    models' logits ``{role: [n, vocab_size]}`` (``model`` a ``LockstepStage``), e.g. AlignDistil's
     teacher z*; it decodes without a KV cache (the models would share one cache). Collective over
     the TP and PP groups.
 

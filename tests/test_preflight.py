@@ -147,7 +147,7 @@ def _teacher_on_ranks(paths, tp, pp, loss_kwargs):
                             greedy=False)
     ev = PolicyEvaluator(load_prompts(paths["prompts"]), lambda p, r: 0.0, settings, tokenizer_path=paths["dpo"],
                          tp=tp, pp=pp)
-    stage = LockstepStage(ev._build(paths["dpo"]), [ev._build(paths["rev"])]).eval()
+    stage = LockstepStage(ev._build(paths["dpo"]), {"other": ev._build(paths["rev"])}, policy_role="dpo").eval()
     cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
     pairs = [(p, [(7 * i + j) % 390 + 5 for j in range(3 + i)]) for i, p in enumerate(ev.prompts)]
     stats = teacher_token_stats(ev, stage, pairs, cfg)

@@ -38,7 +38,7 @@ def _drive(model, batch, score, forward_only):
     from megatron_aligndistil.core.lockstep import LockstepStage
     from megatron_aligndistil.core.schedule import drive, pipeline_rows
 
-    return drive(LockstepStage(model, []), [batch], score, forward_only=forward_only,
+    return drive(LockstepStage(model), [batch], score, forward_only=forward_only,
                  seq_length=batch.tokens.shape[1], rows=pipeline_rows(batch.rows))
 
 
@@ -53,7 +53,7 @@ def _sft_step(model, arch, prompts, vocab, lr=3e-2):
     from megatron_aligndistil.loss import vocab_parallel_logprobs
 
     def score(outputs, b):
-        logp = vocab_parallel_logprobs(outputs[0], b.labels, vocab_size=vocab)
+        logp = vocab_parallel_logprobs(outputs["policy"], b.labels, vocab_size=vocab)
         return -(logp * b.loss_mask).sum(), torch.tensor(1)
 
     model.train()
@@ -104,7 +104,7 @@ def _engines_agree(arch_fields, full, prompts, vocab):
     sampled = vllm.generate(mine, ids)
     batch = build_micro_batch([[(i, (p, r.response_ids, r.logprobs))] for i, (p, r) in enumerate(zip(mine, sampled))],
                               max(len(p) + len(r.response_ids) for p, r in zip(mine, sampled)) - 1)
-    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs[0], b, vocab), True)
+    got = _drive(model, batch, lambda outputs, b: logprob_mismatch(outputs["policy"], b, vocab), True)
     out["mismatch"] = [(s.tolist(), m.tolist()) for s, m in got]
     out["sampled"] = [r.response_ids for r in sampled]
     out["dp_rank"] = rank

@@ -28,9 +28,9 @@ def _train(setup, tmp, name, world, *extra, iters=5):
 
 def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
     """Loss, gradient norm and metrics of iteration 1 against the float64 reference; the whole
-    trajectory (loss, grad_norm) equal across TP/PP/DP layouts, micro-batch sizes 1, 2, 4 and packed
-    rows, with --clip-grad small enough that clipping acts at every step (issue 19 items 1, 5; 17),
-    and JSONL or indexed records (issue 16)."""
+    trajectory (loss, grad_norm) equal across TP/PP/DP layouts, interleaved virtual pipeline stages
+    (issue 29), micro-batch sizes 1, 2, 4 and packed rows, with --clip-grad small enough that clipping
+    acts at every step (issue 19 items 1, 5; 17), and JSONL or indexed records (issue 16)."""
     ref = dense_first_iteration(setup)
     clip = ["--clip-grad", "0.004"]
     runs = {
@@ -38,6 +38,12 @@ def test_layouts_match_each_other_and_the_dense_reference(setup, tmp_path):
         "tp2pp2_mbs1": _train(setup, tmp_path, "tp2pp2", 4, *clip, "--tensor-model-parallel-size", "2",
                               "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"),
         "dp2_mbs4": _train(setup, tmp_path, "dp2", 2, *clip, "--use-distributed-optimizer", "--micro-batch-size", "4"),
+        # interleaved virtual pipeline stages (issue 29): every model in 2 chunks of 1 layer per rank
+        "pp2_vpp2": _train(setup, tmp_path, "pp2vpp2", 2, *clip, "--pipeline-model-parallel-size", "2",
+                           "--num-layers-per-virtual-pipeline-stage", "1"),
+        "tp2pp2_vpp2_mbs1": _train(setup, tmp_path, "tp2pp2vpp2", 4, *clip, "--tensor-model-parallel-size", "2",
+                                   "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+                                   "--micro-batch-size", "1"),
         # and the records read from the Megatron indexed dataset (issue 16 item 3)
         "tp2_sp_recompute_packed_indexed": _train(
             dict(setup, data=setup["data_indexed"]), tmp_path, "tp2sp", 2, *clip, "--tensor-model-parallel-size", "2",
@@ -78,12 +84,12 @@ def train_and_return_tied_weights(argv):
 
     trainer = build_trainer(parse_args(argv))
     trainer.train()
-    policy = trainer.stage.policy
+    chunks = trainer.policy_chunks  # the embedding in the first chunk, the output layer in the last
     out = {"tp": parallel_state.get_tensor_model_parallel_rank()}
-    if parallel_state.is_pipeline_first_stage():
-        out["embedding"] = policy.embedding.word_embeddings.weight.detach().clone()
-    if parallel_state.is_pipeline_last_stage():
-        out["output"] = policy.shared_embedding_or_output_weight().detach().clone()
+    if chunks[0].pre_process:
+        out["embedding"] = chunks[0].embedding.word_embeddings.weight.detach().clone()
+    if chunks[-1].post_process:
+        out["output"] = chunks[-1].shared_embedding_or_output_weight().detach().clone()
     parallel_state.destroy_model_parallel()
     return out
 
@@ -92,16 +98,19 @@ def test_tied_embeddings_under_pipeline_parallelism(tied_setup, tmp_path):
     """Qwen2.5-0.5B/1.5B/3B tie the output layer to the embedding. Under PP the last stage holds a
     copy whose gradient is summed with the first stage's: losses and grad norms equal TP1 PP1's over
     several iterations, and the copy still equals the embedding after training (issue 19 item 4).
-    The PP2 run also streams the teachers from host memory (--offload-frozen-models)."""
+    The PP2 run also streams the teachers from host memory (--offload-frozen-models); the PP2 x 2
+    virtual stages run ties the first chunk's embedding to the last chunk's output layer."""
     runs, weights = {}, {}
     for name, world, layout in (("tp1pp1", 1, []),
                                 ("pp2_offload", 2, ["--pipeline-model-parallel-size", "2", "--offload-frozen-models"]),
-                                ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])):
+                                ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+                                ("pp2_vpp2", 2, ["--pipeline-model-parallel-size", "2",
+                                                 "--num-layers-per-virtual-pipeline-stage", "1"])):
         save = str(tmp_path / name)
         argv = aligndistil_argv(tied_setup, save, *layout, "--no-export", iters=4)
         weights[name] = run_distributed(train_and_return_tied_weights, world, args=(argv,), timeout=600)
         runs[name] = read_metrics(os.path.join(save, "metrics.jsonl"))
-    for name in ("pp2_offload", "tp2pp2"):
+    for name in ("pp2_offload", "tp2pp2", "pp2_vpp2"):
         for field in ("loss", "grad_norm"):
             assert [m[field] for m in runs[name]] == pytest.approx([m[field] for m in runs["tp1pp1"]], rel=1e-4), \
                 (name, field)
@@ -327,12 +336,12 @@ def rng_round_trip(argv):
     with tracker.fork():
         torch.rand(3)  # dropout under TP draws here
     want_torch, want_tracker = torch.get_rng_state(), {k: v.clone() for k, v in tracker.get_states().items()}
-    path = checkpointing.save_training_state(trainer.cfg.save, 1, 8, trainer.stage, trainer.optimizer, trainer.scheduler)
+    path = checkpointing.save_training_state(trainer.cfg.save, 1, 8, trainer.policy_chunks, trainer.optimizer, trainer.scheduler)
     torch.manual_seed(99)
     with tracker.fork():
         torch.rand(5)
     assert not torch.equal(torch.get_rng_state(), want_torch)
-    checkpointing.load_training_state(path, trainer.stage, trainer.optimizer, trainer.scheduler)
+    checkpointing.load_training_state(path, trainer.policy_chunks, trainer.optimizer, trainer.scheduler)
     got_tracker = tracker.get_states()
     return (torch.equal(torch.get_rng_state(), want_torch) and want_tracker.keys() == got_tracker.keys()
             and all(torch.equal(want_tracker[k], got_tracker[k]) for k in want_tracker))

@@ -20,12 +20,18 @@ from megatron.core.transformer.module import MegatronModule
 
 
 class LockstepStage(MegatronModule):
-    """policy + frozen models of one pipeline stage. Only the policy's parameters require grad."""
+    """policy + frozen models of one pipeline stage (or model chunk). Only the policy's parameters
+    require grad. ``frozen``: ``{role: model}``; ``policy_role``: the first model's role (the one
+    that trains; an evaluator may run any model there)."""
 
-    def __init__(self, policy, frozen: list):
+    def __init__(self, policy, frozen: dict | None = None, policy_role: str = "policy"):
         super().__init__(config=policy.config)
+        frozen = dict(frozen or {})
+        if policy_role in frozen:
+            raise ValueError(f"role {policy_role!r} given twice")
         self.policy = policy
-        self.frozen = torch.nn.ModuleList(frozen)
+        self.roles = (policy_role, *frozen)
+        self.frozen = torch.nn.ModuleList(frozen.values())
         for model in self.frozen:
             model.requires_grad_(False)
             model.eval()
@@ -56,8 +62,8 @@ class LockstepStage(MegatronModule):
         self._input = input_tensor
 
     def forward(self, tokens, positions, attention_mask=None, **kwargs):
-        """First/middle stages: packed hidden states ``[s, (1+F)*b, h]``. Last stage: a list of
-        logits ``[b, s, V/TP]``, the policy's first (requires grad), then each frozen model's.
+        """First/middle stages: packed hidden states ``[s, (1+F)*b, h]``. Last stage: ``{role:
+        logits [b, s, V/TP]}``, the policy's first (requires grad), then each frozen model's.
         ``attention_mask`` and every keyword (``packed_seq_params``, ``loss_mask``, ...) reach
         every model unchanged: all models see the same micro-batch."""
         if not self.pre_process:
@@ -69,7 +75,7 @@ class LockstepStage(MegatronModule):
         with torch.no_grad():
             frozen_out = [model(tokens, positions, attention_mask, **kwargs) for model in self.frozen]
         if self.post_process:
-            return [policy_out] + frozen_out
+            return dict(zip(self.roles, [policy_out] + frozen_out))
         return torch.cat([policy_out] + frozen_out, dim=1)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import platform
+from .errors import UserError
 
 
 def pipeline_rows(rows: int, num_models: int = 1) -> int:
@@ -61,18 +62,41 @@ def attention_kwargs(batch, thd: bool = False) -> dict:
                                                  max_seqlen_q=longest, max_seqlen_kv=longest)}
 
 
+def _post_process(chunk) -> bool:
+    """Whether a (wrapped: DDP, Float16Module) model chunk ends the pipeline: it holds the output
+    layer and its outputs are scored."""
+    while not hasattr(chunk, "post_process") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk.post_process
+
+
+def interleaving_group(num_micro_batches: int, pp: int) -> int:
+    """Megatron's ``microbatch_group_size_per_vp_stage`` for one interleaved schedule call: the
+    micro-batches that pass a model chunk before the next chunk starts. Megatron-LM's PP when it
+    divides the count (the least memory), else the whole count (one group: any count >= PP runs
+    without a dependency bubble). Raises :class:`UserError` under PP micro-batches."""
+    if num_micro_batches < pp:
+        raise UserError(f"{num_micro_batches} micro-batches in a step under {pp} pipeline stages: the interleaved "
+                        "schedule of virtual pipeline stages needs at least --pipeline-model-parallel-size "
+                        "micro-batches per step and data-parallel rank (raise --global-batch-size, lower "
+                        "--micro-batch-size, or drop --num-layers-per-virtual-pipeline-stage)")
+    return pp if num_micro_batches % pp == 0 else num_micro_batches
+
+
 def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: int, rows: int,
           model_kwargs: dict | None = None, thd: bool = False) -> list:
     """One schedule call over ``micro_batches`` (objects with ``tokens``/``positions`` ``[b, s]``,
-    optionally packed: see :func:`attention_kwargs`). ``rows``: :func:`pipeline_rows` of a
-    micro-batch. On the last stage ``score(outputs, batch)`` gets the model's outputs (a list:
-    policy logits first, then each frozen model's for a LockstepStage) and returns, in training,
-    ``(loss, num_examples)`` (0-dim tensors; Megatron divides gradients by the global sum of
-    ``num_examples``); forward-only, any value, collected. Returns the collected values in
+    optionally packed: see :func:`attention_kwargs`). ``model``: this rank's model, or its list of
+    model chunks (one per virtual pipeline stage: Megatron's interleaved schedule). ``rows``:
+    :func:`pipeline_rows` of a micro-batch. On the last stage ``score(outputs, batch)`` gets the
+    model's outputs (a LockstepStage's ``{role: logits}``; a plain model's logits) and returns, in
+    training, ``(loss, num_examples)`` (0-dim tensors; Megatron divides gradients by the global sum
+    of ``num_examples``); forward-only, any value, collected. Returns the collected values in
     micro-batch order on the last stage, else ``[]``. Collective over the TP and PP groups."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     collected = []
     dev = platform.device()
 
@@ -82,24 +106,31 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
         kwargs.update(attention_kwargs(batch, thd))
         mask = kwargs.pop("attention_mask", None)
         out = m(batch.tokens.to(dev), batch.positions.to(dev), mask, **kwargs)
-        if not parallel_state.is_pipeline_last_stage():
+        if not _post_process(m):
             return out, None
-        rest = out[1:] if isinstance(out, list) else []
+        outputs = dict(out) if isinstance(out, dict) else out
 
         def loss_func(first):
-            outputs = [first] + rest
-            result = score(outputs, batch)
-            rest.clear()  # frozen models' logits are released once this micro-batch is scored
+            if isinstance(outputs, dict):  # the policy's logits as the schedule passes them (backward, scaling)
+                outputs[next(iter(outputs))] = first
+            result = score(outputs if isinstance(outputs, dict) else first, batch)
+            if isinstance(outputs, dict):
+                outputs.clear()  # frozen models' logits are released once this micro-batch is scored
             if forward_only:
                 collected.append(result)
                 return torch.zeros((), device=first.device), {}
             loss, num_examples = result
             return loss, num_examples, {}
 
-        return (out[0] if isinstance(out, list) else out), loss_func
+        return (next(iter(outputs.values())) if isinstance(outputs, dict) else outputs), loss_func
 
+    data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+    if len(chunks) > 1:
+        config = chunks[0].config
+        config.microbatch_group_size_per_vp_stage = interleaving_group(
+            len(micro_batches), parallel_state.get_pipeline_model_parallel_world_size())
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        forward_step_func=forward_step, data_iterator=data, model=chunks,
         num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows,
         forward_only=forward_only,
     )

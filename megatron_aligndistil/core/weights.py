@@ -245,9 +245,10 @@ def load_weights(model, path: str, vocab_rows: bool = False) -> None:
 
 @torch.no_grad()
 def export_release(policy, arch, load: str, out: str) -> None:
-    """Collective: write the policy in the converted format to ``out`` (loadable at any layout,
-    exportable to HF). Each pipeline stage's TP-rank-0/DP-rank-0 gathers and writes its own
-    tensors, one at a time; rank 0 writes the index and publishes the directory atomically."""
+    """Collective: write the policy (this rank's pipeline stage, or its list of model chunks) in
+    the converted format to ``out`` (loadable at any layout, exportable to HF). Each pipeline
+    rank's TP-rank-0/DP-rank-0 gathers and writes its own tensors, one at a time; rank 0 writes
+    the index and publishes the directory atomically."""
     from megatron.core import parallel_state
 
     writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
@@ -259,8 +260,9 @@ def export_release(policy, arch, load: str, out: str) -> None:
         os.makedirs(tmp)
     torch.distributed.barrier()
     tensors = {}
-    for local_name, param in policy.named_parameters():
-        name = sharding.full_name(policy, local_name)
+    chunks = policy if isinstance(policy, (list, tuple)) else [policy]
+    for chunk, local_name, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
+        name = sharding.full_name(chunk, local_name)
         if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
             continue  # tied copy on the last stage: the first stage writes the embedding
         full = sharding.gather_tensor_parallel(name, param, param.data)

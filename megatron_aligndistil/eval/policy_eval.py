@@ -214,7 +214,7 @@ class PolicyEvaluator:
         from ..core.lockstep import LockstepStage
         from ..core.schedule import drive, pipeline_rows
 
-        stage = LockstepStage(model, list(self.references.values()))
+        stage = LockstepStage(model, self.references)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         idx = list(range(rank, len(pairs), dp))
         size = self.settings.batch_size
@@ -224,9 +224,9 @@ class PolicyEvaluator:
         batches = [make_micro_batch([pairs[i] for i in c] + [pairs[c[0]]] * (size - len(c)), seq_len) for c in chunks]
 
         def score(logits, batch):
-            labels = batch.labels.to(logits[0].device)
+            labels = batch.labels.to(logits["policy"].device)
             return torch.stack([sequence_sums(vocab_parallel_logprobs(z, labels, vocab_size=self.vocab_size), batch)
-                                for z in logits]).double()
+                                for z in logits.values()]).double()
 
         got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
                     rows=pipeline_rows(size, stage.num_models)) if batches else []

@@ -46,7 +46,7 @@ def teacher_token_stats(evaluator: PolicyEvaluator, stage, pairs: list[tuple[lis
                         loss_config) -> dict:
     """Mean TVD and alpha of the teachers over the response tokens of ``pairs`` (prompt ids,
     response ids), computed by the loss itself (vocab-parallel, no vocabulary gather). ``stage``:
-    ``LockstepStage(dpo, [other])``. Collective; the same dict on every rank."""
+    ``LockstepStage(dpo, {"other": other}, policy_role="dpo")``. Collective; the same dict on every rank."""
     from megatron.core import parallel_state
 
     from .. import platform
@@ -63,7 +63,7 @@ def teacher_token_stats(evaluator: PolicyEvaluator, stage, pairs: list[tuple[lis
     batches = [make_micro_batch([pairs[i] for i in c] + [pairs[c[0]]] * (size - len(c)), seq_len) for c in chunks]
 
     def score(logits, batch):
-        z_dpo, z_other = logits
+        z_dpo, z_other = logits["dpo"], logits["other"]
         out = aligndistil_loss(z_dpo, z_dpo, z_other, loss_config, vocab_size=evaluator.vocab_size)
         sums = [sequence_sums(v, batch) for v in (out.tvd, out.alpha, torch.ones_like(out.tvd))]
         return torch.stack(sums).double()  # [3, n]: TVD, alpha and token sums per sequence
@@ -98,7 +98,7 @@ def sample_teacher(evaluator: PolicyEvaluator, stage, loss_config, stop_ids) -> 
         batch = mine[b: b + s.batch_size]
         res = generate(stage, [evaluator.prompts[i] for i, _ in batch], params, evaluator.vocab_size,
                        sequence_ids=[i * s.samples_per_prompt + k for i, k in batch],
-                       combine=lambda rows: dense_teacher(rows[0], rows[1], loss_config)[0])
+                       combine=lambda rows: dense_teacher(rows["dpo"], rows["other"], loss_config)[0])
         out.update(zip(batch, res))
     return _all_gather_dict(out)
 
@@ -117,7 +117,8 @@ def preflight(evaluator: PolicyEvaluator, dpo_load: str, other_load: str, loss_c
     s = evaluator.settings
     dpo_result = evaluator.evaluate("dpo", dpo_load)
     dpo_path = resolve_checkpoint(dpo_load, evaluator.scratch)
-    stage = LockstepStage(evaluator._build(dpo_path), [evaluator._build(resolve_checkpoint(other_load, evaluator.scratch))])
+    stage = LockstepStage(evaluator._build(dpo_path), {"other": evaluator._build(resolve_checkpoint(other_load, evaluator.scratch))},
+                          policy_role="dpo")
     stage.eval()
     jobs = [(i, k) for i in range(len(evaluator.items)) for k in range(s.samples_per_prompt)]
     dpo_pairs = [(evaluator.prompts[i], ids) for (i, _), ids in zip(jobs, dpo_result["sample_response_ids"])]

@@ -130,8 +130,8 @@ class QwenArch:
         with open(path) as f:
             return cls(**json.load(f))
 
-    def check_layout(self, tp: int, pp: int) -> None:
-        """Raise ValueError naming the flag when TP/PP cannot split this model."""
+    def check_layout(self, tp: int, pp: int, vpp: int = 1) -> None:
+        """Raise :class:`UserError` naming the flag when TP / PP / virtual stages cannot split this model."""
         for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
             if not isinstance(size, int) or size < 1:
                 raise UserError(f"{flag} {size} must be a positive integer")
@@ -149,6 +149,11 @@ class QwenArch:
             raise UserError(
                 f"--pipeline-model-parallel-size {pp} does not divide num_hidden_layers {self.num_layers}"
             )
+        if self.num_layers % (pp * vpp):
+            raise UserError(
+                f"--pipeline-model-parallel-size {pp} x {vpp} virtual stages per pipeline rank = {pp * vpp} "
+                f"model chunks do not divide num_hidden_layers {self.num_layers} evenly"
+            )
         if self.padded_vocab_size % tp:
             raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocab")
 
@@ -158,8 +163,9 @@ class QwenArch:
 def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool = False,
                        sequence_parallel: bool = False, recompute_granularity=None,
                        recompute_method=None, recompute_num_layers=None, tp: int | None = None,
-                       pp: int | None = None):
-    """A Megatron ``TransformerConfig`` for ``arch`` under the current (or given) TP/PP sizes."""
+                       pp: int | None = None, vpp: int | None = None):
+    """A Megatron ``TransformerConfig`` for ``arch`` under the current (or given) TP/PP sizes and
+    virtual pipeline stages per pipeline rank (``vpp``; None: Megatron's current setting)."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -168,7 +174,9 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         tp = parallel_state.get_tensor_model_parallel_world_size()
     if pp is None:
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-    arch.check_layout(tp, pp)
+    if vpp is None:
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    arch.check_layout(tp, pp, vpp)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -193,6 +201,13 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        # the interleaved schedule's p2p as Megatron-LM runs it (--overlap-p2p-communication, its
+        # default with virtual stages): unbatched sends and receives, overlapped with compute. The
+        # batched form pairs a forward send with a gradient receive when the previous and the next
+        # pipeline rank are one rank (PP 2): wrong activations, no error
+        overlap_p2p_comm=vpp > 1,
+        batch_p2p_comm=vpp == 1,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         bf16=bf16,
@@ -225,9 +240,10 @@ def use_transformer_engine(impl: str = "auto") -> bool:
     return have_te
 
 
-def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto"):
-    """Block spec: TransformerEngine layers on GPUs with TE, else Megatron's local layers with an
-    HF-exact RMSNorm (the CPU path and the tested one)."""
+def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto", vp_stage: int | None = None):
+    """Block spec of one model chunk (``vp_stage``: its virtual stage; None without virtual stages):
+    TransformerEngine layers on GPUs with TE, else Megatron's local layers with an HF-exact RMSNorm
+    (the CPU path and the tested one)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -236,7 +252,7 @@ def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto"):
 
     from .norm import RMSNorm
 
-    n = get_num_layers_to_build(config)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
     if use_transformer_engine(transformer_impl):
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -253,19 +269,21 @@ def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto"):
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
-def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, transformer_impl: str = "auto"):
-    """The local pipeline stage of the GPT model for ``arch`` (Megatron's current TP/PP rank);
-    ``transformer_impl``: see :func:`use_transformer_engine`."""
+def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, transformer_impl: str = "auto",
+                vp_stage: int | None = None):
+    """This rank's part of the GPT model for ``arch`` (Megatron's current TP/PP rank): its pipeline
+    stage, or with virtual stages its model chunk ``vp_stage`` (:func:`build_chunks` builds them
+    all); ``transformer_impl``: see :func:`use_transformer_engine`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, config, transformer_impl),
+        transformer_layer_spec=layer_spec(arch, config, transformer_impl, vp_stage=vp_stage),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -275,8 +293,20 @@ def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, 
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=arch.rope_theta,
+        vp_stage=vp_stage,
     )
     return model.to(_device())
+
+
+def build_chunks(arch: QwenArch, config, transformer_impl: str = "auto") -> list:
+    """This rank's model chunks, in pipeline order: one per virtual pipeline stage
+    (``config.virtual_pipeline_model_parallel_size``), or the one pipeline stage without them.
+    With PP ranks p and V chunks, chunk v of rank r holds layers ``[(v*PP + r) * L/(PP*V), ...)``:
+    the activation visits every rank V times (Megatron's interleaved schedule)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if not vpp:
+        return [build_model(arch, config, transformer_impl=transformer_impl)]
+    return [build_model(arch, config, transformer_impl=transformer_impl, vp_stage=v) for v in range(vpp)]
 
 
 def _device():

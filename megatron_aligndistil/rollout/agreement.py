@@ -73,7 +73,7 @@ def engine_mismatch(engine, policy, vocab_size: int, sequences: list[list[int]])
     was_training = policy.training
     policy.eval()
     try:
-        got = drive(LockstepStage(policy, []), [batch], lambda outputs, b: logprob_mismatch(outputs[0], b, vocab_size),
+        got = drive(LockstepStage(policy), [batch], lambda outputs, b: logprob_mismatch(outputs["policy"], b, vocab_size),
                     forward_only=True, seq_length=batch.tokens.shape[1], rows=pipeline_rows(batch.rows))
     finally:
         policy.train(was_training)

@@ -23,6 +23,11 @@ def _parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: layers per virtual pipeline stage (model chunk); each pipeline rank "
+                        "holds num_layers / (PP x N) chunks (Megatron-LM's flag)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved schedule: model chunks per pipeline rank (the other way to say the same)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
@@ -270,6 +275,7 @@ _NON_NEGATIVE = (0, True, None, None)
 _UNIT_OPEN_RIGHT = (0, True, 1, False)
 _RANGES = {
     **dict.fromkeys(("tensor_model_parallel_size", "pipeline_model_parallel_size", "recompute_num_layers",
+                     "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
                      "micro_batch_size", "global_batch_size", "train_iters", "save_interval", "log_interval",
                      "exit_interval", "world_size",
                      "rollout_batch_size", "max_new_tokens"), _AT_LEAST_1),

@@ -32,7 +32,8 @@ RUN_FILE = "run.json"  # in each iter_ directory: the run's identity and layout 
 _IDENTITY_PATHS = ("load", "data_path", "dpo_load", "rev_load", "ref_load")
 _IDENTITY_VALUES = ("method", "reverse", "rollout", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "use_distributed_optimizer")
-LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")
+LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                 "num_virtual_stages_per_pipeline_rank", "use_distributed_optimizer")
 # what Megatron-LM's --override-opt_param-scheduler lets a resumed run change on purpose
 SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "weight_decay", "train_iters")
 
@@ -73,7 +74,8 @@ def check_resumable(identity: dict, save: str, ckpt_dir: str, override_schedule:
         return allowed
     names = "; ".join(f"{flag_name(k)} {old} (saved) vs {new} (now)" for k, (old, new) in refused.items())
     if all(k in LAYOUT_FIELDS for k in refused):
-        what = ("its optimizer state resumes only at the saved TP/PP and optimizer (any data-parallel size); "
+        what = ("its optimizer state resumes only at the saved TP/PP, virtual stages and optimizer (any "
+                "data-parallel size); "
                 "relaunch with the saved layout")
     elif all(k in SCHEDULE_FIELDS for k in refused):
         what = ("to change the learning-rate schedule on purpose, add --override-opt_param-scheduler (Megatron-LM's "
@@ -145,9 +147,19 @@ def _set_rng_state(state: dict) -> None:
 _OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def save_training_state(save: str, iteration: int, consumed: int, stage, optimizer, scheduler,
+def model_state(chunks: list) -> dict:
+    """The sharded state dict of the policy's model chunks, keyed as Megatron-LM keys them:
+    ``model`` for one chunk, ``model0``, ``model1``, ... with virtual pipeline stages. Tensors are
+    named by global layer, so the weights load at any layout (:func:`core.weights.load_weights`)."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{v}": chunk.sharded_state_dict() for v, chunk in enumerate(chunks)}
+
+
+def save_training_state(save: str, iteration: int, consumed: int, chunks: list, optimizer, scheduler,
                         identity: dict | None = None) -> str:
     """Collective: write ``<save>/iter_XXXXXXX`` atomically and point the latest file at it.
+    ``chunks``: the policy's model chunks on this rank (:func:`model_state`).
     ``identity`` (``run_identity`` + layout) is stored as ``run.json`` for resume checks. A complete
     checkpoint of the same iteration is kept as it is (never deleted while the latest file may name it)."""
     from megatron.core import dist_checkpointing
@@ -161,9 +173,9 @@ def save_training_state(save: str, iteration: int, consumed: int, stage, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    model_sd = stage.policy.sharded_state_dict()
+    model_sd = model_state(chunks)
     state = {
-        "model": model_sd,
+        **model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_METADATA),
         "scheduler": scheduler.state_dict(),
         "iteration": iteration,
@@ -246,14 +258,15 @@ def _restore_adam_steps(optimizer, saved_state) -> None:
 
 
 @torch.no_grad()
-def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
-    """Collective: restore policy, optimizer, scheduler (and RNG when the world size matches)."""
+def load_training_state(ckpt_dir: str, chunks: list, optimizer, scheduler) -> dict:
+    """Collective: restore the policy's model ``chunks``, optimizer, scheduler (and RNG when the
+    world size matches)."""
     from megatron.core import dist_checkpointing
 
     _init_torch_adam_state(optimizer)
-    model_sd = stage.policy.sharded_state_dict()
+    model_sd = model_state(chunks)
     template = {
-        "model": model_sd,
+        **model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_METADATA),
     }
     try:
@@ -262,7 +275,8 @@ def load_training_state(ckpt_dir: str, stage, optimizer, scheduler) -> dict:
         raise CheckpointError(f"{ckpt_dir}: the training checkpoint does not load ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]}); "
                               + previous_checkpoint_hint(os.path.dirname(ckpt_dir), iteration_of(ckpt_dir))) from exc
-    stage.policy.load_state_dict(state["model"])
+    for key, chunk in zip(model_sd, chunks):
+        chunk.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -42,7 +42,7 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
         model = qwen.build_model(arch, config)
         weights.load_weights(model, path, vocab_rows=path == ref_path)
         models.append(model)
-    stage = LockstepStage(models[0], models[1:]).eval()
+    stage = LockstepStage(models[0], {"ref": models[1]}).eval()
     method = DPO(DPOConfig(beta=beta), ref_path)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -51,7 +51,7 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
     batches, seq_len = method.micro_batches(mine, rows) if mine else ([], 1)
 
     def score(logits, batch):
-        _, _, vec, _ = score_micro_batch(method, dict(zip(("policy", "ref"), logits)), batch, vocab_size)
+        _, _, vec, _ = score_micro_batch(method, logits, batch, vocab_size)
         return vec.double()  # [loss, pairs, tokens, correct, chosen reward, rejected reward]
 
     got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,

@@ -84,14 +84,22 @@ class Trainer:
         self.method = method
         self.rollout_config = rollout
         self.flags = flags or argparse.Namespace(method=method.name, **dataclasses.asdict(config))
-        self.layout = parallel.Layout(config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
-                                      config.sequence_parallel)
 
     # ---------------------------------------------------------------- setup
     def setup(self):
         from megatron.core import parallel_state
 
         cfg = self.cfg
+        # the architecture first (a file read): the layout's virtual stages depend on its layers
+        self.resume_dir = weights.latest_checkpoint(cfg.save)
+        policy_source = self.resume_dir or cfg.load
+        self.arch = qwen.read_arch(policy_source)
+        self.layout = parallel.Layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                                      cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers))
+        if self.layout.vpp > 1 and self.method.on_policy:
+            raise UserError("--rollout on-policy with virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
+                            "--num-virtual-stages-per-pipeline-rank) is not supported yet: the rollout engines sample "
+                            "from one model chunk per pipeline rank. Train on-policy without virtual stages")
         parallel.init_model_parallel(self.layout, seed=cfg.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -105,13 +113,10 @@ class Trainer:
             raise UserError("--pack-sequences with TransformerEngine layers (the THD format) takes one row per "
                             "micro-batch: use --micro-batch-size 1 (not available for DPO, two rows per pair), "
                             "or --transformer-impl local")
-        self.resume_dir = weights.latest_checkpoint(cfg.save)
         self.overrides = {}
         if self.resume_dir:  # the same run, at the same layout, or a clear refusal
             self.overrides = checkpointing.check_resumable(self.run_identity(), cfg.save, self.resume_dir,
                                                            cfg.override_opt_param_scheduler)
-        policy_source = self.resume_dir or cfg.load
-        self.arch = qwen.read_arch(policy_source)
         if cfg.seq_length > self.arch.max_position_embeddings:
             raise UserError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings "
                             f"{self.arch.max_position_embeddings} ({policy_source})")
@@ -133,6 +138,7 @@ class Trainer:
             sequence_parallel=cfg.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
             recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
             recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
+            vpp=self.layout.vpp,
         )
         self.transformer_config.calculate_per_token_loss = True
         self.model = self._build_models(frozen, policy_source)
@@ -144,7 +150,7 @@ class Trainer:
         if self.method.on_policy:  # after _resume: an engine with weights of its own syncs the resumed policy
             from ..rollout import make_engine
 
-            self.engine = make_engine(self.rollout_config, self.stage.policy, self.arch, self.vocab_size,
+            self.engine = make_engine(self.rollout_config, self.policy, self.arch, self.vocab_size,
                                       max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
@@ -169,7 +175,8 @@ class Trainer:
     def _resume(self):
         self.iteration, self.consumed = 0, 0
         if self.resume_dir:
-            state = checkpointing.load_training_state(self.resume_dir, self.stage, self.optimizer, self.scheduler)
+            state = checkpointing.load_training_state(self.resume_dir, self.policy_chunks, self.optimizer,
+                                                      self.scheduler)
             self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
             if self.cfg.override_opt_param_scheduler:  # the restored param groups carry the old lr bounds
                 for group in self.optimizer.param_groups:
@@ -179,33 +186,42 @@ class Trainer:
                 print(f"resuming from iteration {self.iteration} ({self.resume_dir})", flush=True)
 
     def _build_models(self, frozen, policy_source):
+        """This rank's model chunks (one per virtual pipeline stage; one without them), each a
+        LockstepStage of the policy's and every frozen model's layers of that chunk, wrapped for
+        Megatron (Float16Module in bf16, DistributedDataParallel). Returns the wrapped chunks."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.module import Float16Module
 
         from ..core.lockstep import LockstepStage
 
         impl = self.cfg.transformer_impl
-        policy = qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl)
-        frozen_models = [qwen.build_model(self.arch, self.transformer_config, transformer_impl=impl) for _ in frozen]
+        policy = qwen.build_chunks(self.arch, self.transformer_config, impl)
+        frozen_models = {spec.role: qwen.build_chunks(self.arch, self.transformer_config, impl) for spec in frozen}
         if not self.resume_dir:
-            weights.load_weights(policy, policy_source)
-        for model, spec in zip(frozen_models, frozen):
-            weights.load_weights(model, spec.path, vocab_rows=True)
-        _refuse_identical_frozen_models(frozen_models, frozen)
-        self.stage = LockstepStage(policy, frozen_models)
-        module = Float16Module(self.transformer_config, self.stage) if self.cfg.bf16 else self.stage
+            for chunk in policy:
+                weights.load_weights(chunk, policy_source)
+        for spec in frozen:
+            for chunk in frozen_models[spec.role]:
+                weights.load_weights(chunk, spec.path, vocab_rows=True)
+        _refuse_identical_frozen_models([torch.nn.ModuleList(frozen_models[spec.role]) for spec in frozen], frozen)
+        self.stages = [LockstepStage(chunk, {role: chunks[v] for role, chunks in frozen_models.items()})
+                       for v, chunk in enumerate(policy)]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.cfg.use_distributed_optimizer,
             check_for_nan_in_grad=True,  # as Megatron-LM's --check-for-nan-in-loss-and-grad (default on)
         )
-        model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=module)
-        self.frozen_streamers = []  # --offload-frozen-models: one per frozen model
+        model = [DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config,
+                                         module=Float16Module(self.transformer_config, stage) if self.cfg.bf16 else stage,
+                                         disable_bucketing=v > 0)  # as Megatron-LM: one bucket for later chunks
+                 for v, stage in enumerate(self.stages)]
+        self.frozen_streamers = []  # --offload-frozen-models: one per frozen model chunk
         if self.cfg.offload_frozen_models:  # after Float16Module cast them to bf16
             from ..models.offload import offload_frozen_models
 
-            self.frozen_streamers = offload_frozen_models(frozen_models)
-        self.transformer_config.no_sync_func = model.no_sync
+            self.frozen_streamers = offload_frozen_models([m for chunks in frozen_models.values() for m in chunks])
+        no_sync = [chunk.no_sync for chunk in model]
+        self.transformer_config.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
         from megatron.core.distributed import finalize_model_grads
 
         def check_loss_then_finalize(*args, **kwargs):
@@ -218,6 +234,24 @@ class Trainer:
         self.transformer_config.finalize_model_grads_func = check_loss_then_finalize
         return model
 
+    @property
+    def stage(self):
+        """The LockstepStage of this rank's one pipeline stage (without virtual stages)."""
+        if len(self.stages) != 1:
+            raise AttributeError("with virtual pipeline stages the trainer holds several chunks: use .stages")
+        return self.stages[0]
+
+    @property
+    def policy_chunks(self) -> list:
+        """The policy's model chunks on this rank, in pipeline order."""
+        return [stage.policy for stage in self.stages]
+
+    @property
+    def policy(self):
+        """The policy on this rank: its one pipeline stage, or its list of model chunks."""
+        chunks = self.policy_chunks
+        return chunks[0] if len(chunks) == 1 else chunks
+
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -228,7 +262,7 @@ class Trainer:
             clip_grad=a.clip_grad, bf16=a.bf16, params_dtype=torch.float32,
             use_distributed_optimizer=a.use_distributed_optimizer,
         )
-        optimizer = get_megatron_optimizer(opt_config, [self.model])
+        optimizer = get_megatron_optimizer(opt_config, self.model)
         self.transformer_config.grad_scale_func = optimizer.scale_loss
         return optimizer
 
@@ -294,19 +328,19 @@ class Trainer:
         vocab_size = self.vocab_size
 
         def score(outputs, batch):
-            loss, n_examples, vec, bad = score_micro_batch(self.method, dict(zip(self.roles, outputs)), batch,
-                                                           vocab_size)
+            loss, n_examples, vec, bad = score_micro_batch(self.method, outputs, batch, vocab_size)
             self._micro_statistics.append((vec, bad))
             if batch.sampler_logprobs is not None:
-                self._micro_mismatch.append(logprob_mismatch(outputs[0], batch, vocab_size))
+                self._micro_mismatch.append(logprob_mismatch(outputs["policy"], batch, vocab_size))
             return loss, n_examples
 
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._micro_statistics, self._micro_mismatch, self._step_sums = [], [], None
         try:
             drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
-                  rows=pipeline_rows(self.rows, self.stage.num_models), thd=self.thd,
+                  rows=pipeline_rows(self.rows, self.stages[0].num_models), thd=self.thd,
                   model_kwargs={"fp32_output": False} if self.cfg.bf16 else None)
         except RuntimeError as exc:  # Megatron's DDP check (check_for_nan_in_grad) found NaN / Inf
             if "found NaN" in str(exc) or "found Inf" in str(exc):
@@ -327,7 +361,7 @@ class Trainer:
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         if self.method.on_policy:
             t0 = time.time()
-            self.engine.sync_weights(self.stage.policy)
+            self.engine.sync_weights(self.policy)
             rollout["weight_sync_s"] = time.time() - t0
         self.scheduler.step(increment=1)
         self.iteration += 1
@@ -441,14 +475,14 @@ class Trainer:
             # saves there too, so a chained job continues where this one stopped)
             if ((a.save_interval and self.iteration % a.save_interval == 0) or exiting
                     or self.iteration == self.train_iters):
-                checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.stage,
+                checkpointing.save_training_state(a.save, self.iteration, self.consumed, self.policy_chunks,
                                                   self.optimizer, self.scheduler, self.layout_record())
             if exiting:
                 break
         bar.close()
         release = os.path.join(a.save, weights.RELEASE)
         if self.iteration >= self.train_iters and not a.no_export and (steps_this_run or not os.path.isdir(release)):
-            weights.export_release(self.stage.policy, self.arch, a.load, release)
+            weights.export_release(self.policy_chunks, self.arch, a.load, release)
         self.metrics.close()
         return last
 
