@@ -31,6 +31,7 @@ class Layout:
 
     tp: int = 1  # [--tensor-model-parallel-size]
     pp: int = 1  # [--pipeline-model-parallel-size]
+    vpp: int = 1  # model chunks per pipeline rank [--num-virtual-stages-per-pipeline-rank]
     dp: int = 1  # data-parallel replicas: world size / (tp * pp)
     micro_batch: int = 1  # records per micro-batch [--micro-batch-size]
     global_batch: int = 128  # records per optimizer step [--global-batch-size]
@@ -103,6 +104,23 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
     return norms + attn + scores + mlp
 
 
+def chunks_in_flight(lay: Layout, micro_batches: int, stage: int = 0) -> int:
+    """(micro-batch, model chunk) pairs whose activations pipeline rank ``stage`` keeps at once:
+    1F1B's ``PP - stage``; the interleaved schedule's warm-up ``2 (PP - stage - 1) + (V - 1) g``
+    plus one (Megatron's ``get_pp_rank_microbatches``; g: :func:`core.schedule.interleaving_group`),
+    each a chunk of L / (PP V) layers."""
+    if lay.vpp == 1:
+        return min(lay.pp - stage, micro_batches)
+    group = lay.pp if micro_batches % lay.pp == 0 else micro_batches
+    return min(2 * (lay.pp - stage - 1) + (lay.vpp - 1) * group + 1, micro_batches * lay.vpp)
+
+
+def pipeline_bubble(lay: Layout, micro_batches: int) -> float:
+    """Idle time of a step relative to its compute, (PP - 1) / (V m) (Narayanan et al. 2021):
+    virtual stages divide the bubble by V."""
+    return (lay.pp - 1) / (lay.vpp * micro_batches)
+
+
 def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
     """Bytes per GPU by term, and the total: the larger of the backward peak (every term but
     ``optimizer_step_temporaries``) and the optimizer-step peak (weights, gradients, optimizer
@@ -115,8 +133,7 @@ def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
     pb = 2 if lay.bf16 else 4
     w = stage_params(arch, lay, stage)
     micro_batches = max(1, lay.global_batch // (lay.micro_batch * lay.dp))
-    in_flight = min(lay.pp - (stage or 0), micro_batches)
-    layers = arch.num_layers // lay.pp
+    in_flight, layers = chunks_in_flight(lay, micro_batches, stage or 0), arch.num_layers // (lay.pp * lay.vpp)
     s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
     act = layers * in_flight * activation_bytes_per_layer(arch, lay)
     if lay.recompute == "full":  # one layer's full activations exist while it is recomputed

@@ -203,6 +203,9 @@ def test_every_flag_reaches_a_config_field(method):
         extra = [flag, *_value_for(action, getattr(base_args, action.dest))]
         if action.dest == "sequence_parallel":
             extra += ["--tensor-model-parallel-size", "2"]
+        virtual = action.dest in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank")
+        if virtual:
+            extra += ["--pipeline-model-parallel-size", "2"]
         argv = base + extra
         if action.dest == "rollout":  # off-policy: the vLLM-only flags of the base go with it
             argv = base + [flag, "off-policy", "--rollout-engine", "megatron"]
@@ -213,6 +216,8 @@ def test_every_flag_reaches_a_config_field(method):
         changed |= set(reference) - set(configs)  # fields the flag removes (off-policy: the rollout's)
         if action.dest == "sequence_parallel":
             changed.discard("training.tensor_model_parallel_size")
+        if virtual:
+            changed.discard("training.pipeline_model_parallel_size")
         if not changed:
             untested.append(flag)
         # a flag reaches every field that carries its name (--seed: training.seed and rollout.sampling.seed)

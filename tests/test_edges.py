@@ -262,6 +262,8 @@ def test_every_numeric_flag_at_the_edges_of_its_range(method, action, value, acc
         argv += ["--micro-batch-size", "1"]
     if action.dest == "lr":
         argv += ["--min-lr", "0"]
+    if action.dest in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
+        argv += ["--pipeline-model-parallel-size", "2"]  # virtual stages interleave a pipeline
     if accepted:
         assert getattr(_parse(argv), action.dest) == value
         return

@@ -1,25 +1,10 @@
-"""Training: one loop (loop.py), one schedule driver (schedule.py) and thin methods
-(aligndistil.py, sft.py, dpo.py) configured by the typed configs of ``config.py``.
+"""Training: one loop (loop.py) over the core's schedule driver (``core/schedule.py``) and thin methods
+(aligndistil.py, sft.py, dpo.py; by name: methods.py) configured by the typed configs of ``config.py``.
 
     torchrun --nproc-per-node N -m megatron_aligndistil.train <aligndistil|dpo|sft> [flags]
 """
 
-
-def get_method(name):
-    """The method class for a subcommand name."""
-    if name == "aligndistil":
-        from .aligndistil import AlignDistil
-
-        return AlignDistil
-    if name == "dpo":
-        from .dpo import DPO
-
-        return DPO
-    if name == "sft":
-        from .sft import SFT
-
-        return SFT
-    raise ValueError(f"unknown method {name!r}")
+from .methods import get_method  # noqa: F401 - the package's public name
 
 
 def build_trainer(args):

@@ -72,6 +72,14 @@ def _refuse_identical_frozen_models(models, specs) -> None:
                             "teacher extrapolates from their difference)")
 
 
+def check_virtual_stages(method: Method, vpp: int) -> None:
+    """Virtual pipeline stages serve every method but on-policy sampling (refused, naming the flags)."""
+    if vpp > 1 and method.on_policy:
+        raise UserError("--rollout on-policy with virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
+                        "--num-virtual-stages-per-pipeline-rank) is not supported yet: the rollout engines sample "
+                        "from one model chunk per pipeline rank. Train on-policy without virtual stages")
+
+
 class Trainer:
     """``config``: the shared training options; ``method``: what is trained; ``rollout``: the
     on-policy engine's config (on-policy methods only); ``flags``: the parsed command line, written
@@ -96,10 +104,7 @@ class Trainer:
         self.arch = qwen.read_arch(policy_source)
         self.layout = parallel.Layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                       cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers))
-        if self.layout.vpp > 1 and self.method.on_policy:
-            raise UserError("--rollout on-policy with virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
-                            "--num-virtual-stages-per-pipeline-rank) is not supported yet: the rollout engines sample "
-                            "from one model chunk per pipeline rank. Train on-policy without virtual stages")
+        check_virtual_stages(self.method, self.layout.vpp)
         parallel.init_model_parallel(self.layout, seed=cfg.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()

@@ -31,26 +31,40 @@ def resolve_arch(path: str) -> QwenArch:
 
 def make_plan(args, world_size: int) -> dict:
     """Validate the layout and batch flags; return the plan (raises ValueError naming the flag)."""
+    from ..config import TrainingConfig
+
     arch = resolve_arch(args.model_config or args.load)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    arch.check_layout(tp, pp)
+    vpp = TrainingConfig.from_args(args).virtual_stages(arch.num_layers)
+    arch.check_layout(tp, pp, vpp)
     if world_size % (tp * pp):
         raise UserError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
     dp = world_size // (tp * pp)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
-    frozen = {"aligndistil": 2, "dpo": 1, "sft": 0}[args.method]
-    per_record = 2 if args.method == "dpo" else 1
-    memory = planned_memory(args, arch, tp, pp, dp, frozen, per_record)
+    from .methods import get_method
+
+    method = get_method(args.method).from_args(args)  # the method says which models run beside the policy
+    frozen, per_record = len(method.frozen_models()), method.sequences_per_record
+    from .loop import check_virtual_stages
+
+    check_virtual_stages(method, vpp)
+    micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    if vpp > 1:
+        from ..core.schedule import interleaving_group
+
+        interleaving_group(micro_batches, pp)  # the schedule's own refusal, before any launch
+    memory = planned_memory(args, arch, tp, pp, dp, frozen, per_record, vpp)
     return {
         "method": args.method, "model_type": arch.model_type, "layers": arch.num_layers,
         "hidden": arch.hidden_size, "heads": arch.num_attention_heads, "kv_groups": arch.num_query_groups,
         "vocab": arch.vocab_size, "padded_vocab": arch.padded_vocab_size,
         "world_size": world_size, "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
-        "layers_per_stage": arch.num_layers // pp, "vocab_per_tp_rank": arch.padded_vocab_size // tp,
+        "layers_per_stage": arch.num_layers // pp, "virtual_stages_per_pipeline_rank": vpp,
+        "layers_per_model_chunk": arch.num_layers // (pp * vpp), "vocab_per_tp_rank": arch.padded_vocab_size // tp,
         "frozen_models_in_lockstep": frozen,
-        "micro_batches_per_step": args.global_batch_size // (args.micro_batch_size * dp),
+        "micro_batches_per_step": micro_batches,
         "sequences_per_p2p_tensor": pipeline_rows(args.micro_batch_size * per_record, 1 + frozen),
         "sequence_parallel": args.sequence_parallel, "recompute": args.recompute_granularity,
         "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
@@ -60,18 +74,22 @@ def make_plan(args, world_size: int) -> dict:
     }
 
 
-def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int, per_record: int) -> dict:
-    """The memory planner's per-GPU prediction for these flags (GB; docs/scaling.md)."""
+def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int, per_record: int,
+                   vpp: int = 1) -> dict:
+    """The memory planner's per-GPU prediction for these flags (GB; docs/scaling.md) and the
+    pipeline bubble (idle time / compute time of a step)."""
     from .. import memory
 
     lay = memory.Layout(
-        tp=tp, pp=pp, dp=dp, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
+        tp=tp, pp=pp, vpp=vpp, dp=dp, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
         seq_length=args.seq_length, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,
         sequence_parallel=args.sequence_parallel,
         recompute="full" if args.recompute_granularity == "full" else None,
         frozen_models=frozen, sequences_per_record=per_record, offload_frozen=args.offload_frozen_models,
     )
-    out = {"planned_gb_per_gpu": round(memory.plan_memory(arch, lay)["total"] / memory.GIB, 1)}
+    micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
+    out = {"pipeline_bubble": round(memory.pipeline_bubble(lay, micro_batches), 4),
+           "planned_gb_per_gpu": round(memory.plan_memory(arch, lay)["total"] / memory.GIB, 1)}
     if args.offload_frozen_models:
         out["planned_host_pinned_gb_per_gpu"] = round(memory.host_bytes_per_gpu(arch, lay) / memory.GIB, 1)
     return out
