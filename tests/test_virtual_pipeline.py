@@ -209,3 +209,19 @@ def test_virtual_stage_flags_at_their_boundaries():
     arch.check_layout(1, 2, 2)
     with pytest.raises(UserError, match="6 model chunks do not divide num_hidden_layers 4"):
         arch.check_layout(1, 2, 3)
+
+
+def test_planner_counts_the_interleaved_warm_up():
+    """Chunks in flight on rank r: 1F1B's PP - r; interleaved, Megatron's warm-up 2 (PP - r - 1) + (V - 1) g,
+    plus one, capped at every (micro-batch, chunk) pair; the bubble (PP - 1) / (V m)."""
+    from megatron_aligndistil.memory import Layout as PlannedLayout, chunks_in_flight, pipeline_bubble
+
+    assert chunks_in_flight(PlannedLayout(pp=4), 8, stage=0) == 4
+    assert chunks_in_flight(PlannedLayout(pp=4), 2, stage=0) == 2
+    assert chunks_in_flight(PlannedLayout(pp=4, vpp=2), 8, stage=0) == 11  # 6 + 4 + 1
+    assert chunks_in_flight(PlannedLayout(pp=4, vpp=2), 8, stage=3) == 5  # 0 + 4 + 1
+    assert chunks_in_flight(PlannedLayout(pp=4, vpp=2), 6, stage=0) == 12  # 6 + 6 + 1, capped at 6 x 2
+    assert chunks_in_flight(PlannedLayout(pp=2, vpp=3), 3, stage=1) == 7  # 0 + 2 x 3 + 1 (group of 3)
+    assert pipeline_bubble(PlannedLayout(pp=4), 8) == 3 / 8
+    assert pipeline_bubble(PlannedLayout(pp=4, vpp=2), 8) == 3 / 16
+    assert pipeline_bubble(PlannedLayout(pp=1), 8) == 0
