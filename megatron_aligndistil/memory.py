@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .loss.vocab_parallel import GPU_CHUNK_ELEMENTS
 from .models.qwen import QwenArch
-from .core.schedule import pipeline_rows
+from .core.schedule import interleaving_group, pipeline_rows
 
 GIB = 2**30
 
@@ -111,7 +111,7 @@ def chunks_in_flight(lay: Layout, micro_batches: int, stage: int = 0) -> int:
     each a chunk of L / (PP V) layers."""
     if lay.vpp == 1:
         return min(lay.pp - stage, micro_batches)
-    group = lay.pp if micro_batches % lay.pp == 0 else micro_batches
+    group = interleaving_group(micro_batches, lay.pp)
     return min(2 * (lay.pp - stage - 1) + (lay.vpp - 1) * group + 1, micro_batches * lay.vpp)
 
 

@@ -38,6 +38,9 @@ class LockstepStage(MegatronModule):
         self.pre_process = policy.pre_process
         self.post_process = policy.post_process
         self.model_type = policy.model_type  # read by Megatron's schedules
+        # the chunk's virtual stage (None without them), read by Megatron's wrappers (Float16Module
+        # casts inputs on the first and outputs on the last virtual stage only)
+        self.vp_stage = getattr(policy, "vp_stage", None)
         # read by finalize_model_grads (embedding-group all-reduce of the policy's tied weights)
         self.share_embeddings_and_output_weights = policy.share_embeddings_and_output_weights
         self._input = None

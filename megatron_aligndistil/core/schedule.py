@@ -108,21 +108,21 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
         out = m(batch.tokens.to(dev), batch.positions.to(dev), mask, **kwargs)
         if not _post_process(m):
             return out, None
-        outputs = dict(out) if isinstance(out, dict) else out
+        named = isinstance(out, dict)  # a LockstepStage's {role: logits}, the first model's first
+        outputs = dict(out) if named else {None: out}
+        first_role, first_out = next(iter(outputs.items()))
 
         def loss_func(first):
-            if isinstance(outputs, dict):  # the policy's logits as the schedule passes them (backward, scaling)
-                outputs[next(iter(outputs))] = first
-            result = score(outputs if isinstance(outputs, dict) else first, batch)
-            if isinstance(outputs, dict):
-                outputs.clear()  # frozen models' logits are released once this micro-batch is scored
+            outputs[first_role] = first  # the first model's logits as the schedule passes them (backward, scaling)
+            result = score(outputs if named else first, batch)
+            outputs.clear()  # frozen models' logits are released once this micro-batch is scored
             if forward_only:
                 collected.append(result)
                 return torch.zeros((), device=first.device), {}
             loss, num_examples = result
             return loss, num_examples, {}
 
-        return (next(iter(outputs.values())) if isinstance(outputs, dict) else outputs), loss_func
+        return first_out, loss_func
 
     data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     if len(chunks) > 1:

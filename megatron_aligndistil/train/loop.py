@@ -155,7 +155,8 @@ class Trainer:
         if self.method.on_policy:  # after _resume: an engine with weights of its own syncs the resumed policy
             from ..rollout import make_engine
 
-            self.engine = make_engine(self.rollout_config, self.policy, self.arch, self.vocab_size,
+            # one chunk per rank: on-policy runs have no virtual stages (check_virtual_stages)
+            self.engine = make_engine(self.rollout_config, self.policy_chunks[0], self.arch, self.vocab_size,
                                       max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
@@ -240,22 +241,9 @@ class Trainer:
         return model
 
     @property
-    def stage(self):
-        """The LockstepStage of this rank's one pipeline stage (without virtual stages)."""
-        if len(self.stages) != 1:
-            raise AttributeError("with virtual pipeline stages the trainer holds several chunks: use .stages")
-        return self.stages[0]
-
-    @property
     def policy_chunks(self) -> list:
         """The policy's model chunks on this rank, in pipeline order."""
         return [stage.policy for stage in self.stages]
-
-    @property
-    def policy(self):
-        """The policy on this rank: its one pipeline stage, or its list of model chunks."""
-        chunks = self.policy_chunks
-        return chunks[0] if len(chunks) == 1 else chunks
 
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -366,7 +354,7 @@ class Trainer:
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         if self.method.on_policy:
             t0 = time.time()
-            self.engine.sync_weights(self.policy)
+            self.engine.sync_weights(self.policy_chunks[0])
             rollout["weight_sync_s"] = time.time() - t0
         self.scheduler.step(increment=1)
         self.iteration += 1
