@@ -145,15 +145,12 @@ def megatron_logits(arch_fields: dict, full, tokens: torch.Tensor):
     from .core import sharding
 
     arch = qwen.QwenArch(**arch_fields)
-    model = qwen.build_model(arch, qwen.transformer_config(arch))
     if isinstance(full, str):
-        from .core.store import TensorStore
-
-        with TensorStore(full) as store:
-            sharding.load_from_store(model, store)
+        model = qwen.load_model(full, arch)
     else:
+        model = qwen.build_model(arch, qwen.transformer_config(arch))
         sharding.load_full_state_dict(model, full)
-    model.eval()
+        model.eval()
     seq = tokens.shape[1]
 
     def forward_step(data_iter, model):

@@ -127,8 +127,7 @@ def main(argv=None):
                 raise UserError(f"{args.prompts}: prompt {i + 1} has {len(p)} tokens; the model takes "
                                 f"{arch.max_position_embeddings} positions (max_position_embeddings of {args.load}), "
                                 "so no token can follow it")
-        model = qwen.build_model(arch, qwen.transformer_config(arch))
-        weights.load_weights(model, args.load)
+        model = qwen.load_model(args.load, arch)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 stop_ids=tuple(weights.stop_token_ids(args.load, args.stop_token_ids)))

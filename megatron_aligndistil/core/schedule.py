@@ -62,6 +62,19 @@ def attention_kwargs(batch, thd: bool = False) -> dict:
                                                  max_seqlen_q=longest, max_seqlen_kv=longest)}
 
 
+def sum_over_replicas(local: torch.Tensor) -> torch.Tensor:
+    """Collective over all ranks: the sum of the values a forward-only :func:`drive` collected on
+    each model replica's last stage (``local``; zeros on the other stages), counted once per
+    replica: TP rank 0 adds its copy, its TP peers (which hold the same values) add zeros. A CPU
+    tensor, the same on every rank."""
+    from megatron.core import parallel_state
+
+    mine = local if parallel_state.get_tensor_model_parallel_rank() == 0 else torch.zeros_like(local)
+    mine = mine.to(platform.device())
+    torch.distributed.all_reduce(mine)
+    return mine.cpu()
+
+
 def _post_process(chunk) -> bool:
     """Whether a (wrapped: DDP, Float16Module) model chunk ends the pipeline: it holds the output
     layer and its outputs are scored."""

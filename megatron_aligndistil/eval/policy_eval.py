@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..core import parallel
-from .. import platform
 from ..core.errors import UserError
 from ..config import SamplingParams
 from .stats import mean_ci, per_cluster_means
@@ -159,9 +158,7 @@ class PolicyEvaluator:
             if p and max(p) >= self.vocab_size:
                 raise UserError(f"prompt {i}: token id {max(p)} is outside the vocabulary of {path}'s tokenizer "
                                 f"({self.vocab_size} ids)")
-        model = qwen.build_model(arch, qwen.transformer_config(arch))
-        weights.load_weights(model, path)
-        return model.eval()
+        return qwen.load_model(path, arch)
 
     def _stop_ids(self, path: str) -> list[int]:
         from ..core.weights import stop_token_ids
@@ -212,7 +209,7 @@ class PolicyEvaluator:
         from ..loss import vocab_parallel_logprobs
         from ..loss.objectives import sequence_sums
         from ..core.lockstep import LockstepStage
-        from ..core.schedule import drive, pipeline_rows
+        from ..core.schedule import drive, pipeline_rows, sum_over_replicas
 
         stage = LockstepStage(model, self.references)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -231,12 +228,9 @@ class PolicyEvaluator:
         got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
                     rows=pipeline_rows(size, stage.num_models)) if batches else []
         sums = torch.zeros(stage.num_models, len(pairs), dtype=torch.float64)
-        if got and parallel_state.get_tensor_model_parallel_rank() == 0:
-            for chunk, value in zip(chunks, got):
-                sums[:, chunk] = value[:, :len(chunk)].cpu()
-        sums = sums.to(platform.device())
-        torch.distributed.all_reduce(sums)  # one writer per pair: TP rank 0 of its replica's last stage
-        return sums.cpu()
+        for chunk, value in zip(chunks, got):  # one writer per pair: its replica's last stage
+            sums[:, chunk] = value[:, :len(chunk)].cpu()
+        return sum_over_replicas(sums)
 
     @torch.no_grad()
     def evaluate(self, name: str, path: str) -> dict:

@@ -49,11 +49,10 @@ def teacher_token_stats(evaluator: PolicyEvaluator, stage, pairs: list[tuple[lis
     ``LockstepStage(dpo, {"other": other}, policy_role="dpo")``. Collective; the same dict on every rank."""
     from megatron.core import parallel_state
 
-    from .. import platform
     from ..data.batching import make_micro_batch
     from ..loss.aligndistil import aligndistil_loss
     from ..loss.objectives import sequence_sums
-    from ..core.schedule import drive, pipeline_rows
+    from ..core.schedule import drive, pipeline_rows, sum_over_replicas
 
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     idx = [i for i in range(rank, len(pairs), dp) if pairs[i][1]]  # responses of no token add nothing
@@ -71,12 +70,9 @@ def teacher_token_stats(evaluator: PolicyEvaluator, stage, pairs: list[tuple[lis
     got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
                 rows=pipeline_rows(size, stage.num_models)) if batches else []
     totals = torch.zeros(3, dtype=torch.float64)
-    if got and parallel_state.get_tensor_model_parallel_rank() == 0:
-        for chunk, value in zip(chunks, got):
-            totals += value[:, :len(chunk)].sum(-1).cpu()  # the top-up rows of the last chunk are dropped
-    totals = totals.to(platform.device())
-    torch.distributed.all_reduce(totals)
-    tvd, alpha, tokens = totals.cpu().tolist()
+    for chunk, value in zip(chunks, got):
+        totals += value[:, :len(chunk)].sum(-1).cpu()  # the top-up rows of the last chunk are dropped
+    tvd, alpha, tokens = sum_over_replicas(totals).tolist()
     return {"tokens": int(tokens), "tvd_mean": tvd / max(tokens, 1.0), "alpha_mean": alpha / max(tokens, 1.0)}
 
 

@@ -19,7 +19,7 @@ import shutil
 import torch
 
 from ..core.store import CheckpointError
-from ..core.weights import LATEST, iteration_of, previous_checkpoint_hint, checkpoint_problem, export_release, load_weights
+from ..core.weights import LATEST, iteration_of, previous_checkpoint_hint, checkpoint_problem, export_release
 from ..models import qwen
 from .arguments import flag_name
 
@@ -95,8 +95,7 @@ def export_training_checkpoint(ckpt_dir: str, out: str) -> str:
     parallel.init_model_parallel(parallel.Layout(1, 1))
     try:
         arch = qwen.read_arch(ckpt_dir)
-        model = qwen.build_model(arch, qwen.transformer_config(arch))
-        load_weights(model, ckpt_dir)
+        model = qwen.load_model(ckpt_dir, arch)
         args_json = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "args.json")
         side = json.load(open(args_json)).get("load") if os.path.exists(args_json) else None
         export_release(model, arch, side if side and os.path.isdir(side) else ckpt_dir, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..core import parallel
-from .. import platform
 from ..config import DPOConfig
 from ..data import read_records
 from ..models import qwen
@@ -29,20 +28,15 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
 
     from ..core.lockstep import LockstepStage
     from .method import score_micro_batch
-    from ..core.schedule import drive, pipeline_rows
+    from ..core.schedule import drive, pipeline_rows, sum_over_replicas
 
     parallel.init_model_parallel(parallel.Layout(tp, pp))
     arch = qwen.read_arch(weights.weights_dir(model_path))
     weights.check_compatible(arch, model_path, ref_path, "ref")
     vocab_size = weights.tokenizer_vocab_size(arch, model_path)  # ids that carry probability
     data = read_records(data_path, "dpo", vocab_size, max_tokens=max_tokens, skip_bad=skip_bad)
-    config = qwen.transformer_config(arch)
-    models = []
-    for path in (model_path, ref_path):
-        model = qwen.build_model(arch, config)
-        weights.load_weights(model, path, vocab_rows=path == ref_path)
-        models.append(model)
-    stage = LockstepStage(models[0], {"ref": models[1]}).eval()
+    stage = LockstepStage(qwen.load_model(model_path, arch),
+                          {"ref": qwen.load_model(ref_path, arch, vocab_rows=True)}).eval()
     method = DPO(DPOConfig(beta=beta), ref_path)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -56,11 +50,7 @@ def reward_accuracy(model_path: str, ref_path: str, data_path: str, beta: float 
 
     got = drive(stage, batches, score, forward_only=True, seq_length=seq_len,
                 rows=pipeline_rows(rows, stage.num_models)) if batches else []
-    sums = torch.zeros(6, dtype=torch.float64)
-    if got and parallel_state.get_tensor_model_parallel_rank() == 0:
-        sums += torch.stack(got).sum(0).cpu()
-    sums = sums.to(platform.device())
-    torch.distributed.all_reduce(sums)
-    _, n, _, correct, chosen, rejected = sums.cpu().tolist()
+    local = torch.stack(got).sum(0).cpu() if got else torch.zeros(6, dtype=torch.float64)
+    _, n, _, correct, chosen, rejected = sum_over_replicas(local).tolist()
     return {"pairs": int(n), "reward_accuracy": correct / max(n, 1), "chosen_reward": chosen / max(n, 1),
             "rejected_reward": rejected / max(n, 1), "margin": (chosen - rejected) / max(n, 1)}
