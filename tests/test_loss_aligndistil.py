@@ -7,7 +7,7 @@ with no real entry), masked (-inf) entries, extreme logits; the collective count
 import pytest
 import torch
 
-from loss_reference import dense_aligndistil
+from megatron_aligndistil.loss.reference import dense_aligndistil
 from megatron_aligndistil.loss import vocab_parallel_aligndistil, vocab_parallel_logprobs
 from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.testing import run_distributed

@@ -25,7 +25,7 @@ def dense_first_iteration(setup, global_batch=8, seed=1234, vocab=None):
     below it carry probability (the logits are cut there)."""
     from transformers import AutoModelForCausalLM
 
-    from loss_reference import dense_aligndistil
+    from megatron_aligndistil.loss.reference import dense_aligndistil
     from megatron_aligndistil.data.batching import global_batch_indices
 
     records = [json.loads(line) for line in open(setup["data"])]

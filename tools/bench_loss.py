@@ -14,7 +14,7 @@ Implementations:
   aligndistil  megatron_aligndistil.loss.vocab_parallel_aligndistil (3 logit shards in)
   megatron_ce  megatron.core.tensor_parallel.vocab_parallel_cross_entropy on the policy shard
                (the anchor: one model, three all-reduces)
-  naive        all-gather the three full vocabularies, then dense float32 math with autograd
+  naive        all-gather the three full vocabularies, then the dense reference (loss/reference.py) in float32 with autograd
 """
 
 from __future__ import annotations
@@ -43,13 +43,9 @@ def _naive(policy, dpo, rev, group):
         policy = torch.cat(dnn.all_gather(policy, group=group), -1)
         dpo = torch.cat(dnn.all_gather(dpo, group=group), -1)
         rev = torch.cat(dnn.all_gather(rev, group=group), -1)
-    lp, ld, lr = (torch.log_softmax(z.float(), -1) for z in (policy, dpo, rev))
-    tvd = 0.5 * (ld.exp() - lr.exp()).abs().sum(-1)
-    alpha = 15 * tvd + 1e-3
-    zs = dpo.float() + alpha[:, None] * (dpo.float() - rev.float())
-    ls = torch.log_softmax(zs, -1)
-    kl = (lp.exp() * (lp - ls)).sum(-1)
-    return (0.1 / alpha) * kl
+    from megatron_aligndistil.loss.reference import dense_aligndistil
+
+    return dense_aligndistil(policy, dpo, rev, dtype=torch.float32)["loss"]  # r 15, eps 1e-3, beta0 0.1
 
 
 def _rss_bytes():

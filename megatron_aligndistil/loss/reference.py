@@ -1,14 +1,17 @@
-"""Dense float64 single-process reference of AlignDistil, written from the paper's equations."""
+"""Dense single-process reference of AlignDistil, written from the paper's equations: plain torch
+over whole vocabulary rows, float64 by default. The tests check the vocab-parallel loss against it
+(values and gradients) and ``tools/bench_loss.py`` times it as the naive baseline (all-gathered
+rows, float32), as Liger-Kernel keeps one reference per kernel for both."""
 
 import torch
 
 
 def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="beta_t",
                       direction="reverse", constant_alpha=None, tvd_half=True, vocab_size=None,
-                      plausibility_threshold=None):
-    """Full-vocab logits ``[..., V]`` -> dict of per-token float64 tensors (loss, kl, alpha, tvd)."""
+                      plausibility_threshold=None, dtype=torch.float64):
+    """Full-vocab logits ``[..., V]`` -> dict of per-token ``dtype`` tensors (loss, kl, alpha, tvd)."""
     v = vocab_size or zp.shape[-1]
-    zp, zd, zr = (z[..., :v].double() for z in (zp, zd, zr))
+    zp, zd, zr = (z[..., :v].to(dtype) for z in (zp, zd, zr))
     teacher_mask = torch.isneginf(zd) | torch.isneginf(zr)
     p_dpo, p_rev = torch.softmax(zd, -1), torch.softmax(zr, -1)
     tvd = (p_dpo - p_rev).abs().sum(-1) * (0.5 if tvd_half else 1.0)
