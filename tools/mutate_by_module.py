@@ -39,6 +39,7 @@ BY_FILE = {
     "train/loop.py": ("tests/test_platform.py", "tests/test_user_errors.py "
                       "tests/test_train_aligndistil.py::test_degenerate_teachers_are_refused " + SLOW_VLLM),
     "train/__init__.py": ("", "tests/test_user_errors.py"),
+    "train/statistics.py": ("tests/test_statistics.py", ""),
     "train/": ("tests/test_platform.py", "tests/test_user_errors.py "
                "tests/test_train_aligndistil.py::test_degenerate_teachers_are_refused"),
 }

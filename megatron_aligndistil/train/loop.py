@@ -33,6 +33,7 @@ from ..core import weights
 from . import checkpointing
 from .method import Method, score_micro_batch
 from .metrics import MetricsWriter
+from .statistics import MAX, REPLICA, SHARD, StepStatistics
 from ..core.schedule import drive, pipeline_rows
 
 
@@ -322,15 +323,20 @@ class Trainer:
 
         def score(outputs, batch):
             loss, n_examples, vec, bad = score_micro_batch(self.method, outputs, batch, vocab_size)
-            self._micro_statistics.append((vec, bad))
+            self._statistics.add(terms=vec, nonfinite=bad)
             if batch.sampler_logprobs is not None:
-                self._micro_mismatch.append(logprob_mismatch(outputs["policy"], batch, vocab_size))
+                sums, maxes = logprob_mismatch(outputs["policy"], batch, vocab_size)
+                self._statistics.add(mismatch=sums, mismatch_max=maxes)
             return loss, n_examples
 
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._micro_statistics, self._micro_mismatch, self._step_sums = [], [], None
+        groups = {"terms": (("loss", "sequences") + tuple(self.method.stat_names), REPLICA),
+                  "nonfinite": (tuple(self.roles), SHARD)}
+        if self.mismatch:  # the training-inference mismatch of this step's rollouts
+            groups |= {"mismatch": (MISMATCH_SUMS, REPLICA), "mismatch_max": (MISMATCH_MAXES, MAX)}
+        self._statistics, self._step_sums = StepStatistics(groups), None
         try:
             drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
                   rows=pipeline_rows(self.rows, self.stages[0].num_models), thd=self.thd,
@@ -394,44 +400,20 @@ class Trainer:
             print(f"warning: {text} (--rollout-mismatch warn: training on)", file=sys.stderr, flush=True)
 
     def _reduce_statistics(self):
-        """Collective (all ranks, once per step): sum the micro-batch statistics over the world into
-        ``self._step_sums``; raise :class:`TrainingDiverged` on a non-finite loss, naming the models
-        whose logits were NaN/inf at response positions."""
-        from megatron.core import parallel_state
-
-        stat_names = ("loss", "sequences") + tuple(self.method.stat_names)
-        vec = torch.zeros(len(stat_names) + len(self.roles), dtype=torch.float64, device=platform.device())
-        if self._micro_statistics:  # the last pipeline stage
-            if parallel_state.get_tensor_model_parallel_rank() == 0:  # TP ranks hold equal stats
-                vec[:len(stat_names)] = torch.stack([v for v, _ in self._micro_statistics]).sum(0).double()
-            vec[len(stat_names):] = torch.stack([b for _, b in self._micro_statistics]).sum(0).double()  # per shard
-        if self.mismatch:  # the training-inference mismatch of this step's rollouts
-            vec = torch.cat([vec, self._sum_mismatch(vec.device)])
-        torch.distributed.all_reduce(vec)  # sums over DP; ranks off the last stage add zeros
-        values = vec.cpu().tolist()
+        """Collective (all ranks, once per step): the step's statistics summed over the world into
+        ``self._step_sums`` (and the rollout mismatch into ``self._mismatch_sums``); raise
+        :class:`TrainingDiverged` on a non-finite loss, naming the models whose logits were NaN/inf
+        at response positions."""
+        reduced = self._statistics.reduce()
         if self.mismatch:
-            n = len(MISMATCH_SUMS)
-            values, sums = values[:-n], values[-n:]
-            maxes = torch.stack([m for _, m in self._micro_mismatch]).amax(0) if self._micro_mismatch else \
-                torch.zeros(len(MISMATCH_MAXES), dtype=torch.float64, device=vec.device)
-            torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
-            self._mismatch_sums = (dict(zip(MISMATCH_SUMS, sums)), dict(zip(MISMATCH_MAXES, maxes.cpu().tolist())))
-        self._step_sums = dict(zip(stat_names, values))
-        bad = {role for role, n in zip(self.roles, values[len(stat_names):]) if n}
+            self._mismatch_sums = (reduced["mismatch"], reduced["mismatch_max"])
+        self._step_sums = reduced["terms"]
+        bad = {role for role, n in reduced["nonfinite"].items() if n}
         if not math.isfinite(self._step_sums["loss"]):
             models = ", ".join(f"{role} ({ROLE_FLAGS.get(role, role)} {path})" for role, path in self.role_paths
                                if role in bad) or "none: every logit is finite, the loss itself overflowed"
             raise TrainingDiverged(self.iteration + 1, f"NaN/inf logits at response positions from: {models}",
                                    what="non-finite loss")
-
-    def _sum_mismatch(self, device) -> torch.Tensor:
-        """This rank's share of the mismatch sums (TP ranks hold equal values: TP rank 0 counts)."""
-        from megatron.core import parallel_state
-
-        out = torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64, device=device)
-        if self._micro_mismatch and parallel_state.get_tensor_model_parallel_rank() == 0:
-            out += torch.stack([m for m, _ in self._micro_mismatch]).sum(0).to(device)
-        return out
 
     # ---------------------------------------------------------------- the loop
     def train(self):
