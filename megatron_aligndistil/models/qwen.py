@@ -298,15 +298,14 @@ def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, 
     return model.to(_device())
 
 
-def load_model(path: str, arch: QwenArch | None = None, *, vocab_rows: bool = False):
+def load_model(path: str, arch: QwenArch, *, vocab_rows: bool = False):
     """The model at ``path`` (a converted directory, a run's ``release/`` or an ``iter_``
-    checkpoint) for inference: this rank's pipeline stage at Megatron's current layout, its weights
-    loaded, in eval mode. ``arch``: build this architecture instead of the checkpoint's (a frozen
-    model of another vocab_size compared over a shared tokenizer, with ``vocab_rows``: see
+    checkpoint) for inference: this rank's pipeline stage of ``arch`` at Megatron's current layout
+    (every caller has read and checked the architecture already), its weights loaded, in eval mode.
+    ``vocab_rows``: a frozen model of another vocab_size compared over a shared tokenizer (see
     ``core.weights.load_weights``). Collective for an ``iter_`` checkpoint."""
     from ..core import weights
 
-    arch = arch or read_arch(weights.weights_dir(path))
     model = build_model(arch, transformer_config(arch))
     weights.load_weights(model, path, vocab_rows=vocab_rows)
     return model.eval()
