@@ -80,7 +80,8 @@ def first_step_packed_and_unpacked(argvs):
             trainer = build_trainer(parse_args(argv + extra))
             batches, seq_len, _ = trainer._local_micro_batches()
             sums = trainer.forward_backward(batches, seq_len)
-            grad = torch.cat([p.main_grad.detach().flatten().clone() for p in trainer.stage.policy.parameters()])
+            grad = torch.cat([p.main_grad.detach().flatten().clone()
+                              for chunk in trainer.policy_chunks for p in chunk.parameters()])
             runs[name] = {"loss": sums["loss"] / sums["sequences"], "examples": sums["sequences"],
                           "micro_batches": len(batches), "grad": grad,
                           "most_in_a_row": max(len(spans) for b in batches for spans in b.segments)}

@@ -61,9 +61,9 @@ def tok():
     return qwen3_tokenizer()
 
 
-def _family_setup(root, name, tok):
-    """Policy and two teachers of one real configuration (different seeds) with the real
-    tokenizer, converted; data: real chat renderings (thinking on and off)."""
+def _family_setup(root, name, tok, num_layers=2):
+    """Policy and two teachers of one real configuration (different seeds, ``num_layers`` layers)
+    with the real tokenizer, converted; data: real chat renderings (thinking on and off)."""
     from hf_fixtures import CONVERSATIONS
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
     from megatron_aligndistil.data.preprocess import split_conversation
@@ -71,7 +71,7 @@ def _family_setup(root, name, tok):
     out = {}
     for seed, role in enumerate(("policy", "dpo", "rev")):
         hf_dir = os.path.join(root, f"hf_{role}")
-        real_config_model(name, seed=seed).save_pretrained(hf_dir)
+        real_config_model(name, seed=seed, num_layers=num_layers).save_pretrained(hf_dir)
         tok.save_pretrained(hf_dir)
         out[f"hf_{role}"] = hf_dir
         out[role] = convert_hf_to_megatron(hf_dir, os.path.join(root, role), progress=False)
@@ -112,3 +112,19 @@ def test_iteration_one_packed_at_tp2_pp2_equals_hf_and_exports(name, tok, tmp_pa
     assert set(model.state_dict()) == set(source.state_dict())
     changed = [k for k, v in source.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert "model.embed_tokens.weight" in changed  # trained: the step reached the (tied) embedding
+
+
+def test_iteration_one_with_virtual_pipeline_stages_on_tied_qwen3(tok, tmp_path):
+    """Tied Qwen3 (q/k norm, head_dim 128) with the real tokenizer, 4 layers in 2 chunks per rank at
+    PP2 (issue 29): the first chunk holds the embedding, the last chunk its tied copy; iteration 1
+    of AlignDistil equals the float64 HF reference over the tokenizer's ids."""
+    setup = _family_setup(str(tmp_path / "models"), "qwen3-0.6b", tok, num_layers=4)
+    ref = dense_first_iteration(setup, vocab=TOKENIZER_IDS)
+    save = str(tmp_path / "run")
+    argv = aligndistil_argv(setup, save, "--seq-length", "40", "--pipeline-model-parallel-size", "2",
+                            "--num-virtual-stages-per-pipeline-rank", "2", "--no-export", iters=1)
+    assert run_distributed(run_train, 2, args=(argv,), timeout=600) == [0] * 2
+    (first,) = read_metrics(os.path.join(save, "metrics.jsonl"))
+    assert first["tokens"] == ref["tokens"]
+    for field, key in (("loss", "loss"), ("grad_norm", "grad_norm"), ("kl", "kl"), ("alpha_mean", "alpha")):
+        assert first[field] == pytest.approx(ref[key], rel=1e-4), field

@@ -5,10 +5,10 @@ Code that rejects a user's input (a flag, a file, a record, a checkpoint) raises
 with a message naming the flag, file, line or field. Missing / unreadable paths (``OSError`` with a
 file name) count as user errors too. Anything else is a bug and keeps its traceback.
 
-Exit codes (:func:`~megatron_aligndistil.core.cli.run_tool`): a tool or ``python -m megatron_aligndistil.train`` exits 2 on a user error. Under
-``torchrun`` the failing rank exits 2, torchrun stops the other ranks and itself exits 1 after its
-own failure summary; the ``error:`` line is printed once per launch (by the first rank that hits
-it on each node), above that summary.
+Exit codes (:func:`~megatron_aligndistil.core.cli.run_tool`): a tool or ``python -m
+megatron_aligndistil.train`` exits 2 on a user error. Under ``torchrun`` the failing rank exits 2,
+torchrun stops the other ranks and itself exits 1 after its own failure summary; the ``error:``
+line is printed once per launch (by the first rank that hits it on each node), above that summary.
 """
 
 from __future__ import annotations

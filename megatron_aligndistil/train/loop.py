@@ -218,10 +218,10 @@ class Trainer:
             use_distributed_optimizer=self.cfg.use_distributed_optimizer,
             check_for_nan_in_grad=True,  # as Megatron-LM's --check-for-nan-in-loss-and-grad (default on)
         )
-        model = [DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config,
-                                         module=Float16Module(self.transformer_config, stage) if self.cfg.bf16 else stage,
+        wrapped = [Float16Module(self.transformer_config, stage) if self.cfg.bf16 else stage for stage in self.stages]
+        model = [DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=module,
                                          disable_bucketing=v > 0)  # as Megatron-LM: one bucket for later chunks
-                 for v, stage in enumerate(self.stages)]
+                 for v, module in enumerate(wrapped)]
         self.frozen_streamers = []  # --offload-frozen-models: one per frozen model chunk
         if self.cfg.offload_frozen_models:  # after Float16Module cast them to bf16
             from ..models.offload import offload_frozen_models
