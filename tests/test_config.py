@@ -244,3 +244,79 @@ def test_the_python_api_defaults_are_the_command_lines():
     assert AlignDistilLossConfig.from_args(args) == AlignDistilLossConfig()
     assert RolloutConfig.from_args(args, [7]) == RolloutConfig(sampling=SamplingParams(stop_ids=(7,)))
     assert DPOConfig.from_args(parse_args(["dpo"] + BASE)) == DPOConfig()
+
+
+# ---- issue 29 item 2: one config source (core/flags.py) ----
+
+def test_every_trainer_flag_is_generated_from_a_config_field():
+    """Each flag of each method is a config field's (nothing hand-written beside the configs), and
+    each flagged field of the method's configs is a flag, with help text."""
+    from megatron_aligndistil.core.flags import dest_of, flags_of
+    from megatron_aligndistil.train.arguments import CONFIGS, _SHARED
+
+    for method, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        fields = {dest_of(f): spec for cls in CONFIGS[method] for f, spec in flags_of(cls, _SHARED.get(cls, ()))}
+        dests = [a.dest for a in parser._actions if a.dest != "help"]
+        assert sorted(dests) == sorted(fields), method  # same flags, none twice
+        assert all(spec.help.strip() for spec in fields.values()), method
+
+
+def test_a_flag_default_and_help_come_from_the_field():
+    parser = build_parser()._subparsers._group_actions[0].choices["aligndistil"]
+    action = {a.dest: a for a in parser._actions}
+    assert action["r"].option_strings == ["--tvd-scale", "--r"] and action["r"].default == 15.0
+    assert action["r"].type is float and "in [0, inf)" in action["r"].help
+    assert action["tvd_without_half"].nargs == 0 and action["loss_compile"].choices == ["auto", "on", "off"]
+    assert action["stop_token_ids"].nargs == "*" and action["stop_token_ids"].type is int
+    assert action["seq_length"].required and action["seq_length"].default is None
+    assert action["micro_batch_size"].default == 1 and "(default: 1)" in action["micro_batch_size"].help
+    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    assert fields["micro_batch_size"].default == 1  # the same value, written once
+
+
+def test_the_loss_keyword_function_and_the_reference_take_the_configs_fields():
+    """The SPEC's keyword form and the dense reference cannot drift from AlignDistilLossConfig:
+    the same names with the same defaults; an unknown keyword is refused by both."""
+    import inspect
+
+    import torch
+
+    from megatron_aligndistil.loss import vocab_parallel_aligndistil
+    from megatron_aligndistil.loss.reference import dense_aligndistil
+
+    params = inspect.signature(vocab_parallel_aligndistil).parameters
+    keywords = {n: p.default for n, p in params.items()
+                if n not in ("policy_logits", "dpo_logits", "rev_logits", "vocab_size", "group")}
+    assert keywords == {f.name: f.default for f in dataclasses.fields(AlignDistilLossConfig)}
+    z = torch.randn(2, 5)
+    with pytest.raises(TypeError, match="tvd_scale"):
+        dense_aligndistil(z, z, z, tvd_scale=5.0)
+    with pytest.raises(TypeError, match="tvd_scale"):
+        vocab_parallel_aligndistil(z, z, z, tvd_scale=5.0)
+    with pytest.raises(ConfigError, match="eps > 0"):  # the reference checks like the loss
+        dense_aligndistil(z, z, z, eps=0.0)
+    assert torch.equal(dense_aligndistil(z, z, z, r=5.0)["alpha"],
+                       dense_aligndistil(z, z, z, AlignDistilLossConfig(r=5.0))["alpha"])
+
+
+def test_run_identity_keys_are_those_of_existing_checkpoints():
+    """Generated from the fields' ``identity``: the keys and values must stay those written into
+    run.json by earlier versions, or every saved run would refuse to resume."""
+    loss = AlignDistilLossConfig(constant_alpha=1.5, tvd_half=False)
+    assert loss.identity() == {"r": 15.0, "eps": 1e-3, "beta0": 0.1, "token_weight": "beta_t",
+                               "kl_direction": "reverse", "constant_alpha": 1.5, "tvd_without_half": True,
+                               "plausibility_threshold": None}
+    assert DPOConfig(beta=0.2, reverse=True, ref_load="r").identity() == {"dpo_beta": 0.2, "reverse": True}
+    rollout = RolloutConfig(sampling=SamplingParams(stop_ids=(7, 8), seed=5))
+    assert rollout.identity() == {"rollout_engine": "megatron", "max_new_tokens": 1024, "temperature": 1.0,
+                                  "top_p": 1.0, "top_k": 0, "stop_token_ids": [7, 8]}
+    import os
+
+    cfg = TrainingConfig("p", "s", "d", global_batch_size=8, seq_length=16, lr=1e-5)
+    assert cfg.identity() == {
+        "global_batch_size": 8, "seq_length": 16, "seed": 1234, "no_shuffle": False, "skip_bad_records": False,
+        "lr": 1e-5, "min_lr": 0.0, "lr_warmup_fraction": 0.0, "lr_decay_style": "cosine", "weight_decay": 0.0,
+        "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "clip_grad": 1.0, "bf16": False,
+        "train_iters": None, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "num_layers_per_virtual_pipeline_stage": None, "num_virtual_stages_per_pipeline_rank": None,
+        "use_distributed_optimizer": False, "load": os.path.realpath("p"), "data_path": os.path.realpath("d")}

@@ -235,14 +235,23 @@ def _edge_values(action, lo, lo_inc, hi, hi_inc):
     return out + [(math.nan, False), (math.inf, False), (-math.inf, False)]
 
 
+def _ranges(method):
+    """``{dest: (lo, lo inclusive, hi, hi inclusive)}`` of the method's flags, from the configs' fields."""
+    from megatron_aligndistil.core.flags import ranges
+    from megatron_aligndistil.train.arguments import CONFIGS
+
+    return {dest: (r.lo, r.lo_inclusive, r.hi, r.hi_inclusive) for dest, r in ranges(CONFIGS[method]).items()}
+
+
 def _range_cases():
-    from megatron_aligndistil.train.arguments import _RANGES, build_parser
+    from megatron_aligndistil.train.arguments import build_parser
 
     methods = build_parser()._subparsers._group_actions[0].choices
     for method, parser in methods.items():
+        limits = _ranges(method)
         for action in parser._actions:
-            if action.dest in _RANGES:
-                for value, accepted in _edge_values(action, *_RANGES[action.dest]):
+            if action.dest in limits:
+                for value, accepted in _edge_values(action, *limits[action.dest]):
                     yield pytest.param(method, action, value, accepted, id=f"{method}-{action.dest}={value}")
 
 
@@ -278,13 +287,13 @@ def test_every_numeric_flag_at_the_edges_of_its_range(method, action, value, acc
 def test_the_range_table_covers_every_numeric_flag():
     """A numeric flag outside the table is checked by nothing but its type: each is named here
     with where its value is checked instead."""
-    from megatron_aligndistil.train.arguments import _RANGES, build_parser
+    from megatron_aligndistil.train.arguments import build_parser
 
     elsewhere = {"constant_alpha": "> 0 (beta_t) or > -1 (vanilla), with the token weight (config.py)",
                  "stop_token_ids": "inside the tokenizer's ids, once the tokenizer is read (weights.check_stop_ids)"}
-    for parser in build_parser()._subparsers._group_actions[0].choices.values():
+    for method, parser in build_parser()._subparsers._group_actions[0].choices.items():
         numeric = {a.dest for a in parser._actions if a.type in (int, float)}
-        assert numeric - set(_RANGES) - set(elsewhere) == set()
+        assert numeric - set(_ranges(method)) - set(elsewhere) == set(), method
 
 
 @pytest.mark.parametrize("weight,value,accepted", [

@@ -64,9 +64,9 @@ def test_verdict_limits_are_settable():
     (["--dpo-load", "a", "--rev-load", "b", "--prompts", "p", "--judge", "none"], "--judge none needs --reward-model"),
     (["--dpo-load", "a", "--rev-load", "b", "--prompts", "p", "--samples-per-prompt", "0"],
      "--samples-per-prompt must be >= 1 (got 0)"),
-    (["--dpo-load", "a", "--rev-load", "b", "--prompts", "p", "--tvd-scale", "-1"], "needs r >= 0"),
+    (["--dpo-load", "a", "--rev-load", "b", "--prompts", "p", "--tvd-scale", "-1"], "--tvd-scale (--r) -1.0 is out of range [0, inf)"),
     (["--dpo-load", "a", "--rev-load", "b", "--prompts", "p", "--plausibility-threshold", "1"],
-     "plausibility_threshold must be in (0, 1)"),
+     "--plausibility-threshold 1.0 is out of range (0, 1)"),
 ])
 def test_preflight_tool_input_errors(argv, message, capsys):
     sys.path.insert(0, TOOLS)

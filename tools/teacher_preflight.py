@@ -33,7 +33,11 @@ FAIL_EXIT = 3
 
 
 def main(argv=None):
-    from megatron_aligndistil.train.arguments import RECIPES, apply_recipe
+    from megatron_aligndistil.config import AlignDistilConfig, AlignDistilLossConfig
+    from megatron_aligndistil.core import flags
+    from megatron_aligndistil.train.arguments import apply_recipe
+
+    teacher_flags = ("r", "eps", "constant_alpha", "plausibility_threshold", "tvd_half")
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dpo-load", required=True, help="DPO teacher checkpoint")
@@ -45,13 +49,9 @@ def main(argv=None):
     ap.add_argument("--prompts", required=True, help="JSON list or JSONL of {\"instruction\": ...}, not test prompts")
     ap.add_argument("--judge", choices=["world", "none"], default="world")
     ap.add_argument("--reward-model", default=None, help="HF sequence-classification reward model directory")
-    g = ap.add_argument_group("the teacher (the trainer's AlignDistil flags)")
-    g.add_argument("--recipe", choices=list(RECIPES), default="paper")
-    g.add_argument("--tvd-scale", "--r", dest="r", type=float, default=15.0)
-    g.add_argument("--eps", type=float, default=1e-3)
-    g.add_argument("--constant-alpha", type=float, default=None)
-    g.add_argument("--plausibility-threshold", type=float, default=None)
-    g.add_argument("--tvd-without-half", action="store_true")
+    # the teacher: the trainer's AlignDistil flags, generated from the same config fields
+    flags.add_flags(ap, AlignDistilConfig, only=("recipe",))
+    flags.add_flags(ap, AlignDistilLossConfig, only=teacher_flags)
     g = ap.add_argument_group("sampling and verdict")
     g.add_argument("--samples-per-prompt", type=int, default=4)
     g.add_argument("--temperature", type=float, default=1.0)
@@ -74,6 +74,9 @@ def main(argv=None):
         argv = argv[1:]
     args = ap.parse_args(argv)
     apply_recipe(args, argv)
+    errors = flags.range_errors(args, [AlignDistilLossConfig])  # and no NaN / inf in any number
+    if errors:
+        ap.error("; ".join(errors))
     if bool(args.rev_load) == bool(args.ref_load):
         ap.error("give exactly one of --rev-load (AlignDistil's teacher) or --ref-load (the vanilla teacher)")
     if args.ref_load and args.constant_alpha is None:
@@ -83,13 +86,12 @@ def main(argv=None):
     if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         ap.error(f"--samples-per-prompt must be >= 1 (got {args.samples_per_prompt}), --max-new-tokens >= 1 "
                  f"(got {args.max_new_tokens}), --temperature >= 0 (got {args.temperature})")
-    from megatron_aligndistil.config import AlignDistilLossConfig, ConfigError
+    from megatron_aligndistil.config import ConfigError
 
     try:
         # the token weight scales the loss, not the teacher: any weight that accepts every alpha
-        loss = AlignDistilLossConfig(r=args.r, eps=args.eps, constant_alpha=args.constant_alpha, token_weight="none",
-                                     tvd_half=not args.tvd_without_half,
-                                     plausibility_threshold=args.plausibility_threshold)
+        loss = AlignDistilLossConfig(**flags.field_values(AlignDistilLossConfig, args, only=teacher_flags),
+                                     token_weight="none")
     except ConfigError as exc:
         ap.error(str(exc))
     level = ["pass"]

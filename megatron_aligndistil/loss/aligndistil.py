@@ -50,6 +50,7 @@ gradients; the trainer stops on a non-finite loss at an unmasked token.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -175,26 +176,14 @@ def kernels(fused: bool, variant=None) -> dict:
     return {name: compiled(fn, variant) for name, fn in _KERNELS.items()} if fused else _KERNELS
 
 
-@dataclass(frozen=True)
-class _Settings:
-    shard: Shard
-    r: float
-    eps: float
-    constant_alpha: float | None
-    tvd_half: bool
-    plausibility_threshold: float | None
-    direction: str
-    chunk_size: int | None
-    compile: bool
-
-
-def _forward_rows(policy, dpo, rev, grad, s: _Settings, k: dict, chunked: bool = True):
+def _forward_rows(policy, dpo, rev, grad, shard: Shard, s: AlignDistilLossConfig, k: dict, chunked: bool = True):
     """Steps 1-4 for the rows ``[n, V_local]`` given, with one set of three collectives.
 
-    ``k``: the chunk kernels; ``chunked=False`` runs each step on all rows at once.
+    ``s``: the loss settings, ``compile`` resolved to a bool; ``k``: the chunk kernels;
+    ``chunked=False`` runs each step on all rows at once.
     Writes dKL/dz_pol into ``grad`` (or skips it if None). Returns kl, alpha, tvd ``[n]`` float32.
     """
-    shard, v = s.shard, s.shard.valid
+    v = shard.valid
     n = policy.shape[0]
     f32 = dict(dtype=torch.float32, device=policy.device)
     if not v:  # this rank's shard is all padding
@@ -259,23 +248,23 @@ class _AlignDistilKL(torch.autograd.Function):
     """(policy, dpo, rev) ``[N, V_local]`` -> (kl, alpha, tvd) ``[N]`` float32; grad to policy only."""
 
     @staticmethod
-    def forward(ctx, policy, dpo, rev, s: _Settings):
+    def forward(ctx, policy, dpo, rev, shard: Shard, s: AlignDistilLossConfig):
         grad = torch.empty_like(policy) if ctx.needs_input_grad[0] else None
-        if s.shard.collectives():
+        if shard.collectives():
             # step-major: each step runs over all chunks before its collective (3 in total)
             step_kernels = kernels(s.compile, (s.direction, policy.dtype, s.plausibility_threshold is None))
-            kl, alpha, tvd = _forward_rows(policy, dpo, rev, grad, s, step_kernels)
+            kl, alpha, tvd = _forward_rows(policy, dpo, rev, grad, shard, s, step_kernels)
         else:
             # one rank, no collectives: chunk-major, so a chunk's three logit rows stay in cache
             # through all four steps instead of being streamed from memory four times; compiled,
             # the four steps of a chunk are one fused kernel
             n = policy.shape[0]
             kl, alpha, tvd = (torch.empty(n, dtype=torch.float32, device=policy.device) for _ in range(3))
-            run = compiled(_forward_rows, (s, grad is None)) if s.compile else _forward_rows
-            for b, e in chunks(n, s.shard.size, s.chunk_size):
+            run = compiled(_forward_rows, (shard, s, grad is None)) if s.compile else _forward_rows
+            for b, e in chunks(n, shard.size, s.chunk_size):
                 rows = slice(b, e)
                 kl[rows], alpha[rows], tvd[rows] = run(
-                    policy[rows], dpo[rows], rev[rows], None if grad is None else grad[rows], s, _KERNELS,
+                    policy[rows], dpo[rows], rev[rows], None if grad is None else grad[rows], shard, s, _KERNELS,
                     False)
         if grad is not None:
             ctx.save_for_backward(grad)  # the only saved tensor
@@ -290,7 +279,7 @@ class _AlignDistilKL(torch.autograd.Function):
         ctx.consumed = True
         (grad,) = ctx.saved_tensors
         # scaled in place: the saved buffer becomes the returned gradient (no second copy)
-        return grad.mul_(grad_kl.to(grad.dtype)[:, None]), None, None, None
+        return grad.mul_(grad_kl.to(grad.dtype)[:, None]), None, None, None, None
 
 
 def vocab_parallel_aligndistil(
@@ -338,14 +327,10 @@ def aligndistil_loss(policy_logits: torch.Tensor, dpo_logits: torch.Tensor, rev_
         )
     c = config
     lead, v_local = policy_logits.shape[:-1], policy_logits.shape[-1]
-    settings = _Settings(
-        shard=shard_info(v_local, vocab_size, group), r=float(c.r), eps=float(c.eps),
-        constant_alpha=c.constant_alpha, tvd_half=c.tvd_half, direction=c.direction,
-        plausibility_threshold=None if c.plausibility_threshold is None else float(c.plausibility_threshold),
-        chunk_size=c.chunk_size, compile=use_compile() if c.compile is None else bool(c.compile),
-    )
+    if not isinstance(c.compile, bool):  # None: on with CUDA
+        c = dataclasses.replace(c, compile=use_compile() if c.compile is None else bool(c.compile))
     flat = [t.reshape(-1, v_local) for t in (policy_logits, dpo_logits.detach(), rev_logits.detach())]
-    kl, alpha, tvd = _AlignDistilKL.apply(*flat, settings)
+    kl, alpha, tvd = _AlignDistilKL.apply(*flat, shard_info(v_local, vocab_size, group), c)
     if c.token_weight == "beta_t":
         weight = c.beta0 / alpha
     elif c.token_weight == "vanilla":

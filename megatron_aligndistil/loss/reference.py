@@ -5,11 +5,18 @@ rows, float32), as Liger-Kernel keeps one reference per kernel for both."""
 
 import torch
 
+from ..config import AlignDistilLossConfig
 
-def dense_aligndistil(zp, zd, zr, *, r=15.0, eps=1e-3, beta0=0.1, token_weight="beta_t",
-                      direction="reverse", constant_alpha=None, tvd_half=True, vocab_size=None,
-                      plausibility_threshold=None, dtype=torch.float64):
-    """Full-vocab logits ``[..., V]`` -> dict of per-token ``dtype`` tensors (loss, kl, alpha, tvd)."""
+
+def dense_aligndistil(zp, zd, zr, config: AlignDistilLossConfig | None = None, *, vocab_size=None,
+                      dtype=torch.float64, **settings):
+    """Full-vocab logits ``[..., V]`` -> dict of per-token ``dtype`` tensors (loss, kl, alpha, tvd).
+
+    The settings are ``config``'s, or the keywords of :class:`AlignDistilLossConfig` (the loss's
+    own, so the reference cannot drift from them); ``chunk_size`` and ``compile`` do not apply."""
+    c = config if config is not None else AlignDistilLossConfig(**settings)
+    r, eps, beta0, token_weight, direction = c.r, c.eps, c.beta0, c.token_weight, c.direction
+    constant_alpha, tvd_half, plausibility_threshold = c.constant_alpha, c.tvd_half, c.plausibility_threshold
     v = vocab_size or zp.shape[-1]
     zp, zd, zr = (z[..., :v].to(dtype) for z in (zp, zd, zr))
     teacher_mask = torch.isneginf(zd) | torch.isneginf(zr)

@@ -7,7 +7,7 @@ are means over all response tokens of the global batch; ``tokens`` is that token
 
 from __future__ import annotations
 
-from ..config import AlignDistilLossConfig
+from ..config import AlignDistilConfig, AlignDistilLossConfig
 from ..loss.aligndistil import aligndistil_loss
 from .method import FrozenSpec, TokenMeanMethod
 
@@ -37,8 +37,9 @@ class AlignDistil(TokenMeanMethod):
 
     @classmethod
     def from_args(cls, args) -> "AlignDistil":
-        return cls(AlignDistilLossConfig.from_args(args), args.dpo_load, args.rev_load, args.ref_load,
-                   on_policy=args.rollout == "on-policy")
+        run = AlignDistilConfig.from_args(args)
+        return cls(AlignDistilLossConfig.from_args(args), run.dpo_load, run.rev_load, run.ref_load,
+                   on_policy=run.rollout == "on-policy")
 
     def frozen_models(self):
         return list(self.teachers)

@@ -29,7 +29,8 @@ class DPO(Method):
 
     @classmethod
     def from_args(cls, args) -> "DPO":
-        return cls(DPOConfig.from_args(args), args.ref_load or args.load)
+        config = DPOConfig.from_args(args)
+        return cls(config, config.ref_load or args.load)
 
     def frozen_models(self):
         return [FrozenSpec("ref", self.ref_load)]
