@@ -10,7 +10,7 @@
 #   OFFLOAD=1 keep the teachers'/reference's weights in host memory (--offload-frozen-models)
 #   VPP=N     N model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank, the
 #             interleaved schedule); a recipe's default is where the planner shows a smaller
-#             pipeline bubble within memory. Not applied to aligndistil-onpolicy (not supported)
+#             pipeline bubble within memory
 set -euo pipefail
 
 NNODES=${NNODES:-${DEFAULT_NNODES:-1}}
@@ -29,7 +29,7 @@ launch() {
                 --lr-warmup-fraction 0.1 --bf16 --use-distributed-optimizer
                 --save-interval 200 "${EXTRA[@]}")
   if [ "${OFFLOAD:-0}" = 1 ]; then common+=(--offload-frozen-models); fi
-  if [ "${VPP:-1}" -gt 1 ] && [ "$PP" -gt 1 ] && [ "$method" != aligndistil-onpolicy ]; then
+  if [ "${VPP:-1}" -gt 1 ] && [ "$PP" -gt 1 ]; then
     common+=(--num-virtual-stages-per-pipeline-rank "$VPP")
   fi
   local args

@@ -58,7 +58,7 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
 
     from megatron.core import parallel_state
 
-    from .core.schedule import drive, pipeline_rows
+    from .core.schedule import drive, model_chunks, pipeline_rows
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -88,7 +88,7 @@ def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None,
 
     step = SimpleNamespace(tokens=tokens, positions=positions)
     got = drive(model, [step], collect, forward_only=True, seq_length=seq_len,
-                rows=pipeline_rows(n, getattr(model, "num_models", 1)), model_kwargs=kwargs)
+                rows=pipeline_rows(n, getattr(model_chunks(model)[0], "num_models", 1)), model_kwargs=kwargs)
     return got[0] if got else None
 
 
@@ -191,7 +191,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
              sequence_ids: list[int] | None = None, kv_cache: bool = True,
              max_new_tokens: list[int] | None = None, combine=None) -> list[dict]:
     """Sample a response for each prompt. ``model``: this rank's pipeline stage (a GPTModel, or
-    anything whose last stage returns logits ``[b, s, V/TP]``). ``sequence_ids``: global indices
+    anything whose last stage returns logits ``[b, s, V/TP]``), or its list of model chunks
+    (virtual pipeline stages: each forward goes around the ring of chunks, which share one KV
+    cache, keyed by their global layer numbers). ``sequence_ids``: global indices
     seeding each sequence's randomness (default 0..n-1). ``max_new_tokens``: a per-sequence limit
     (default ``params.max_new_tokens`` for all). ``combine``: sample from a function of several
     models' logits ``{role: [n, vocab_size]}`` (``model`` a ``LockstepStage``), e.g. AlignDistil's
@@ -200,22 +202,28 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
 
     Returns ``[{"response_ids": [...], "stopped": bool}]`` on every rank.
     """
-    config = getattr(model, "config", None)
+    from .core.schedule import model_chunks
+
+    chunks = model_chunks(model)
+    config = getattr(chunks[0], "config", None)
     if getattr(config, "sequence_parallel", False):
         # a decode step has one position, which sequence parallelism cannot split across TP ranks:
         # sample with it off (same weights, all-reduce instead of reduce-scatter), as Megatron's own
         # inference does, and turn it back on for training
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-        set_model_to_sequence_parallel(model, False)
+        for chunk in chunks:
+            set_model_to_sequence_parallel(chunk, False)
         try:
             return generate(model, prompts, params, vocab_size, sequence_ids, kv_cache, max_new_tokens, combine)
         finally:
-            set_model_to_sequence_parallel(model, True)
+            for chunk in chunks:
+                set_model_to_sequence_parallel(chunk, True)
     from megatron.core import parallel_state
 
     state = _Batch(prompts, params, sequence_ids, max_new_tokens)
-    model.eval()
+    for chunk in chunks:
+        chunk.eval()
     last_stage = parallel_state.is_pipeline_last_stage()
     if combine is not None:
         end = _decode_recomputing(model, state, vocab_size, last_stage, combine)

@@ -13,15 +13,17 @@ from megatron_aligndistil.testing import run_distributed
 
 
 def _generate(arch_fields, full, prompts, params, ids=None, kv_cache=True, limits=None):
+    """Sample with this rank's model: its chunks under virtual pipeline stages, else one model."""
     from megatron_aligndistil.generation import generate
     from megatron_aligndistil.models import qwen
     from megatron_aligndistil.core import sharding
 
     arch = QwenArch(**arch_fields)
-    model = qwen.build_model(arch, qwen.transformer_config(arch))
-    sharding.load_full_state_dict(model, full)
-    return generate(model, prompts, params, arch.vocab_size, sequence_ids=ids, kv_cache=kv_cache,
-                    max_new_tokens=limits)
+    chunks = qwen.build_chunks(arch, qwen.transformer_config(arch))
+    for chunk in chunks:
+        sharding.load_full_state_dict(chunk, full)
+    return generate(chunks if len(chunks) > 1 else chunks[0], prompts, params, arch.vocab_size, sequence_ids=ids,
+                    kv_cache=kv_cache, max_new_tokens=limits)
 
 
 def _generate_many(calls):
@@ -51,6 +53,27 @@ def test_greedy_matches_transformers_at_tp2_pp2():
                           pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert res["response_ids"] == ref[0, len(p):len(p) + limit].tolist()
     assert all(r == out[0] for r in out)  # every rank returns the same responses
+
+
+def test_greedy_over_virtual_pipeline_stages_matches_transformers():
+    """PP2 x 2 chunks per rank (and TP2 with it): each decoding step goes around the ring of
+    chunks (one micro-batch: fewer than the interleaved schedule takes), with the KV cache shared
+    by the chunks and without it; token for token transformers' greedy output."""
+    from megatron_aligndistil.config import SamplingParams
+
+    hf, arch, full, prompts = _setup()
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    limits = [6, 2, 5]
+    args = dataclasses.asdict(arch), full, prompts, params, None
+    calls = [args + (True, limits), args + (False, limits)]
+    for layout, nproc in ((Layout(pp=2, vpp=2), 2), (Layout(tp=2, pp=2, vpp=2), 4)):
+        out = run_distributed(_generate_many, nproc, args=(calls,), layout=layout)
+        cached, recomputed = out[0]
+        for p, got, again, limit in zip(prompts, cached, recomputed, limits):
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+            assert got["response_ids"] == again["response_ids"] == ref[0, len(p):len(p) + limit].tolist(), layout
+        assert all(r == out[0] for r in out), layout  # every rank returns the same responses
 
 
 def test_seeded_sampling_is_layout_and_batch_independent():

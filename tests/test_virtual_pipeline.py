@@ -140,11 +140,24 @@ def test_a_chunked_run_resumes_and_exports_like_an_uninterrupted_one(setup, tmp_
     done = launch_train(aligndistil_argv(setup, part, *PP2, "--num-virtual-stages-per-pipeline-rank", "1",
                                          iters=4), nproc=2)
     assert done.returncode != 0 and "--num-virtual-stages-per-pipeline-rank" in done.stderr, done.stderr[-2000:]
-    # on-policy rollouts sample from one chunk per rank: refused before any model is built
-    done = launch_train(aligndistil_argv(setup, str(tmp_path / "on"), *VPP2, "--rollout", "on-policy",
-                                         "--stop-token-ids", "3"), nproc=2)
-    assert done.returncode != 0 and "--rollout on-policy with virtual pipeline stages" in done.stderr, \
-        done.stderr[-2000:]
+
+
+def test_on_policy_with_virtual_stages_follows_the_plain_pipeline(setup, tmp_path):
+    """On-policy AlignDistil at PP2 x 2 virtual stages: the Megatron sampler decodes around the
+    ring of chunks (one micro-batch per step), training goes through the interleaved schedule.
+    Sampling is seeded per sequence, so the responses and the 3-iteration trajectory equal PP2's."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": json.loads(line)["prompt_ids"]}) + "\n"
+                               for line in open(setup["data"])))
+    onp = dict(setup, data=str(prompts))
+    stops = [str(i) for i in range(0, 1001, 7)][:150]  # responses stop at different lengths
+    extra = ["--rollout", "on-policy", "--max-new-tokens", "6", "--stop-token-ids", *stops]
+    plain = _run(aligndistil_argv(onp, str(tmp_path / "pp2"), *PP2, *extra, iters=3), 2)
+    chunked = _run(aligndistil_argv(onp, str(tmp_path / "vpp2"), *VPP2, *extra, iters=3), 2)
+    assert [m["response_len_mean"] for m in chunked] == [m["response_len_mean"] for m in plain]
+    assert len({m["response_len_mean"] for m in plain}) > 1 or 0 < plain[0]["eos_rate"] < 1
+    for field in ("loss", "grad_norm", "kl", "alpha_mean"):
+        assert [m[field] for m in chunked] == pytest.approx([m[field] for m in plain], rel=1e-5), field
 
 
 def test_interleaving_group_at_its_boundaries():
@@ -234,3 +247,41 @@ def test_bf16_chunks_match_the_plain_pipeline(setup, tmp_path):
             for name, layout in (("pp2", PP2), ("pp2_vpp2", VPP2))]
     for field in ("loss", "grad_norm", "kl"):
         assert [m[field] for m in runs[1]] == pytest.approx([m[field] for m in runs[0]], rel=1e-6), field
+
+
+def _weights_view_over_chunks(arch_fields, full):
+    """Inside a rank: the vLLM sync's view of the policy (``_PolicyWeights``) over this rank's
+    chunks; returns its tensor names and those whose gathered value is not the full tensor."""
+    from megatron_aligndistil.core import sharding
+    from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.models.qwen import QwenArch
+    from megatron_aligndistil.rollout.vllm import _PolicyWeights
+
+    arch = QwenArch(**arch_fields)
+    chunks = qwen.build_chunks(arch, qwen.transformer_config(arch))
+    for chunk in chunks:
+        sharding.load_full_state_dict(chunk, full)
+    view = _PolicyWeights(chunks)
+    wrong = [name for name in sorted(full) if not torch.equal(view.get(name), full[name])]
+    return sorted(view.meta), wrong
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_vllm_weight_sync_reads_every_chunk(tied):
+    """The weights vLLM receives at PP2 x 2 chunks (TP2 too): every tensor of the model, once, by
+    its global name, equal to the full tensor (the tied embedding from the first stage only)."""
+    import dataclasses
+
+    from hf_fixtures import tiny_hf_model
+
+    from megatron_aligndistil.convert.mapping import hf_to_megatron
+    from megatron_aligndistil.models.qwen import QwenArch
+
+    hf = tiny_hf_model("qwen3", tied=tied, vocab_size=1001, seed=5)
+    arch = QwenArch.from_hf_config(hf.config)
+    full = dict(hf_to_megatron(arch, hf.state_dict().__getitem__))
+    for layout, world in ((Layout(pp=2, vpp=2), 2), (Layout(tp=2, pp=2, vpp=2), 4)):
+        for names, wrong in run_distributed(_weights_view_over_chunks, world, args=(dataclasses.asdict(arch), full),
+                                            layout=layout):
+            assert names == sorted(full) and wrong == [], (layout, wrong)
+            assert any(".layers.3." in n for n in names)

@@ -75,6 +75,12 @@ def sum_over_replicas(local: torch.Tensor) -> torch.Tensor:
     return mine.cpu()
 
 
+def model_chunks(model) -> list:
+    """This rank's model chunks: a list of chunks (virtual pipeline stages) as given, a model as
+    ``[model]``."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def _post_process(chunk) -> bool:
     """Whether a (wrapped: DDP, Float16Module) model chunk ends the pipeline: it holds the output
     layer and its outputs are scored."""
@@ -109,7 +115,7 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks = model_chunks(model)
     collected = []
     dev = platform.device()
 
@@ -137,14 +143,52 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
 
         return first_out, loss_func
 
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if len(chunks) > 1 and forward_only and len(micro_batches) < pp:
+        # fewer micro-batches than the interleaved schedule needs (a sampling step has one)
+        _ring_forward(chunks, micro_batches, forward_step, seq_length, rows)
+        return collected
     data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     if len(chunks) > 1:
         config = chunks[0].config
         config.microbatch_group_size_per_vp_stage = interleaving_group(
-            len(micro_batches), parallel_state.get_pipeline_model_parallel_world_size())
+            len(micro_batches), pp)
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=chunks,
         num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows,
         forward_only=forward_only,
     )
     return collected
+
+
+def _ring_forward(chunks: list, micro_batches: list, forward_step, seq_length: int, rows: int) -> None:
+    """Forward-only over virtual pipeline stages, one micro-batch at a time around the ring of
+    chunks: chunk v of stage p feeds chunk v of stage p + 1, and the last stage's chunk v feeds
+    the first stage's chunk v + 1 (Megatron's order of layers). Unlike the interleaved schedule it
+    takes any number of micro-batches (a sampling step has one); the stages do not overlap.
+    Activations ``[s, rows, h]`` in the pipeline dtype travel by point-to-point send / recv in the
+    pipeline group; the last stage's last chunk calls the scoring function."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
+
+    config = chunks[0].config
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    to_next = parallel_state.get_pipeline_model_parallel_next_rank()
+    from_prev = parallel_state.get_pipeline_model_parallel_prev_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    s = seq_length // tp if config.sequence_parallel else seq_length
+    shape, dtype = (s, rows, config.hidden_size), config.pipeline_dtype or config.params_dtype
+    dev = platform.device()
+    for batch in micro_batches:
+        for v, chunk in enumerate(chunks):
+            x = None
+            if not (first and v == 0):
+                x = torch.empty(shape, dtype=dtype, device=dev)
+                torch.distributed.recv(x, src=from_prev)
+            get_attr_wrapped_model(chunk, "set_input_tensor")(x)
+            out, score = forward_step(iter([batch]), chunk)
+            if last and v == len(chunks) - 1:
+                score(out)
+            else:
+                torch.distributed.send(out.contiguous(), dst=to_next)

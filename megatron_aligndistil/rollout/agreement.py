@@ -52,14 +52,14 @@ def probe_sequences(vocab_size: int, max_len: int = 24, lengths=(7, 12, 17, 24),
 
 def engine_mismatch(engine, policy, vocab_size: int, sequences: list[list[int]]) -> dict:
     """``engine.score(sequences)`` (each pipeline stage's engine replica, when it has several)
-    against the policy's own forward (``policy``: this rank's pipeline stage) over the tokens
+    against the policy's own forward (``policy``: this rank's pipeline stage or its model chunks) over the tokens
     after the first of each sequence. Collective over the world; every rank gets the same
     ``{"mean": mean |d|, "max": max |d|, "tokens": n}`` (d in nats per token)."""
     from megatron.core import parallel_state
 
     from ..data.batching import build_micro_batch
     from ..core.lockstep import LockstepStage
-    from ..core.schedule import drive, pipeline_rows
+    from ..core.schedule import drive, model_chunks, pipeline_rows
     from .base import logprob_mismatch
 
     scores = engine.score(sequences)
@@ -70,14 +70,18 @@ def engine_mismatch(engine, policy, vocab_size: int, sequences: list[list[int]])
         torch.distributed.all_gather_object(replicas, scores, group=parallel_state.get_pipeline_model_parallel_group())
     rows = [[(0, (seq[:1], seq[1:], logprobs))] for replica in replicas for seq, logprobs in zip(sequences, replica)]
     batch = build_micro_batch(rows, max(len(s) for s in sequences) - 1)
-    was_training = policy.training
-    policy.eval()
+    chunks = model_chunks(policy)
+    modes = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     try:
-        got = drive(LockstepStage(policy), [batch], lambda outputs, b: logprob_mismatch(outputs["policy"], b, vocab_size),
+        got = drive([LockstepStage(chunk) for chunk in chunks], [batch],
+                    lambda outputs, b: logprob_mismatch(outputs["policy"], b, vocab_size),
                     forward_only=True, seq_length=batch.tokens.shape[1], rows=pipeline_rows(batch.rows))
     finally:
-        policy.train(was_training)
-    dev = next(policy.parameters()).device
+        for chunk, was_training in zip(chunks, modes):
+            chunk.train(was_training)
+    dev = next(chunks[0].parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=dev)  # sum |d|, tokens
     worst = torch.zeros(1, dtype=torch.float64, device=dev)
     if got and parallel_state.get_tensor_model_parallel_rank() == 0:  # last stage; TP ranks hold equal values
@@ -96,7 +100,9 @@ def check_engine_agreement(engine, policy, vocab_size: int, name: str, limit: fl
     message) scores :func:`probe_sequences` (at most ``max_len`` tokens: the engine's context) with
     a mean per-token log-prob difference from ``policy`` above ``limit`` (default
     :func:`tolerance` of the policy's dtype). Collective over the world. Returns the measurement."""
-    dtype = next(policy.parameters()).dtype
+    from ..core.schedule import model_chunks
+
+    dtype = next(model_chunks(policy)[0].parameters()).dtype
     limit = tolerance(dtype) if limit is None else limit
     got = engine_mismatch(engine, policy, vocab_size, probe_sequences(vocab_size, max_len))
     if not got["mean"] <= limit:  # NaN fails too

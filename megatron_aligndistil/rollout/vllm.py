@@ -97,12 +97,15 @@ class _PolicyWeights:
         from megatron.core import parallel_state
 
         from ..core import sharding
+        from ..core.schedule import model_chunks
 
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.params, mine = {}, {}
         stage = parallel_state.get_pipeline_model_parallel_rank()
-        for local_name, param in policy.named_parameters():
-            name = sharding.full_name(policy, local_name)
+        named = [(chunk, local_name, param) for chunk in model_chunks(policy)
+                 for local_name, param in chunk.named_parameters()]
+        for chunk, local_name, param in named:
+            name = sharding.full_name(chunk, local_name)
             if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
                 continue  # the tied copy on the last stage: the first stage owns the embedding
             self.params[name] = param
@@ -158,7 +161,7 @@ class VLLMEngine(RolloutEngine):
     training rank constructs it, calls :meth:`sync_weights` together, and the ranks of one
     data-parallel replica call :meth:`generate` together with the same prompts.
 
-    ``policy``: this rank's pipeline stage; ``arch``: its :class:`~megatron_aligndistil.models.qwen.QwenArch`;
+    ``policy``: this rank's pipeline stage or its model chunks; ``arch``: its :class:`~megatron_aligndistil.models.qwen.QwenArch`;
     ``max_model_len``: the longest prompt + response in tokens; ``hf_config``: see
     :func:`engine_hf_config`; ``gpu_memory_utilization``: vLLM's share of a GPU (weights + KV
     cache while awake); ``kv_cache_bytes``: the KV cache on CPU (default: ``max_num_seqs``
@@ -185,7 +188,9 @@ class VLLMEngine(RolloutEngine):
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.stage = parallel_state.get_pipeline_model_parallel_rank()
-        self.dtype = next(policy.parameters()).dtype
+        from ..core.schedule import model_chunks
+
+        self.dtype = next(model_chunks(policy)[0].parameters()).dtype
         self.cuda = torch.cuda.is_available()
         self._config_dir = tempfile.TemporaryDirectory(prefix="aligndistil-vllm-")
         config = dict(hf_config or engine_hf_config(arch))
@@ -237,9 +242,13 @@ class VLLMEngine(RolloutEngine):
         an engine that does not serve the policy stops the run here."""
         from ..convert.mapping import megatron_to_hf
 
-        new_policy = self._policy is not policy  # a strong reference: an id() could be reused by another model
+        from ..core.schedule import model_chunks
+
+        chunks = model_chunks(policy)  # strong references: an id() could be reused by another model
+        new_policy = self._policy is None or len(self._policy) != len(chunks) or \
+            any(a is not b for a, b in zip(self._policy, chunks))
         if new_policy:
-            self._policy, self._weights = policy, _PolicyWeights(policy)
+            self._policy, self._weights = chunks, _PolicyWeights(chunks)
         weights = self._weights
         tied = self.arch.tie_word_embeddings
 

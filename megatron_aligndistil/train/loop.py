@@ -73,14 +73,6 @@ def _refuse_identical_frozen_models(models, specs) -> None:
                             "teacher extrapolates from their difference)")
 
 
-def check_virtual_stages(method: Method, vpp: int) -> None:
-    """Virtual pipeline stages serve every method but on-policy sampling (refused, naming the flags)."""
-    if vpp > 1 and method.on_policy:
-        raise UserError("--rollout on-policy with virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
-                        "--num-virtual-stages-per-pipeline-rank) is not supported yet: the rollout engines sample "
-                        "from one model chunk per pipeline rank. Train on-policy without virtual stages")
-
-
 class Trainer:
     """``config``: the shared training options; ``method``: what is trained; ``rollout``: the
     on-policy engine's config (on-policy methods only); ``flags``: the parsed command line, written
@@ -105,7 +97,6 @@ class Trainer:
         self.arch = qwen.read_arch(policy_source)
         self.layout = parallel.Layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                       cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers))
-        check_virtual_stages(self.method, self.layout.vpp)
         parallel.init_model_parallel(self.layout, seed=cfg.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -156,8 +147,8 @@ class Trainer:
         if self.method.on_policy:  # after _resume: an engine with weights of its own syncs the resumed policy
             from ..rollout import make_engine
 
-            # one chunk per rank: on-policy runs have no virtual stages (check_virtual_stages)
-            self.engine = make_engine(self.rollout_config, self.policy_chunks[0], self.arch, self.vocab_size,
+            # the engine samples from all the policy's chunks (virtual stages: around the ring of chunks)
+            self.engine = make_engine(self.rollout_config, self.policy_chunks, self.arch, self.vocab_size,
                                       max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
@@ -360,7 +351,7 @@ class Trainer:
             raise TrainingDiverged(self.iteration + 1, f"gradient norm {grad_norm}", before_step=False)
         if self.method.on_policy:
             t0 = time.time()
-            self.engine.sync_weights(self.policy_chunks[0])
+            self.engine.sync_weights(self.policy_chunks)
             rollout["weight_sync_s"] = time.time() - t0
         self.scheduler.step(increment=1)
         self.iteration += 1

@@ -47,9 +47,6 @@ def make_plan(args, world_size: int) -> dict:
 
     method = get_method(args.method).from_args(args)  # the method says which models run beside the policy
     frozen, per_record = len(method.frozen_models()), method.sequences_per_record
-    from .loop import check_virtual_stages
-
-    check_virtual_stages(method, vpp)
     micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
     if vpp > 1:
         from ..core.schedule import interleaving_group
