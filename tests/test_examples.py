@@ -28,7 +28,8 @@ def test_recipes_pass_dry_run(recipe):
 
 def test_dry_run_refuses_a_layout_that_does_not_fit():
     r = _dry("qwen2.5-72b", "aligndistil", NNODES="1")  # 8 GPUs cannot hold TP8 x PP4
-    assert r.returncode == 2 and "not divisible by TP 8 x PP 4" in r.stderr
+    assert r.returncode == 2 and ("world size 8 is not divisible by --tensor-model-parallel-size 8 x "
+                                  "--pipeline-model-parallel-size 4 = 32") in r.stderr, r.stderr
 
 
 def test_single_node_32b_recipe_offloads_the_teachers():

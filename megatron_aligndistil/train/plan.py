@@ -37,9 +37,9 @@ def make_plan(args, world_size: int) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = TrainingConfig.from_args(args).virtual_stages(arch.num_layers)
     arch.check_layout(tp, pp, vpp)
-    if world_size % (tp * pp):
-        raise UserError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
-    dp = world_size // (tp * pp)
+    from ..core.parallel import Layout
+
+    dp = Layout(tp=tp, pp=pp, vpp=vpp).data_parallel_size(world_size)  # the trainer's own check
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
