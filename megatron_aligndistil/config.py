@@ -178,7 +178,7 @@ class SamplingParams:
                               identity=list, to_field=lambda ids: tuple(ids or ()),
                               help="on-policy: ids that end a response (default: eos_token_id of the policy's "
                                    "config)")
-    seed: int = setting(1234, range=Range(0, True, 2**32 - 1, True), help="sampling seed")
+    seed: int = 1234  # the trainer's --seed (TrainingConfig), or a tool's own
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -240,7 +240,8 @@ class RolloutConfig:
     @classmethod
     def from_args(cls, args, stop_ids) -> "RolloutConfig":
         """``stop_ids``: the resolved stop ids (``--stop-token-ids`` or the policy's eos ids)."""
-        sampling = SamplingParams(**(field_values(SamplingParams, args) | {"stop_ids": tuple(stop_ids)}))
+        sampling = SamplingParams(**(field_values(SamplingParams, args) | {"stop_ids": tuple(stop_ids),
+                                                                           "seed": args.seed}))
         return _from_args(cls, args, sampling=sampling)
 
 

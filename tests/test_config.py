@@ -252,10 +252,10 @@ def test_every_trainer_flag_is_generated_from_a_config_field():
     """Each flag of each method is a config field's (nothing hand-written beside the configs), and
     each flagged field of the method's configs is a flag, with help text."""
     from megatron_aligndistil.core.flags import dest_of, flags_of
-    from megatron_aligndistil.train.arguments import CONFIGS, _SHARED
+    from megatron_aligndistil.train.arguments import CONFIGS
 
     for method, parser in build_parser()._subparsers._group_actions[0].choices.items():
-        fields = {dest_of(f): spec for cls in CONFIGS[method] for f, spec in flags_of(cls, _SHARED.get(cls, ()))}
+        fields = {dest_of(f): spec for cls in CONFIGS[method] for f, spec in flags_of(cls)}
         dests = [a.dest for a in parser._actions if a.dest != "help"]
         assert sorted(dests) == sorted(fields), method  # same flags, none twice
         assert all(spec.help.strip() for spec in fields.values()), method
@@ -320,3 +320,24 @@ def test_run_identity_keys_are_those_of_existing_checkpoints():
         "train_iters": None, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
         "num_layers_per_virtual_pipeline_stage": None, "num_virtual_stages_per_pipeline_rank": None,
         "use_distributed_optimizer": False, "load": os.path.realpath("p"), "data_path": os.path.realpath("d")}
+
+
+def test_flag_ranges_are_the_documented_ones():
+    """The ranges themselves, written out (the edge tests derive their values from the fields, so
+    a wrong bound would move the tests with it)."""
+    from megatron_aligndistil.core.flags import ranges
+    from megatron_aligndistil.train.arguments import CONFIGS
+
+    shown = {dest: str(r) for dest, r in ranges(CONFIGS["aligndistil"] + CONFIGS["dpo"]).items()}
+    assert shown == {
+        **dict.fromkeys(("global_batch_size", "micro_batch_size", "tensor_model_parallel_size",
+                         "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                         "num_virtual_stages_per_pipeline_rank", "recompute_num_layers", "train_iters",
+                         "save_interval", "exit_interval", "log_interval", "world_size", "rollout_batch_size",
+                         "max_new_tokens"), "[1, inf)"),
+        "seq_length": "[2, inf)", "seed": "[0, 4294967295]",
+        **dict.fromkeys(("lr", "adam_eps", "eps", "beta0", "dpo_beta", "max_rollout_logp_diff"), "(0, inf)"),
+        **dict.fromkeys(("min_lr", "weight_decay", "clip_grad", "r", "temperature", "top_k"), "[0, inf)"),
+        **dict.fromkeys(("lr_warmup_fraction", "adam_beta1", "adam_beta2"), "[0, 1)"),
+        **dict.fromkeys(("top_p", "vllm_gpu_memory_utilization"), "(0, 1]"),
+        "plausibility_threshold": "(0, 1)"}

@@ -28,7 +28,6 @@ _HELP = {"aligndistil": "token-level distillation from DPO / reverse-DPO teacher
          "dpo": "DPO (or reverse DPO) against a frozen reference model"}
 GROUPS = ("parallelism", "batch and schedule", "optimizer (AdamW)", "data", "checkpoints and logging", "dry run",
           "AlignDistil", "AlignDistil on-policy rollouts", "DPO")
-_SHARED = {SamplingParams: ("seed",)}  # fields another config of the method already has a flag for
 
 
 def apply_recipe(args: argparse.Namespace, argv: list[str]) -> None:
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(method, help=_HELP[method])
         _flags.add_groups(p, GROUPS)
         for cls in classes:
-            _flags.add_flags(p, cls, exclude=_SHARED.get(cls, ()))
+            _flags.add_flags(p, cls)
     return parser
 
 def parse_args(argv=None) -> argparse.Namespace:
