@@ -145,7 +145,8 @@ def test_a_chunked_run_resumes_and_exports_like_an_uninterrupted_one(setup, tmp_
 def test_on_policy_with_virtual_stages_follows_the_plain_pipeline(setup, tmp_path):
     """On-policy AlignDistil at PP2 x 2 virtual stages: the Megatron sampler decodes around the
     ring of chunks (one micro-batch per step), training goes through the interleaved schedule.
-    Sampling is seeded per sequence, so the responses and the 3-iteration trajectory equal PP2's."""
+    Sampling is seeded per sequence, so the responses and the 3-iteration trajectory equal PP2's,
+    also at TP2 PP2 x 2 with sequence parallelism."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": json.loads(line)["prompt_ids"]}) + "\n"
                                for line in open(setup["data"])))
@@ -154,10 +155,14 @@ def test_on_policy_with_virtual_stages_follows_the_plain_pipeline(setup, tmp_pat
     extra = ["--rollout", "on-policy", "--max-new-tokens", "6", "--stop-token-ids", *stops]
     plain = _run(aligndistil_argv(onp, str(tmp_path / "pp2"), *PP2, *extra, iters=3), 2)
     chunked = _run(aligndistil_argv(onp, str(tmp_path / "vpp2"), *VPP2, *extra, iters=3), 2)
-    assert [m["response_len_mean"] for m in chunked] == [m["response_len_mean"] for m in plain]
+    # TP2 with sequence parallelism in every chunk: sampling turns it off in all of them
+    tp2_sp = _run(aligndistil_argv(onp, str(tmp_path / "tp2sp"), *TP2_PP2_VPP2, "--sequence-parallel", *extra,
+                                   iters=3), 4)
     assert len({m["response_len_mean"] for m in plain}) > 1 or 0 < plain[0]["eos_rate"] < 1
-    for field in ("loss", "grad_norm", "kl", "alpha_mean"):
-        assert [m[field] for m in chunked] == pytest.approx([m[field] for m in plain], rel=1e-5), field
+    for run in (chunked, tp2_sp):
+        assert [m["response_len_mean"] for m in run] == [m["response_len_mean"] for m in plain]
+        for field in ("loss", "grad_norm", "kl", "alpha_mean"):
+            assert [m[field] for m in run] == pytest.approx([m[field] for m in plain], rel=1e-5), field
 
 
 def test_interleaving_group_at_its_boundaries():
