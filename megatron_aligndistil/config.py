@@ -27,6 +27,8 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ROLLOUT_ENGINES = ("megatron", "vllm")
 ROLLOUT_MODES = ("off-policy", "on-policy")
 MISMATCH_ACTIONS = ("error", "warn")
+MOE_DISPATCHERS = ("allgather", "alltoall", "flex")
+MOE_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 # --recipe NAME -> (field, flags that set it, value): the preset's settings, applied where none of
 # the flags is given (train/arguments.apply_recipe). "paper" is the defaults themselves (SPEC section 1).
 RECIPES = {
@@ -245,8 +247,8 @@ class RolloutConfig:
         return _from_args(cls, args, sampling=sampling)
 
 
-PAR, BATCH, OPT, DATA, CKPT = ("parallelism", "batch and schedule", "optimizer (AdamW)", "data",
-                               "checkpoints and logging")
+PAR, BATCH, OPT, DATA, CKPT, MOE = ("parallelism", "batch and schedule", "optimizer (AdamW)", "data",
+                                    "checkpoints and logging", "mixture of experts")
 
 
 def _realpath(path: str) -> str:
@@ -279,6 +281,13 @@ class TrainingConfig:
     num_virtual_stages_per_pipeline_rank: int | None = setting(
         None, group=PAR, range=AT_LEAST_1, identity=True,
         help="interleaved schedule: model chunks per pipeline rank (the other way to say the same)")
+    expert_model_parallel_size: int = setting(1, group=PAR, range=AT_LEAST_1, identity=True,
+                                              help="expert-parallel size (EP, MoE models): each EP rank holds "
+                                                   "num_experts / EP experts of every MoE layer; EP ranks are "
+                                                   "data-parallel ranks for the rest of the model")
+    expert_tensor_parallel_size: int | None = setting(
+        None, group=PAR, range=AT_LEAST_1, identity=True,
+        help="tensor-parallel size of each expert (MoE models; default: --tensor-model-parallel-size)")
     sequence_parallel: bool = setting(False, group=PAR, help="shard activations along the sequence between "
                                                              "TP ranks (needs TP > 1)")
     use_distributed_optimizer: bool = setting(False, group=PAR, identity=True,
@@ -289,6 +298,16 @@ class TrainingConfig:
                                     help="--recompute-granularity full: which layers recompute")
     recompute_num_layers: int = setting(1, group=PAR, range=AT_LEAST_1,
                                         help="--recompute-granularity full: layers per recomputed group")
+    moe_token_dispatcher_type: str = setting(
+        "allgather", group=MOE, choices=MOE_DISPATCHERS,
+        help="how tokens reach their experts' EP ranks: allgather (any backend), alltoall (NCCL), flex (DeepEP)")
+    moe_router_load_balancing_type: str = setting(
+        "aux_loss", group=MOE, choices=MOE_BALANCING, identity=True,
+        help="the policy router's load-balancing loss (frozen models never add one); scaled by --moe-aux-loss-coeff")
+    moe_aux_loss_coeff: float = setting(0.0, group=MOE, range=NON_NEGATIVE, identity=True,
+                                        help="weight of the load-balancing loss (0: none; Megatron-LM's default)")
+    moe_router_dtype: str | None = setting(None, group=MOE, choices=("fp32", "fp64"), identity=True,
+                                           help="dtype of the router's logits and softmax (default: the model's)")
     transformer_impl: str = setting("auto", group=PAR, choices=TRANSFORMER_IMPLS,
                                     help="layer implementation (auto: TransformerEngine when CUDA and TE are "
                                          "present, else local)")
@@ -361,8 +380,19 @@ class TrainingConfig:
         if virtual and self.pipeline_model_parallel_size == 1:
             raise ConfigError(f"{virtual[0]} interleaves the stages of a pipeline: it needs "
                               "--pipeline-model-parallel-size > 1")
+        if self.pack_sequences and self.expert_model_parallel_size > 1:
+            # packed steps have as many micro-batches as their tokens need, different per
+            # data-parallel rank; expert-parallel ranks must run the same number of MoE layers
+            raise ConfigError(f"--pack-sequences with --expert-model-parallel-size {self.expert_model_parallel_size} "
+                              "is not supported yet: drop one of them")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+
+    def moe_options(self) -> dict:
+        """The policy's MoE TransformerConfig fields from the flags (frozen models: no balancing loss)."""
+        return {"moe_token_dispatcher_type": self.moe_token_dispatcher_type,
+                "moe_router_load_balancing_type": self.moe_router_load_balancing_type,
+                "moe_aux_loss_coeff": self.moe_aux_loss_coeff, "moe_router_dtype": self.moe_router_dtype}
 
     def virtual_stages(self, num_layers: int) -> int:
         """Model chunks per pipeline rank for a model of ``num_layers`` layers (1: no interleaving),

@@ -27,6 +27,11 @@ One shim is vLLM's (its CPU build, ``--rollout-engine vllm``), installed by
   SHMManager failed. errno: 17``. The segments are named after this job's rendezvous
   (``MASTER_ADDR:MASTER_PORT``) instead.
 
+One shim is not about the CPU but about TransformerEngine being absent (on any machine):
+Megatron-Core 0.16.1's MoE router reads ``te_general_gemm`` in ``moe_utils`` whether or not TE
+imported, so without TE it raises ``NameError``; :func:`define_missing_te_names` defines it as
+None, which is the value Megatron's own code tests for (its fallback is ``torch.matmul``).
+
 One shim changes how a number is computed, to make it exact: the gradient norm (clipping and the
 logged ``grad_norm``) sums squares in float64 (:func:`_accurate_l2_norm`) where Megatron would
 call torch's float32 CPU ``norm``, which is off by about 1% on a 68M-element embedding gradient.
@@ -246,12 +251,22 @@ def shims_active() -> bool:
     return _INSTALLED
 
 
+def define_missing_te_names() -> None:
+    """``moe_utils.te_general_gemm = None`` where TransformerEngine did not import (see module doc);
+    nothing where TE is present."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def setup_platform() -> torch.device:
     """Pick the device, install CPU shims if there is no GPU, and quiet Megatron's CPU-only warnings.
 
     Call once per process before building Megatron objects. Returns the compute device.
     """
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    define_missing_te_names()
     if has_cuda():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)

@@ -48,6 +48,19 @@ def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.f
     if model_type == "qwen2":
         config = Qwen2Config(**common)
         model = Qwen2ForCausalLM(config)
+    elif model_type == "qwen3_moe":  # 4 experts top-2, q/k norm; layer 2 dense among sparse ones
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(**common, head_dim=head_dim or 24, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, norm_topk_prob=True,
+                                mlp_only_layers=[2] if num_layers > 2 else [])
+        model = Qwen3MoeForCausalLM(config)
+    elif model_type == "qwen2_moe":  # 4 experts top-2 and the sigmoid-gated shared expert
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        config = Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=48, norm_topk_prob=False)
+        model = Qwen2MoeForCausalLM(config)
     else:
         config = Qwen3Config(**common, head_dim=head_dim or 24)  # head_dim != hidden/heads
         model = Qwen3ForCausalLM(config)
@@ -56,6 +69,19 @@ def tiny_hf_model(model_type="qwen2", tied=False, vocab_size=1001, dtype=torch.f
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype).eval()
+
+
+def saved_state_dict(model) -> dict:
+    """``model``'s tensors as ``save_pretrained`` writes them (per-expert names for MoE models, as
+    the released checkpoints hold them; transformers 5 keeps the experts fused in memory)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, max_shard_size="10GB")
+        files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+        return {k: v for f in files for k, v in load_file(os.path.join(d, f)).items()}
 
 
 def tiny_tokenizer(vocab_size=300):

@@ -145,6 +145,7 @@ _NOT_IDENTITY = {
     "chunk_size": "vocab chunks of the same sum", "compile": "fused kernels of the same loss",
     "gpu_memory_utilization": "vLLM's memory share", "max_logp_diff": "a guard's threshold",
     "mismatch_action": "what the guard does", "seed": "rollout.sampling.seed: the run's --seed, in the identity",
+    "moe_token_dispatcher_type": "how tokens travel to their experts, not which (no token dropping)",
 }
 _IDENTITY_NAME = {"direction": "kl_direction", "tvd_half": "tvd_without_half", "beta": "dpo_beta",
                   "engine": "rollout_engine", "stop_ids": "stop_token_ids", "data_path": "data_path"}

@@ -9,15 +9,14 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_aligndistil.core.errors import UserError
 from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.core.schedule import interleaving_group
-from megatron_aligndistil.data.batching import global_batch_indices
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import aligndistil_argv, dpo_argv, launch_train, make_setup_with_pairs, run_train
+from train_fixtures import (aligndistil_argv, dense_dpo, dense_sft, dpo_argv, launch_train, make_setup_with_pairs,
+                            run_train)
 
 PP2 = ["--pipeline-model-parallel-size", "2"]
 VPP2 = PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"]  # 4 layers: 2 chunks of 1 layer per rank
@@ -27,56 +26,6 @@ TP2_PP2_VPP2 = ["--tensor-model-parallel-size", "2"] + PP2 + ["--num-virtual-sta
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup_with_pairs(str(tmp_path_factory.mktemp("vpp")))
-
-
-def _policy(setup):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(setup["hf_policy"], dtype=torch.float64).train()
-
-
-def _grad_norm(model) -> float:
-    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
-
-
-def dense_sft(setup, global_batch=8, seed=1234) -> dict:
-    """SFT's iteration 1 in float64: mean over sequences of the mean response-token NLL; its gradient norm."""
-    records = [json.loads(line) for line in open(setup["data"])]
-    model = _policy(setup)
-    losses = []
-    for i in global_batch_indices(len(records), 0, global_batch, seed):
-        r = records[i]
-        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
-        logp = torch.log_softmax(model(ids[:, :-1]).logits[0], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        losses.append(-logp[len(r["prompt_ids"]) - 1:].mean())
-    loss = torch.stack(losses).mean()
-    loss.backward()
-    return {"loss": loss.item(), "grad_norm": _grad_norm(model)}
-
-
-def dense_dpo(setup, beta=0.1, global_batch=8, seed=1234) -> dict:
-    """DPO's iteration 1 in float64 (reference: the "dpo" model); its gradient norm."""
-    from transformers import AutoModelForCausalLM
-
-    records = [json.loads(line) for line in open(setup["pairs"])]
-    policy = _policy(setup)
-    ref = AutoModelForCausalLM.from_pretrained(setup["hf_dpo"], dtype=torch.float64).eval()
-
-    def logp(model, prompt, response):
-        ids = torch.tensor([prompt + response])
-        lp = torch.log_softmax(model(ids[:, :-1]).logits[0], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        return lp[len(prompt) - 1:].sum()
-
-    losses = []
-    for i in global_batch_indices(len(records), 0, global_batch, seed):
-        r = records[i]
-        with torch.no_grad():
-            ref_margin = logp(ref, r["prompt_ids"], r["chosen_ids"]) - logp(ref, r["prompt_ids"], r["rejected_ids"])
-        margin = logp(policy, r["prompt_ids"], r["chosen_ids"]) - logp(policy, r["prompt_ids"], r["rejected_ids"])
-        losses.append(-F.logsigmoid(beta * (margin - ref_margin)))
-    loss = torch.stack(losses).mean()
-    loss.backward()
-    return {"loss": loss.item(), "grad_norm": _grad_norm(policy)}
 
 
 def _sft_argv(setup, save, *extra, iters=1):

@@ -18,20 +18,28 @@ def make_distill_data(path, n=24, vocab=1001, seed=0, max_prompt=8, max_response
     return path
 
 
+def float64_hf(path):
+    """The HF model at ``path`` in float64, eval mode; MoE experts run eagerly (transformers'
+    grouped matmul has no float64)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    if model.config.model_type.endswith("_moe"):
+        model.set_experts_implementation("eager")
+    return model
+
+
 def dense_first_iteration(setup, global_batch=8, seed=1234, vocab=None):
     """Iteration 1 from the HF models in float64: the paper's loss (mean over sequences of the
     token mean), the norm of its gradient w.r.t. the policy's parameters, and the logged metrics
     (kl, alpha, tvd: means over all response tokens of the global batch). ``vocab``: only ids
     below it carry probability (the logits are cut there)."""
-    from transformers import AutoModelForCausalLM
-
     from megatron_aligndistil.loss.reference import dense_aligndistil
     from megatron_aligndistil.data.batching import global_batch_indices
 
     records = [json.loads(line) for line in open(setup["data"])]
     batch = [records[i] for i in global_batch_indices(len(records), 0, global_batch, seed)]
-    models = {r: AutoModelForCausalLM.from_pretrained(setup[f"hf_{r}"], dtype=torch.float64).eval()
-              for r in ("policy", "dpo", "rev")}
+    models = {r: float64_hf(setup[f"hf_{r}"]) for r in ("policy", "dpo", "rev")}
     per_seq, sums, tokens = [], {"kl": 0.0, "alpha": 0.0, "tvd": 0.0}, 0
     for rec in batch:
         ids = torch.tensor([rec["prompt_ids"] + rec["response_ids"]])
@@ -50,7 +58,59 @@ def dense_first_iteration(setup, global_batch=8, seed=1234, vocab=None):
     return {"loss": float(loss), "grad_norm": grad_norm, "tokens": tokens, **{k: v / tokens for k, v in sums.items()}}
 
 
-def make_aligndistil_setup(root, tied=False, **model):
+def _policy(setup):
+    return float64_hf(setup["hf_policy"]).train()
+
+
+def _grad_norm(model) -> float:
+    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+
+def dense_sft(setup, global_batch=8, seed=1234) -> dict:
+    """SFT's iteration 1 in float64: mean over sequences of the mean response-token NLL; its gradient norm."""
+    from megatron_aligndistil.data.batching import global_batch_indices
+
+    records = [json.loads(line) for line in open(setup["data"])]
+    model = _policy(setup)
+    losses = []
+    for i in global_batch_indices(len(records), 0, global_batch, seed):
+        r = records[i]
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        logp = torch.log_softmax(model(ids[:, :-1]).logits[0], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        losses.append(-logp[len(r["prompt_ids"]) - 1:].mean())
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return {"loss": loss.item(), "grad_norm": _grad_norm(model)}
+
+
+def dense_dpo(setup, beta=0.1, global_batch=8, seed=1234) -> dict:
+    """DPO's iteration 1 in float64 (reference: the "dpo" model); its gradient norm."""
+    import torch.nn.functional as F
+
+    from megatron_aligndistil.data.batching import global_batch_indices
+
+    records = [json.loads(line) for line in open(setup["pairs"])]
+    policy = _policy(setup)
+    ref = float64_hf(setup["hf_dpo"])
+
+    def logp(model, prompt, response):
+        ids = torch.tensor([prompt + response])
+        lp = torch.log_softmax(model(ids[:, :-1]).logits[0], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return lp[len(prompt) - 1:].sum()
+
+    losses = []
+    for i in global_batch_indices(len(records), 0, global_batch, seed):
+        r = records[i]
+        with torch.no_grad():
+            ref_margin = logp(ref, r["prompt_ids"], r["chosen_ids"]) - logp(ref, r["prompt_ids"], r["rejected_ids"])
+        margin = logp(policy, r["prompt_ids"], r["chosen_ids"]) - logp(policy, r["prompt_ids"], r["rejected_ids"])
+        losses.append(-F.logsigmoid(beta * (margin - ref_margin)))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return {"loss": loss.item(), "grad_norm": _grad_norm(policy)}
+
+
+def make_aligndistil_setup(root, tied=False, model_type="qwen2", **model):
     """Returns {"policy"|"dpo"|"rev": converted dir, "hf_*": HF dir, "data": jsonl}. ``model``:
     :func:`hf_fixtures.tiny_hf_model` overrides (e.g. ``hidden_size``)."""
     from megatron_aligndistil.convert.hf import convert_hf_to_megatron
@@ -58,7 +118,7 @@ def make_aligndistil_setup(root, tied=False, **model):
     out = {}
     for seed, role in enumerate(("policy", "dpo", "rev")):
         hf_dir = os.path.join(root, f"hf_{role}")
-        save_tiny_hf(hf_dir, "qwen2", tied=tied, seed=seed, **model)
+        save_tiny_hf(hf_dir, model_type, tied=tied, seed=seed, **model)
         out[f"hf_{role}"] = hf_dir
         out[role] = convert_hf_to_megatron(hf_dir, os.path.join(root, role), progress=False)
     out["data"] = make_distill_data(os.path.join(root, "data.jsonl"))
@@ -78,9 +138,9 @@ def write_indexed(jsonl, kind, vocab):
     return prefix
 
 
-def make_setup_with_pairs(root):
+def make_setup_with_pairs(root, **model):
     """:func:`make_aligndistil_setup` plus preference pairs (``"pairs"``) for DPO."""
-    out = make_aligndistil_setup(root)
+    out = make_aligndistil_setup(root, **model)
     out["pairs"] = make_dpo_data(os.path.join(root, "pairs.jsonl"))
     return out
 

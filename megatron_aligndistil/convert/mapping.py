@@ -6,7 +6,12 @@ Streaming by construction: both directions take a ``get(name) -> Tensor`` callba
 Transforms beyond renaming:
 * QKV: HF ``q_proj [nh*d, H]``, ``k_proj``/``v_proj [ng*d, H]`` -> Megatron ``linear_qkv`` grouped
   per KV group: ``[ng, (nh/ng)*d + d + d, H]`` flattened (so TP can split whole groups).
-* SwiGLU: ``gate_proj`` and ``up_proj`` -> ``linear_fc1 = [gate; up]``.
+* SwiGLU: ``gate_proj`` and ``up_proj`` -> ``linear_fc1 = [gate; up]`` (dense MLPs, each routed
+  expert, the shared expert).
+* MoE layers (``arch.moe_layers``): router ``mlp.gate`` -> ``mlp.router``; expert j's
+  ``mlp.experts.{j}.*`` -> ``mlp.experts.local_experts.{j}.*`` (j global here: full tensors; the
+  expert-parallel shard of a rank is cut on load); Qwen2-MoE's ``mlp.shared_expert.*`` ->
+  ``mlp.shared_experts.*`` and its gate ``mlp.shared_expert_gate`` -> ``mlp.shared_experts.gate_weight``.
 * Vocab: embedding / lm_head rows padded with zeros from ``vocab_size`` to ``padded_vocab_size``
   (the padding is masked in every softmax of this package), and cut back on export.
 """
@@ -26,7 +31,6 @@ _LAYER_RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
-    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
 _QK_NORM_RENAMES = {
     "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
@@ -68,45 +72,74 @@ def split_qkv(arch: QwenArch, qkv: torch.Tensor):
             v.reshape((ng * d,) + tail).contiguous())
 
 
+def _mlp_pairs(arch: QwenArch, layer: int) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The MLP tensors of one layer: ``(Megatron suffix, how, HF suffixes)`` with ``how`` "fc1"
+    (gate and up fused) or "copy"."""
+    if layer not in arch.moe_layers:
+        return [("mlp.linear_fc1.weight", "fc1", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+                ("mlp.linear_fc2.weight", "copy", ("mlp.down_proj.weight",))]
+    pairs = [("mlp.router.weight", "copy", ("mlp.gate.weight",))]
+    for j in range(arch.num_experts):
+        hf, mc = f"mlp.experts.{j}.", f"mlp.experts.local_experts.{j}."
+        pairs += [(mc + "linear_fc1.weight", "fc1", (hf + "gate_proj.weight", hf + "up_proj.weight")),
+                  (mc + "linear_fc2.weight", "copy", (hf + "down_proj.weight",))]
+    if arch.shared_expert_ffn_hidden_size:
+        pairs += [("mlp.shared_experts.linear_fc1.weight", "fc1",
+                   ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight")),
+                  ("mlp.shared_experts.linear_fc2.weight", "copy", ("mlp.shared_expert.down_proj.weight",)),
+                  ("mlp.shared_experts.gate_weight", "copy", ("mlp.shared_expert_gate.weight",))]
+    return pairs
+
+
+def _mlp_shapes(arch: QwenArch, layer: int) -> dict[str, tuple[int, ...]]:
+    """HF suffix -> shape of one layer's MLP tensors."""
+    h = arch.hidden_size
+    if layer not in arch.moe_layers:
+        f = arch.ffn_hidden_size
+        return {"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    f, shapes = arch.moe_ffn_hidden_size, {"mlp.gate.weight": (arch.num_experts, h)}
+    for j in range(arch.num_experts):
+        shapes.update({f"mlp.experts.{j}.gate_proj.weight": (f, h), f"mlp.experts.{j}.up_proj.weight": (f, h),
+                       f"mlp.experts.{j}.down_proj.weight": (h, f)})
+    s = arch.shared_expert_ffn_hidden_size
+    if s:
+        shapes.update({"mlp.shared_expert.gate_proj.weight": (s, h), "mlp.shared_expert.up_proj.weight": (s, h),
+                       "mlp.shared_expert.down_proj.weight": (h, s), "mlp.shared_expert_gate.weight": (1, h)})
+    return shapes
+
+
 def hf_tensor_names(arch: QwenArch) -> list[str]:
     """Every tensor name an HF checkpoint of ``arch`` holds (lm_head only when untied)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        names += [p + s for s in _plain_renames(arch)]
-        names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-        if arch.qkv_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        names += [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-    if not arch.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    return list(hf_tensor_shapes(arch))
 
 
 def hf_tensor_shapes(arch: QwenArch) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor :func:`hf_tensor_names` lists, from the config alone."""
-    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
+    """The shape of every tensor an HF checkpoint of ``arch`` holds, from the config alone."""
+    h, d, v = arch.hidden_size, arch.head_dim, arch.vocab_size
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    per_layer = {
+    attention = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        "self_attn.o_proj.weight": (h, q),
     }
-    shapes = {}
-    for name in hf_tensor_names(arch):
-        if name.startswith("model.layers."):
-            shapes[name] = per_layer[name.split(".", 3)[3]]
-        else:
-            shapes[name] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}[name]
+    if arch.qkv_bias:
+        attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if arch.qk_layernorm:
+        attention.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(arch.num_layers):
+        for suffix, shape in {**attention, **_mlp_shapes(arch, i)}.items():
+            shapes[f"model.layers.{i}.{suffix}"] = shape
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
     return shapes
 
 
 def megatron_tensor_count(arch: QwenArch) -> int:
     """How many tensors :func:`hf_to_megatron` yields (for progress bars)."""
-    per_layer = len(_plain_renames(arch)) + 1 + int(arch.qkv_bias) + 1  # renames, qkv w/b, fc1
-    return 2 + arch.num_layers * per_layer + int(not arch.tie_word_embeddings)
+    per_layer = len(_plain_renames(arch)) + 1 + int(arch.qkv_bias)  # renames, qkv w/b
+    mlp = sum(len(_mlp_pairs(arch, i)) for i in range(arch.num_layers))
+    return 2 + arch.num_layers * per_layer + mlp + int(not arch.tie_word_embeddings)
 
 
 def megatron_tensor_names(arch: QwenArch) -> list[str]:
@@ -162,8 +195,8 @@ def hf_to_megatron(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Ten
         if arch.qkv_bias:
             yield mc + "self_attention.linear_qkv.bias", fuse_qkv(
                 arch, *(get(hf + f"self_attn.{x}_proj.bias") for x in "qkv"))
-        yield mc + "mlp.linear_fc1.weight", torch.cat(
-            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
+        for dst, how, srcs in _mlp_pairs(arch, i):
+            yield mc + dst, (torch.cat([get(hf + x) for x in srcs], dim=0) if how == "fc1" else get(hf + srcs[0]))
     yield "decoder.final_layernorm.weight", get("model.norm.weight")
     if not arch.tie_word_embeddings:
         yield "output_layer.weight", _pad_rows(get("lm_head.weight"), rows)
@@ -182,9 +215,12 @@ def megatron_to_hf(arch: QwenArch, get: Getter) -> Iterator[tuple[str, torch.Ten
         if arch.qkv_bias:
             for x, t in zip("qkv", split_qkv(arch, get(mc + "self_attention.linear_qkv.bias"))):
                 yield hf + f"self_attn.{x}_proj.bias", t
-        gate, up = get(mc + "mlp.linear_fc1.weight").chunk(2, dim=0)
-        yield hf + "mlp.gate_proj.weight", gate.contiguous()
-        yield hf + "mlp.up_proj.weight", up.contiguous()
+        for src, how, dsts in _mlp_pairs(arch, i):
+            if how == "fc1":
+                for dst, half in zip(dsts, get(mc + src).chunk(2, dim=0)):
+                    yield hf + dst, half.contiguous()
+            else:
+                yield hf + dsts[0], get(mc + src)
     yield "model.norm.weight", get("decoder.final_layernorm.weight")
     if not arch.tie_word_embeddings:
         yield "lm_head.weight", get("output_layer.weight")[:v].contiguous()

@@ -103,7 +103,7 @@ def interleaving_group(num_micro_batches: int, pp: int) -> int:
 
 
 def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: int, rows: int,
-          model_kwargs: dict | None = None, thd: bool = False) -> list:
+          model_kwargs: dict | None = None, thd: bool = False, padding_mask: bool = False) -> list:
     """One schedule call over ``micro_batches`` (objects with ``tokens``/``positions`` ``[b, s]``,
     optionally packed: see :func:`attention_kwargs`). ``model``: this rank's model, or its list of
     model chunks (one per virtual pipeline stage: Megatron's interleaved schedule). ``rows``:
@@ -111,7 +111,9 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
     model's outputs (a LockstepStage's ``{role: logits}``; a plain model's logits) and returns, in
     training, ``(loss, num_examples)`` (0-dim tensors; Megatron divides gradients by the global sum
     of ``num_examples``); forward-only, any value, collected. Returns the collected values in
-    micro-batch order on the last stage, else ``[]``. Collective over the TP and PP groups."""
+    micro-batch order on the last stage, else ``[]``. Collective over the TP and PP groups.
+    ``padding_mask``: give MoE models each micro-batch's padding positions (``seq_index < 0``),
+    which their routers leave out of the load-balancing loss and the token counts."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -123,6 +125,8 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
         batch = next(data_iter)
         kwargs = dict(model_kwargs or {})
         kwargs.update(attention_kwargs(batch, thd))
+        if padding_mask:
+            kwargs["padding_mask"] = (batch.seq_index < 0).to(dev)
         mask = kwargs.pop("attention_mask", None)
         out = m(batch.tokens.to(dev), batch.positions.to(dev), mask, **kwargs)
         if not _post_process(m):

@@ -5,6 +5,12 @@ Tensor-parallel parameters carry Megatron's ``tensor_model_parallel``/``partitio
 the SwiGLU ``linear_fc1`` is the one whose shard is not a plain chunk: the full tensor is
 ``[gate; up]`` and each rank holds ``[gate_k; up_k]``. QKV needs no special case: Megatron's full
 layout is grouped per KV group, and TP splits whole groups.
+
+MoE experts (``decoder.layers.L.mlp.experts.local_experts.J.*``, J the *global* expert index in
+full names) live on one expert-parallel rank each: rank r of EP holds experts
+``[r E/EP, (r+1) E/EP)`` as its local experts 0.. E/EP-1, and their tensor-parallel shards are cut
+over the expert-tensor-parallel group (``--expert-tensor-parallel-size``), not the TP group. The
+router and the shared expert are ordinary (replicated / TP-sharded) parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from .errors import UserError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 
@@ -29,15 +36,43 @@ def to_global_name(local_name: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name)
 
 
-def is_glu_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+def is_expert(name: str) -> bool:
+    """Whether ``name`` is a routed expert's tensor (sharded over EP and expert-TP)."""
+    return ".mlp.experts." in name
 
 
-def _tp():
+def expert_offset(model) -> int:
+    """Global index of this expert-parallel rank's first expert (0 for dense models and EP 1)."""
+    experts = getattr(getattr(model, "config", None), "num_moe_experts", None)
+    if not experts:
+        return 0
     from megatron.core import parallel_state
 
+    return parallel_state.get_expert_model_parallel_rank() * (
+        experts // parallel_state.get_expert_model_parallel_world_size())
+
+
+def is_glu_fc1(name: str) -> bool:
+    return name.endswith("linear_fc1.weight") or name.endswith("linear_fc1.bias")
+
+
+def _tp(name: str = ""):
+    """(rank, size) of the group that shards ``name``: expert-TP for experts, else TP."""
+    from megatron.core import parallel_state
+
+    if is_expert(name):
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
     return (parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_world_size())
+
+
+def _tp_group(name: str):
+    from megatron.core import parallel_state
+
+    if is_expert(name):
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def shard_ranges(name: str, full_shape, param: torch.Tensor, tp_rank: int, tp: int):
@@ -92,6 +127,9 @@ def canonical_name(name: str) -> str:
 def full_name(model, local_name: str) -> str:
     """Global name of a local parameter; a tied output-layer copy maps to the embedding."""
     name = canonical_name(to_global_name(local_name, layer_offset(model)))
+    if ".local_experts." in name:
+        offset = expert_offset(model)
+        name = _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + offset}.", name)
     if name == OUTPUT and getattr(model, "share_embeddings_and_output_weights", False):
         return EMBEDDING
     return name
@@ -112,9 +150,9 @@ def _vocab_rows_reader(read, stored_rows: int):
 
 @torch.no_grad()
 def _load(model, has, full_shape, read, source: str, strict: bool, vocab_rows: bool = False) -> None:
-    tp_rank, tp = _tp()
     for local_name, param in model.named_parameters():
         name = full_name(model, local_name)
+        tp_rank, tp = _tp(name)
         if not has(name):
             if strict:
                 raise UserError(f"{source}: tensor {name!r} (for parameter {local_name}) is missing")
@@ -157,14 +195,12 @@ def load_from_store(model, store, strict: bool = True, vocab_rows: bool = False)
 def gather_tensor_parallel(name: str, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """Collective over the TP group: the full tensor of ``name`` from every rank's ``tensor``
     (``param``'s shard, or its gradient), in Megatron's full layout (see :func:`unshard`)."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    _, tp = _tp(name)
     tensor = tensor.detach().contiguous()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(tp)]
-    torch.distributed.all_gather(parts, tensor, group=parallel_state.get_tensor_model_parallel_group())
+    torch.distributed.all_gather(parts, tensor, group=_tp_group(name))
     return unshard(name, parts, param)
 
 
@@ -192,6 +228,13 @@ def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Ten
                 local[name] = local[name] + value
             continue
         local[name] = value
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if ep > 1:  # each expert-parallel rank holds its own experts: every rank gets all of them
+        mine = {n: v for n, v in local.items() if is_expert(n)}
+        ranks: list = [None] * ep
+        torch.distributed.all_gather_object(ranks, mine, group=parallel_state.get_expert_model_parallel_group())
+        for part in ranks:
+            local.update(part)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     stages: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(stages, local, group=pp_group)

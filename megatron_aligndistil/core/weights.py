@@ -247,34 +247,42 @@ def load_weights(model, path: str, vocab_rows: bool = False) -> None:
 def export_release(policy, arch, load: str, out: str) -> None:
     """Collective: write the policy (this rank's pipeline stage, or its list of model chunks) in
     the converted format to ``out`` (loadable at any layout, exportable to HF). Each pipeline
-    rank's TP-rank-0/DP-rank-0 gathers and writes its own tensors, one at a time; rank 0 writes
-    the index and publishes the directory atomically."""
+    rank's TP-rank-0/DP-rank-0 gathers and writes its own tensors, one at a time, and each
+    expert-parallel rank's experts are written by their expert-TP-rank-0 / expert-DP-rank-0; rank
+    0 writes the index and publishes the directory atomically."""
     from megatron.core import parallel_state
 
-    writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
-                   and parallel_state.get_data_parallel_rank() == 0)
+    # one writer per tensor: TP rank 0 of data-parallel replica 0; for a routed expert (held by
+    # one expert-parallel rank) expert-TP rank 0 of its expert-data-parallel replica 0
+    dense_writer = (parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_data_parallel_rank() == 0)
+    expert_writer = (parallel_state.get_expert_tensor_parallel_rank() == 0
+                     and parallel_state.get_expert_data_parallel_rank() == 0)
     stage = parallel_state.get_pipeline_model_parallel_rank()
+    files = {False: f"model-stage{stage:03d}.safetensors",
+             True: f"model-stage{stage:03d}-experts{parallel_state.get_expert_model_parallel_rank():03d}.safetensors"}
     tmp = out + ".tmp"
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    tensors = {}
+    tensors = {False: {}, True: {}}  # by is-expert
     chunks = policy if isinstance(policy, (list, tuple)) else [policy]
     for chunk, local_name, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
         name = sharding.full_name(chunk, local_name)
         if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
             continue  # tied copy on the last stage: the first stage writes the embedding
         full = sharding.gather_tensor_parallel(name, param, param.data)
-        if writer_rank:
-            tensors[name] = full.to(getattr(torch, arch.torch_dtype)).cpu()
+        expert = sharding.is_expert(name)
+        if expert_writer if expert else dense_writer:
+            tensors[expert][name] = full.to(getattr(torch, arch.torch_dtype)).cpu()
     weight_map = {}
-    if writer_rank and tensors:
-        from safetensors.torch import save_file
+    for expert, mine in tensors.items():
+        if mine:
+            from safetensors.torch import save_file
 
-        fname = f"model-stage{stage:03d}.safetensors"
-        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        weight_map = {k: fname for k in tensors}
+            save_file(mine, os.path.join(tmp, files[expert]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(mine, files[expert]))
     maps = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(maps, weight_map)
     if torch.distributed.get_rank() == 0:

@@ -1,4 +1,5 @@
-"""Qwen2 / Qwen2.5 / Qwen3 dense models as Megatron-Core GPT models: config, layer spec, builder.
+"""Qwen2 / Qwen2.5 / Qwen3 dense and Qwen2-MoE / Qwen3-MoE models as Megatron-Core GPT models:
+config, layer spec, builder.
 
 The architecture is described by :class:`QwenArch`, read from a Hugging Face ``config.json`` and
 stored next to every Megatron checkpoint this package writes, so a checkpoint rebuilds its model
@@ -23,7 +24,8 @@ from ..core.weights import ARCH_FILE
 # lcm(128 * tp for tp in 1, 2, 4, 8) = 1024. Padding rows are zero and masked in every softmax.
 VOCAB_PAD_MULTIPLE = 1024
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 class ArchitectureError(UserError):
@@ -32,9 +34,10 @@ class ArchitectureError(UserError):
 
 @dataclass(frozen=True)
 class QwenArch:
-    """What Megatron needs to know of a Qwen dense causal LM. Sizes in elements, not bytes."""
+    """What Megatron needs to know of a Qwen causal LM. Sizes in elements, not bytes. The MoE fields
+    are 0 / empty for dense models (and in the arch files those wrote)."""
 
-    model_type: str  # "qwen2" (Qwen2 and Qwen2.5) or "qwen3"
+    model_type: str  # "qwen2" (Qwen2 and Qwen2.5), "qwen3", "qwen2_moe" or "qwen3_moe"
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -49,6 +52,23 @@ class QwenArch:
     qk_layernorm: bool  # Qwen3: True
     tie_word_embeddings: bool
     torch_dtype: str = "float32"  # dtype of the HF weights (bf16 kept bf16 on export)
+    num_experts: int = 0  # routed experts of each MoE layer (0: a dense model)
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_ffn_hidden_size: int = 0  # a routed expert's intermediate size (HF moe_intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the top-k routing probabilities to sum 1
+    moe_layers: tuple = ()  # the layers with a sparse MLP; the others are dense (ffn_hidden_size)
+    shared_expert_ffn_hidden_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+
+    def __post_init__(self):
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))  # a list when read from JSON
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layer_pattern(self) -> list[int]:
+        """Megatron's ``moe_layer_freq`` list: 1 for a sparse layer, 0 for a dense one."""
+        return [int(i in self.moe_layers) for i in range(self.num_layers)]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -66,8 +86,10 @@ class QwenArch:
                 f"model_type {model_type!r} is not supported (supported: Qwen2/Qwen2.5 'qwen2', "
                 f"Qwen3 'qwen3' dense models; MoE variants are not supported)"
             )
-        if get("num_experts") or get("num_local_experts"):
-            raise ArchitectureError(f"{model_type}: mixture-of-experts models are not supported")
+        if model_type not in MOE_MODEL_TYPES and (get("num_experts") or get("num_local_experts")):
+            raise ArchitectureError(f"{model_type}: a dense model type with experts (num_experts="
+                                    f"{get('num_experts') or get('num_local_experts')}); MoE models are "
+                                    f"{' or '.join(MOE_MODEL_TYPES)}")
         layer_types = get("layer_types")
         if get("use_sliding_window", False) or (
             layer_types and any(t != "full_attention" for t in layer_types)
@@ -104,6 +126,11 @@ class QwenArch:
         dtype = get("torch_dtype") or get("dtype") or "float32"
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")
+        moe = _moe_fields(model_type, get) if model_type in MOE_MODEL_TYPES else {}
+        if model_type == "qwen2_moe":
+            qkv_bias = bool(get("qkv_bias", True))
+        else:
+            qkv_bias = model_type == "qwen2" or bool(get("attention_bias", False))
         return cls(
             model_type=model_type,
             num_layers=get("num_hidden_layers"),
@@ -116,10 +143,11 @@ class QwenArch:
             max_position_embeddings=get("max_position_embeddings"),
             rope_theta=float(rope_theta),
             norm_eps=get("rms_norm_eps"),
-            qkv_bias=True if model_type == "qwen2" else bool(get("attention_bias", False)),
-            qk_layernorm=model_type == "qwen3",
+            qkv_bias=qkv_bias,
+            qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             torch_dtype=str(dtype),
+            **moe,
         )
 
     def to_json(self) -> str:
@@ -130,8 +158,14 @@ class QwenArch:
         with open(path) as f:
             return cls(**json.load(f))
 
-    def check_layout(self, tp: int, pp: int, vpp: int = 1) -> None:
-        """Raise :class:`UserError` naming the flag when TP / PP / virtual stages cannot split this model."""
+    def check_layout(self, tp: int, pp: int, vpp: int = 1, ep: int = 1) -> None:
+        """Raise :class:`UserError` naming the flag when TP / PP / virtual stages / EP cannot split this model."""
+        if ep > 1 and not self.is_moe:
+            raise UserError(f"--expert-model-parallel-size {ep} needs a mixture-of-experts model; this "
+                            f"{self.model_type} model is dense")
+        if self.is_moe and self.num_experts % ep:
+            raise UserError(f"--expert-model-parallel-size {ep} does not divide the model's {self.num_experts} "
+                            "experts per MoE layer")
         for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
             if not isinstance(size, int) or size < 1:
                 raise UserError(f"{flag} {size} must be a positive integer")
@@ -160,12 +194,48 @@ class QwenArch:
 
 
 
+def _moe_fields(model_type: str, get) -> dict:
+    """QwenArch's MoE fields from a Qwen2-MoE / Qwen3-MoE HF config; :class:`ArchitectureError`
+    naming the field for what the models cannot mean or this package does not map."""
+    def positive(key):
+        value = get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ArchitectureError(f"{model_type} config: {key} must be a positive integer, got {value!r}")
+        return value
+
+    # the released configs say num_experts; transformers 5 writes Qwen3-MoE's as num_local_experts
+    experts = positive("num_experts" if get("num_experts") is not None else "num_local_experts")
+    top_k = positive("num_experts_per_tok")
+    if top_k > experts:
+        raise ArchitectureError(f"{model_type} config: num_experts_per_tok {top_k} exceeds num_experts {experts}")
+    layers, step = positive("num_hidden_layers"), get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ArchitectureError(f"{model_type} config: decoder_sparse_step must be a positive integer, got {step!r}")
+    dense = get("mlp_only_layers") or []
+    bad = [i for i in dense if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layers]
+    if bad:
+        raise ArchitectureError(f"{model_type} config: mlp_only_layers {bad} are not layers of the "
+                                f"{layers}-layer model")
+    # the rule of the HF models: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer
+    moe_layers = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    if not moe_layers:
+        raise ArchitectureError(f"{model_type} config: no layer is sparse (decoder_sparse_step {step}, "
+                                f"mlp_only_layers {dense}): convert it as a dense model")
+    fields = dict(num_experts=experts, num_experts_per_tok=top_k, moe_ffn_hidden_size=positive("moe_intermediate_size"),
+                  norm_topk_prob=bool(get("norm_topk_prob", False)), moe_layers=moe_layers)
+    if model_type == "qwen2_moe":
+        fields["shared_expert_ffn_hidden_size"] = positive("shared_expert_intermediate_size")
+    return fields
+
+
 def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool = False,
                        sequence_parallel: bool = False, recompute_granularity=None,
                        recompute_method=None, recompute_num_layers=None, tp: int | None = None,
-                       pp: int | None = None, vpp: int | None = None):
+                       pp: int | None = None, vpp: int | None = None, moe_options: dict | None = None):
     """A Megatron ``TransformerConfig`` for ``arch`` under the current (or given) TP/PP sizes and
-    virtual pipeline stages per pipeline rank (``vpp``; None: Megatron's current setting)."""
+    virtual pipeline stages per pipeline rank (``vpp``; None: Megatron's current setting).
+    ``moe_options``: MoE fields over :func:`_moe_config`'s (dispatcher, balancing loss, router
+    dtype: ``TrainingConfig.moe_options``); ignored for dense models."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -176,7 +246,7 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         pp = parallel_state.get_pipeline_model_parallel_world_size()
     if vpp is None:
         vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
-    arch.check_layout(tp, pp, vpp)
+    arch.check_layout(tp, pp, vpp, ep=_expert_parallel_size())
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -217,7 +287,37 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
         init_method_std=0.02,
+        **(_moe_config(arch) | (moe_options or {}) if arch.is_moe else {}),
     )
+
+
+def _moe_config(arch: QwenArch) -> dict:
+    """TransformerConfig fields of a Qwen MoE: the HF models' routing, exactly, with no token
+    dropping (no capacity factor) and no auxiliary loss (the training flags add it, issue 30)."""
+    shared = arch.shared_expert_ffn_hidden_size
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_layer_freq=arch.moe_layer_pattern(),
+        # HF: softmax over all experts, then the top k; norm_topk_prob renormalises them, which is
+        # a softmax over the top k logits (Megatron's order without pre-softmax)
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_shared_expert_gate=shared > 0,
+        expert_model_parallel_size=_expert_parallel_size(),
+    )
+
+
+def _expert_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+        else 1
 
 
 def use_transformer_engine(impl: str = "auto") -> bool:
@@ -243,7 +343,8 @@ def use_transformer_engine(impl: str = "auto") -> bool:
 def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto", vp_stage: int | None = None):
     """Block spec of one model chunk (``vp_stage``: its virtual stage; None without virtual stages):
     TransformerEngine layers on GPUs with TE, else Megatron's local layers with an HF-exact RMSNorm
-    (the CPU path and the tested one)."""
+    (the CPU path and the tested one). A MoE model's sparse layers (``arch.moe_layers``, by global
+    layer number) get Megatron's MoE layer (router, experts, shared expert), the others a dense MLP."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -257,16 +358,31 @@ def layer_spec(arch: QwenArch, config, transformer_impl: str = "auto", vp_stage:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        te_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-        return TransformerBlockSubmodules(layer_specs=[te_spec] * n, layer_norm=TENorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
-    sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
-    if arch.qk_layernorm:
-        sub.self_attention.submodules.q_layernorm = RMSNorm
-        sub.self_attention.submodules.k_layernorm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
+        def spec_of(num_experts=None):
+            return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                              qk_layernorm=arch.qk_layernorm)
+        final_norm = TENorm
+    else:
+        def spec_of(num_experts=None):
+            spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                            qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+            sub = spec.submodules
+            sub.input_layernorm = RMSNorm
+            sub.pre_mlp_layernorm = RMSNorm
+            if arch.qk_layernorm:
+                sub.self_attention.submodules.q_layernorm = RMSNorm
+                sub.self_attention.submodules.k_layernorm = RMSNorm
+            return spec
+        final_norm = RMSNorm
+    dense = spec_of()
+    if not arch.is_moe:
+        return TransformerBlockSubmodules(layer_specs=[dense] * n, layer_norm=final_norm)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    sparse = spec_of(arch.num_experts)
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)  # this chunk's first global layer
+    return TransformerBlockSubmodules(layer_specs=[sparse if first + i in arch.moe_layers else dense for i in range(n)],
+                                      layer_norm=final_norm)
 
 
 def build_model(arch: QwenArch, config, *, pre_process=None, post_process=None, transformer_impl: str = "auto",

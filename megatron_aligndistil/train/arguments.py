@@ -26,7 +26,7 @@ CONFIGS = {
 _HELP = {"aligndistil": "token-level distillation from DPO / reverse-DPO teachers",
          "sft": "supervised fine-tuning on response tokens (the step-time baseline)",
          "dpo": "DPO (or reverse DPO) against a frozen reference model"}
-GROUPS = ("parallelism", "batch and schedule", "optimizer (AdamW)", "data", "checkpoints and logging", "dry run",
+GROUPS = ("parallelism", "mixture of experts", "batch and schedule", "optimizer (AdamW)", "data", "checkpoints and logging", "dry run",
           "AlignDistil", "AlignDistil on-policy rollouts", "DPO")
 
 

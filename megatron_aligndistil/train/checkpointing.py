@@ -33,6 +33,7 @@ _IDENTITY_PATHS = ("load", "data_path", "dpo_load", "rev_load", "ref_load")
 _IDENTITY_VALUES = ("method", "reverse", "rollout", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "use_distributed_optimizer")
 LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size",
                  "num_virtual_stages_per_pipeline_rank", "use_distributed_optimizer")
 # what Megatron-LM's --override-opt_param-scheduler lets a resumed run change on purpose
 SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "weight_decay", "train_iters")

@@ -96,8 +96,18 @@ class Trainer:
         policy_source = self.resume_dir or cfg.load
         self.arch = qwen.read_arch(policy_source)
         self.layout = parallel.Layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                                      cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers))
+                                      cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers),
+                                      ep=cfg.expert_model_parallel_size, etp=cfg.expert_tensor_parallel_size)
+        self.arch.check_layout(self.layout.tp, self.layout.pp, self.layout.vpp, self.layout.ep)
+        if self.method.on_policy and self.layout.ep > 1:
+            # each data-parallel replica samples its own prompts for its own number of steps, and
+            # an expert-parallel MoE layer needs every EP rank in each forward
+            raise UserError(f"--rollout on-policy with --expert-model-parallel-size {self.layout.ep} is not "
+                            "supported yet: sample with --expert-model-parallel-size 1")
         parallel.init_model_parallel(self.layout, seed=cfg.seed)
+        if self.arch.is_moe and cfg.moe_token_dispatcher_type != "allgather" and platform.backend() != "nccl":
+            raise UserError(f"--moe-token-dispatcher-type {cfg.moe_token_dispatcher_type} needs NCCL (GPUs); this "
+                            f"run's backend is {platform.backend()}: use --moe-token-dispatcher-type allgather")
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         per_step = cfg.micro_batch_size * self.dp_size
@@ -135,9 +145,12 @@ class Trainer:
             sequence_parallel=cfg.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
             recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
             recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
-            vpp=self.layout.vpp,
+            vpp=self.layout.vpp, moe_options=cfg.moe_options(),
         )
         self.transformer_config.calculate_per_token_loss = True
+        # frozen models route like the policy but add no load-balancing loss
+        self.frozen_config = dataclasses.replace(self.transformer_config, moe_router_load_balancing_type="none",
+                                                 moe_aux_loss_coeff=0.0) if self.arch.is_moe else self.transformer_config
         self.model = self._build_models(frozen, policy_source)
         self.optimizer = self._build_optimizer()
         self.train_iters = cfg.train_iters or max(1, len(self.data) // cfg.global_batch_size)
@@ -194,7 +207,7 @@ class Trainer:
 
         impl = self.cfg.transformer_impl
         policy = qwen.build_chunks(self.arch, self.transformer_config, impl)
-        frozen_models = {spec.role: qwen.build_chunks(self.arch, self.transformer_config, impl) for spec in frozen}
+        frozen_models = {spec.role: qwen.build_chunks(self.arch, self.frozen_config, impl) for spec in frozen}
         if not self.resume_dir:
             for chunk in policy:
                 weights.load_weights(chunk, policy_source)
@@ -279,8 +292,19 @@ class Trainer:
         if self.method.on_policy:
             mine, rollout = self._rollout(mine, first_sample=self.consumed + lo)
         multiple = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
-        batches, seq_len = self.method.micro_batches(mine, self.rows, multiple,
-                                                     pack_length=cfg.seq_length if cfg.pack_sequences else None)
+        pack_length = cfg.seq_length if cfg.pack_sequences else None
+        batches, seq_len = self.method.micro_batches(mine, self.rows, multiple, pack_length=pack_length)
+        if self.layout.ep > 1:
+            # expert-parallel ranks (other data-parallel replicas) exchange their tokens in every MoE
+            # layer: one row length for all of them, the longest
+            from megatron.core import parallel_state
+
+            longest = torch.tensor([seq_len], device=platform.device())
+            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX,
+                                         group=parallel_state.get_expert_tensor_and_model_parallel_group())
+            if int(longest) > seq_len:
+                batches, seq_len = self.method.micro_batches(mine, self.rows, multiple, pack_length=pack_length,
+                                                             at_least=int(longest))
         return batches, seq_len, rollout
 
     def _rollout(self, prompts, first_sample: int):
@@ -306,6 +330,26 @@ class Trainer:
         n, length, stopped = stats.cpu().tolist()
         return records, {"rollout_s": time.time() - t0, "response_len_mean": length / n, "eos_rate": stopped / n}
 
+    def _set_balancing_loss_weight(self, batches) -> bool:
+        """With a MoE router load-balancing loss: weight it for this step and return True.
+
+        Megatron's router adds ``coeff x aux_mb x T_mb`` per micro-batch (T_mb its non-padding
+        tokens, as ``calculate_per_token_loss`` expects) and the gradients are divided by the
+        global example count N (here records, not tokens). The coefficient it reads is therefore
+        set to ``coeff x N / T``, T the global batch's non-padding input tokens: the loss added is
+        ``coeff x`` the token-weighted mean of the micro-batches' balancing losses, summed over
+        layers (Megatron-LM's per-token semantics). One all-reduce of one number per step."""
+        cfg = self.cfg
+        if not (self.arch.is_moe and cfg.moe_aux_loss_coeff > 0 and cfg.moe_router_load_balancing_type != "none"):
+            return False
+        from megatron.core import parallel_state
+
+        tokens = torch.tensor([float(sum(int((b.seq_index >= 0).sum()) for b in batches))], device=platform.device())
+        torch.distributed.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        self.transformer_config.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff * cfg.global_batch_size / max(
+            float(tokens), 1.0)
+        return True
+
     def forward_backward(self, batches, seq_len: int) -> dict:
         """Forward and backward over this rank's micro-batches (one schedule call); gradients
         reduced over DP and divided by the global example count. Returns the step's global sums
@@ -329,9 +373,10 @@ class Trainer:
             groups |= {"mismatch": (MISMATCH_SUMS, REPLICA), "mismatch_max": (MISMATCH_MAXES, MAX)}
         self._statistics, self._step_sums = StepStatistics(groups), None
         try:
+            balancing = self._set_balancing_loss_weight(batches)
             drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
                   rows=pipeline_rows(self.rows, self.stages[0].num_models), thd=self.thd,
-                  model_kwargs={"fp32_output": False} if self.cfg.bf16 else None)
+                  model_kwargs={"fp32_output": False} if self.cfg.bf16 else None, padding_mask=balancing)
         except RuntimeError as exc:  # Megatron's DDP check (check_for_nan_in_grad) found NaN / Inf
             if "found NaN" in str(exc) or "found Inf" in str(exc):
                 raise TrainingDiverged(self.iteration + 1, str(exc)) from exc

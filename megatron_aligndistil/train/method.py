@@ -70,12 +70,14 @@ class Method:
         """Called with the global sums of the run's first iteration, before its optimizer step:
         raise a ``UserError`` when they show the method cannot learn anything (degenerate inputs)."""
 
-    def micro_batches(self, records, rows: int, multiple: int = 1, pack_length: int | None = None):
+    def micro_batches(self, records, rows: int, multiple: int = 1, pack_length: int | None = None,
+                      at_least: int = 0):
         """This rank's micro-batches for ``records``. Unpacked: ``rows`` // sequences per record
         records per micro-batch, one sequence per row, all rows padded to the longest sequence.
         Packed (``pack_length``): rows of up to ``pack_length`` positions holding whole sequences,
         ``rows`` rows per micro-batch. Row length rounded up to ``multiple`` (TP under sequence
-        parallelism); the same for every micro-batch, as the pipeline needs one shape."""
+        parallelism); the same for every micro-batch, as the pipeline needs one shape, and at least
+        ``at_least`` (the longest of the ranks whose tokens meet in an expert-parallel dispatch)."""
         per_record = [self.sequences(r) for r in records]
         if pack_length is None:
             k = rows // self.sequences_per_record
@@ -84,7 +86,7 @@ class Method:
         else:
             groups = pack_records(per_record, rows, pack_length)
         longest = max(sum(input_length(per_record[i][j]) for i, j in row) for g in groups for row in g if row)
-        seq_len = padded_length([longest], multiple)
+        seq_len = max(padded_length([longest], multiple), at_least)
         out = []
         for group in groups:
             records_here = sorted({i for row in group for i, _ in row})  # numbered by record, then j

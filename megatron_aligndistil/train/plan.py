@@ -36,10 +36,12 @@ def make_plan(args, world_size: int) -> dict:
     arch = resolve_arch(args.model_config or args.load)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = TrainingConfig.from_args(args).virtual_stages(arch.num_layers)
-    arch.check_layout(tp, pp, vpp)
+    ep = args.expert_model_parallel_size
+    arch.check_layout(tp, pp, vpp, ep)
     from ..core.parallel import Layout
 
-    dp = Layout(tp=tp, pp=pp, vpp=vpp).data_parallel_size(world_size)  # the trainer's own check
+    # the trainer's own checks
+    dp = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=args.expert_tensor_parallel_size).data_parallel_size(world_size)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
@@ -77,6 +79,8 @@ def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int,
     pipeline bubble (idle time / compute time of a step)."""
     from .. import memory
 
+    if arch.is_moe:  # a dense count would be silently wrong
+        return {"planned_gb_per_gpu": "not planned: the memory planner does not count experts yet (issue 30)"}
     lay = memory.Layout(
         tp=tp, pp=pp, vpp=vpp, dp=dp, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
         seq_length=args.seq_length, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,

@@ -1,0 +1,235 @@
+"""Issue 30 (part): Qwen3-MoE and Qwen2-MoE. Configs read with their sparse and dense layers;
+conversion HF -> Megatron -> HF tensor-equal; the forward equal to transformers' at EP2, TP2 x EP2,
+PP2 x EP2 and expert-TP 1 under TP2; AlignDistil and DPO iteration 1 equal to the float64 HF
+reference at EP2 (DP2), TP2 x EP2 and PP2 x EP2, with the same 3-iteration trajectory and the
+same exported release at every layout; the guards at their boundaries."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from hf_fixtures import saved_state_dict, tiny_hf_model
+from megatron_aligndistil.convert.mapping import hf_to_megatron, megatron_to_hf, megatron_tensor_count
+from megatron_aligndistil.core.errors import UserError
+from megatron_aligndistil.core.parallel import Layout
+from megatron_aligndistil.models.qwen import ArchitectureError, QwenArch
+from megatron_aligndistil.testing import megatron_logits, run_distributed
+from megatron_aligndistil.train.metrics import read_metrics
+from train_fixtures import (aligndistil_argv, dense_dpo, dense_first_iteration, dpo_argv, launch_train,
+                            make_setup_with_pairs, run_train)
+
+MOE_TYPES = ("qwen3_moe", "qwen2_moe")
+
+
+def test_moe_configs_are_read_with_their_sparse_and_dense_layers():
+    q3 = QwenArch.from_hf_config(tiny_hf_model("qwen3_moe").config)
+    assert (q3.num_experts, q3.num_experts_per_tok, q3.moe_ffn_hidden_size, q3.norm_topk_prob) == (4, 2, 32, True)
+    assert q3.moe_layers == (0, 1, 3) and q3.moe_layer_pattern() == [1, 1, 0, 1]  # mlp_only_layers [2]
+    assert q3.qk_layernorm and not q3.qkv_bias and q3.shared_expert_ffn_hidden_size == 0
+    q2 = QwenArch.from_hf_config(tiny_hf_model("qwen2_moe").config)
+    assert q2.moe_layers == (0, 1, 2, 3) and q2.shared_expert_ffn_hidden_size == 48 and q2.qkv_bias
+    assert not q2.norm_topk_prob and not q2.qk_layernorm
+    # decoder_sparse_step 2: every second layer sparse (HF: (i + 1) % step == 0)
+    cfg = dict(tiny_hf_model("qwen2_moe").config.to_dict(), decoder_sparse_step=2)
+    assert QwenArch.from_hf_config(cfg).moe_layers == (1, 3)
+    # the arch file of a MoE checkpoint reads back the same (moe_layers a JSON list)
+    assert QwenArch(**json.loads(q3.to_json())) == q3
+    dense = QwenArch.from_hf_config(tiny_hf_model("qwen3").config)
+    assert not dense.is_moe and dense.moe_layer_pattern() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 exceeds num_experts 4"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a positive integer, got 0"),
+    ({"num_experts": 0}, "num_experts must be a positive integer, got 0"),
+    ({"moe_intermediate_size": None}, "moe_intermediate_size must be a positive integer, got None"),
+    ({"mlp_only_layers": [4]}, "mlp_only_layers [4] are not layers of the 4-layer model"),
+    ({"mlp_only_layers": [0, 1, 2, 3]}, "no layer is sparse"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer, got 0"),
+    ({"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size must be a positive integer"),
+], ids=["top_k", "top_k_0", "experts_0", "ffn", "dense_layer", "all_dense", "step", "shared"])
+def test_bad_moe_configs_are_refused_naming_the_field(change, message):
+    cfg = tiny_hf_model("qwen2_moe").config.to_dict()
+    cfg.pop("num_local_experts", None)
+    cfg.update(change)
+    with pytest.raises(ArchitectureError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        QwenArch.from_hf_config(cfg)
+
+
+def test_a_dense_model_type_with_experts_is_refused():
+    cfg = dict(tiny_hf_model("qwen3").config.to_dict(), num_experts=8)
+    with pytest.raises(ArchitectureError, match="a dense model type with experts"):
+        QwenArch.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_conversion_round_trip_is_tensor_equal(model_type, tmp_path):
+    """Through the converter tools on disk (per-expert tensors, as the released checkpoints hold
+    them): HF -> Megatron -> HF gives every tensor back bit for bit."""
+    from safetensors.torch import load_file
+
+    from hf_fixtures import save_tiny_hf
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron, convert_megatron_to_hf
+
+    hf_dir = str(tmp_path / "hf")
+    save_tiny_hf(hf_dir, model_type, max_shard_size="10GB")
+    mc = convert_hf_to_megatron(hf_dir, str(tmp_path / "mc"), progress=False)
+    back = str(tmp_path / "back")
+    convert_megatron_to_hf(mc, back, progress=False)
+    original = {k: v for f in os.listdir(hf_dir) if f.endswith(".safetensors")
+                for k, v in load_file(os.path.join(hf_dir, f)).items()}
+    again = {k: v for f in os.listdir(back) if f.endswith(".safetensors")
+             for k, v in load_file(os.path.join(back, f)).items()}
+    assert sorted(again) == sorted(original) and any(".mlp.experts.3.down_proj" in k for k in original)
+    for name, tensor in original.items():
+        assert torch.equal(again[name], tensor), name
+    arch = QwenArch.from_hf_config(json.load(open(os.path.join(hf_dir, "config.json"))))
+    from megatron_aligndistil.core.store import TensorStore
+
+    with TensorStore(mc) as store:
+        assert len(store.keys()) == megatron_tensor_count(arch)
+
+
+def _logits_of_all(cases):
+    return [megatron_logits(*case) for case in cases]
+
+
+def test_forward_equals_transformers_at_expert_layouts():
+    """Both MoE families, fp32: the logits at each expert-parallel layout equal transformers' (the
+    router's top-k and its renormalisation, the dense layer among sparse ones, the shared expert
+    and its sigmoid gate)."""
+    cases, refs = [], []
+    for model_type in MOE_TYPES:
+        hf = tiny_hf_model(model_type, vocab_size=1001, seed=1)
+        arch = QwenArch.from_hf_config(hf.config)
+        full = dict(hf_to_megatron(arch, saved_state_dict(hf).__getitem__))
+        assert dict(megatron_to_hf(arch, full.__getitem__)).keys() == saved_state_dict(hf).keys()
+        tokens = torch.randint(0, 1001, (2, 10), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            refs.append(hf(tokens).logits)
+        cases.append((dataclasses.asdict(arch), full, tokens))
+    for layout, world in ((Layout(ep=2), 2), (Layout(tp=2, ep=2), 4), (Layout(pp=2, ep=2), 4),
+                          (Layout(tp=2, ep=2, etp=1), 4)):
+        for rank_out in run_distributed(_logits_of_all, world, args=(cases,), layout=layout):
+            for got, ref in zip(rank_out, refs):
+                if got is not None:  # the last pipeline stage
+                    torch.testing.assert_close(got[..., :1001], ref, rtol=1e-5, atol=1e-5, msg=str(layout))
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_setup(tmp_path_factory):
+    return make_setup_with_pairs(str(tmp_path_factory.mktemp("moe3")), model_type="qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe_setup(tmp_path_factory):
+    return make_setup_with_pairs(str(tmp_path_factory.mktemp("moe2")), model_type="qwen2_moe")
+
+
+EP2 = ["--expert-model-parallel-size", "2"]
+LAYOUTS = {"ep2": (EP2, 2), "tp2_ep2": (["--tensor-model-parallel-size", "2", "--sequence-parallel"] + EP2, 4),
+           "pp2_ep2": (["--pipeline-model-parallel-size", "2"] + EP2, 4)}
+
+
+def _run(argv, world):
+    assert run_distributed(run_train, world, args=(argv,), timeout=600) == [0] * world
+    return read_metrics(os.path.join(argv[argv.index("--save") + 1], "metrics.jsonl"))
+
+
+def _release(save):
+    from megatron_aligndistil.core.store import TensorStore
+
+    with TensorStore(os.path.join(save, "release")) as store:
+        return {name: store.get(name) for name in store.keys()}
+
+
+def test_aligndistil_on_qwen3_moe_matches_the_reference_at_every_expert_layout(qwen3_moe_setup, tmp_path):
+    """Policy and both teachers MoE, run in lockstep: iteration 1 equals the float64 HF reference
+    (1e-4) at EP2, TP2 x EP2 (sequence parallel) and PP2 x EP2; the 3-iteration trajectories and
+    the exported releases (every expert, written by its own EP rank) are equal across layouts."""
+    setup = qwen3_moe_setup
+    ref = dense_first_iteration(setup)
+    runs, releases = {}, {}
+    for name, (flags, world) in LAYOUTS.items():
+        save = str(tmp_path / name)
+        runs[name] = _run(aligndistil_argv(setup, save, *flags, iters=3), world)
+        releases[name] = _release(save)
+        assert runs[name][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), name
+        assert runs[name][0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
+        assert runs[name][0]["alpha_mean"] == pytest.approx(ref["alpha"], rel=1e-4), name
+    for name, metrics in runs.items():
+        for field in ("loss", "grad_norm", "kl"):
+            assert [m[field] for m in metrics] == pytest.approx([m[field] for m in runs["ep2"]], rel=1e-5), (name, field)
+        assert sorted(releases[name]) == sorted(releases["ep2"])
+        assert any(".local_experts.3." in n for n in releases[name])
+        for tensor_name, tensor in releases["ep2"].items():
+            torch.testing.assert_close(releases[name][tensor_name], tensor, rtol=1e-4, atol=1e-5,
+                                       msg=f"{name} {tensor_name}")
+
+
+def test_the_load_balancing_loss_is_weighted_the_same_at_every_layout(qwen3_moe_setup, tmp_path):
+    """--moe-aux-loss-coeff: the router's balancing loss joins the gradient (the norm changes; the
+    logged loss stays the method's), weighted as Megatron-LM's per-token semantics: coeff x the
+    token-weighted mean over the global batch, padding left out. So iteration 1's gradient norm is
+    the same at DP1, DP2 (other padding per rank), EP2, TP2 x EP2 with sequence parallelism and
+    PP2 x EP2. Before the weighting, Megatron's per-token scaling against our per-example
+    normalisation made it ~tokens-per-sequence times too strong, and padding-dependent."""
+    setup = qwen3_moe_setup
+    aux = ["--moe-aux-loss-coeff", "0.1", "--no-export"]
+    plain = _run(aligndistil_argv(setup, str(tmp_path / "plain"), "--no-export", iters=1), 1)
+    norms = {}
+    for name, (flags, world) in {"dp1": ([], 1), "dp2": ([], 2), **LAYOUTS}.items():
+        got = _run(aligndistil_argv(setup, str(tmp_path / name), *flags, *aux, iters=1), world)
+        assert got[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6), name  # the method's loss
+        norms[name] = got[0]["grad_norm"]
+    assert norms["dp1"] > 3 * plain[0]["grad_norm"]  # the balancing loss is in the gradient
+    for name, norm in norms.items():
+        assert norm == pytest.approx(norms["dp1"], rel=1e-5), (name, norms)
+
+
+@pytest.mark.parametrize("layout", ["ep2", "tp2_ep2", "pp2_ep2"])
+def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path, layout):
+    """The shared expert with its sigmoid gate, 4 experts top-2 without renormalisation; the
+    reference model MoE too, in lockstep."""
+    setup = qwen2_moe_setup
+    ref = dense_dpo(setup)
+    flags, world = LAYOUTS[layout]
+    got = _run(dpo_argv(setup, str(tmp_path / "dpo"), "--ref-load", setup["dpo"], *flags, "--no-export", iters=1), world)
+    assert got[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert got[0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+
+
+def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
+    """At their boundaries, each naming the flag: EP that does not divide the experts (3 of 4; 4
+    runs), EP on a dense model, --pack-sequences with EP, a dispatcher that needs NCCL on gloo,
+    on-policy sampling with EP."""
+    from megatron_aligndistil.train.arguments import parse_args
+    from megatron_aligndistil.train.plan import make_plan
+
+    setup = qwen3_moe_setup
+    arch = QwenArch.from_hf_config(tiny_hf_model("qwen3_moe").config)
+    with pytest.raises(UserError, match="--expert-model-parallel-size 3 does not divide the model's 4 experts"):
+        arch.check_layout(1, 1, 1, ep=3)
+    arch.check_layout(1, 1, 1, ep=4)
+    dense = QwenArch.from_hf_config(tiny_hf_model("qwen3").config)
+    with pytest.raises(UserError, match="--expert-model-parallel-size 2 needs a mixture-of-experts model"):
+        dense.check_layout(1, 1, 1, ep=2)
+    dense.check_layout(1, 1, 1, ep=1)
+    argv = aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run", *EP2)
+    plan = make_plan(parse_args(argv), 2)
+    assert plan["data_parallel"] == 2 and "not planned" in plan["planned_gb_per_gpu"]
+    with pytest.raises(UserError, match="not divisible by the expert layout"):
+        make_plan(parse_args(aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run",
+                                              "--expert-model-parallel-size", "4")), 2)
+    with pytest.raises(SystemExit):
+        parse_args(aligndistil_argv(setup, str(tmp_path / "p"), "--pack-sequences", *EP2))
+    parse_args(aligndistil_argv(setup, str(tmp_path / "p"), "--pack-sequences"))  # EP 1: packing is fine
+    done = launch_train(aligndistil_argv(setup, str(tmp_path / "a2a"), "--moe-token-dispatcher-type", "alltoall"),
+                        nproc=1)
+    assert done.returncode == 2 and "--moe-token-dispatcher-type alltoall needs NCCL" in done.stderr, done.stderr[-2000:]
+    done = launch_train(aligndistil_argv(setup, str(tmp_path / "onp"), *EP2, "--rollout", "on-policy",
+                                         "--stop-token-ids", "3"), nproc=2)
+    assert done.returncode != 0 and "--rollout on-policy with --expert-model-parallel-size 2" in done.stderr
