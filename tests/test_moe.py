@@ -1,8 +1,9 @@
 """Issue 30 (part): Qwen3-MoE and Qwen2-MoE. Configs read with their sparse and dense layers;
 conversion HF -> Megatron -> HF tensor-equal; the forward equal to transformers' at EP2, TP2 x EP2,
 PP2 x EP2 and expert-TP 1 under TP2; AlignDistil and DPO iteration 1 equal to the float64 HF
-reference at EP2 (DP2), TP2 x EP2 and PP2 x EP2, with the same 3-iteration trajectory and the
-same exported release at every layout; the guards at their boundaries."""
+reference (AlignDistil at EP2 (DP2), TP2 x EP2 and PP2 x EP2, with the same 3-iteration trajectory
+and the same exported release at every layout; DPO at TP2 x EP2 and PP2 x EP2); the balancing
+loss's weight; the guards at their boundaries."""
 
 import dataclasses
 import json
@@ -174,32 +175,33 @@ def test_the_load_balancing_loss_is_weighted_the_same_at_every_layout(qwen3_moe_
     """--moe-aux-loss-coeff: the router's balancing loss joins the gradient (the norm changes; the
     logged loss stays the method's), weighted as Megatron-LM's per-token semantics: coeff x the
     token-weighted mean over the global batch, padding left out. So iteration 1's gradient norm is
-    the same at DP1, DP2 (other padding per rank), EP2, TP2 x EP2 with sequence parallelism and
-    PP2 x EP2. Before the weighting, Megatron's per-token scaling against our per-example
+    the same at DP1, TP2 x EP2 with sequence parallelism (DP2: other padding per rank) and PP2 x EP2. Before the weighting, Megatron's per-token scaling against our per-example
     normalisation made it ~tokens-per-sequence times too strong, and padding-dependent."""
     setup = qwen3_moe_setup
+    ref = dense_first_iteration(setup)  # without the balancing loss
     aux = ["--moe-aux-loss-coeff", "0.1", "--no-export"]
-    plain = _run(aligndistil_argv(setup, str(tmp_path / "plain"), "--no-export", iters=1), 1)
     norms = {}
-    for name, (flags, world) in {"dp1": ([], 1), "dp2": ([], 2), **LAYOUTS}.items():
+    layouts = {"dp1": ([], 1), "tp2_ep2": LAYOUTS["tp2_ep2"], "pp2_ep2": LAYOUTS["pp2_ep2"]}
+    for name, (flags, world) in layouts.items():
         got = _run(aligndistil_argv(setup, str(tmp_path / name), *flags, *aux, iters=1), world)
-        assert got[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6), name  # the method's loss
+        assert got[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), name  # the method's loss
         norms[name] = got[0]["grad_norm"]
-    assert norms["dp1"] > 3 * plain[0]["grad_norm"]  # the balancing loss is in the gradient
+    assert norms["dp1"] > 3 * ref["grad_norm"]  # the balancing loss is in the gradient
     for name, norm in norms.items():
         assert norm == pytest.approx(norms["dp1"], rel=1e-5), (name, norms)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "tp2_ep2", "pp2_ep2"])
-def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path, layout):
+def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path):
     """The shared expert with its sigmoid gate, 4 experts top-2 without renormalisation; the
-    reference model MoE too, in lockstep."""
+    reference model MoE too, in lockstep. TP2 x EP2 (4 ranks: DP2, EP2) and PP2 x EP2."""
     setup = qwen2_moe_setup
     ref = dense_dpo(setup)
-    flags, world = LAYOUTS[layout]
-    got = _run(dpo_argv(setup, str(tmp_path / "dpo"), "--ref-load", setup["dpo"], *flags, "--no-export", iters=1), world)
-    assert got[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-    assert got[0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+    for layout in ("tp2_ep2", "pp2_ep2"):
+        flags, world = LAYOUTS[layout]
+        got = _run(dpo_argv(setup, str(tmp_path / layout), "--ref-load", setup["dpo"], *flags, "--no-export",
+                            iters=1), world)
+        assert got[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), layout
+        assert got[0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), layout
 
 
 def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):

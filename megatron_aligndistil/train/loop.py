@@ -294,7 +294,7 @@ class Trainer:
         multiple = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
         pack_length = cfg.seq_length if cfg.pack_sequences else None
         batches, seq_len = self.method.micro_batches(mine, self.rows, multiple, pack_length=pack_length)
-        if self.layout.ep > 1:
+        if cfg.expert_model_parallel_size > 1:
             # expert-parallel ranks (other data-parallel replicas) exchange their tokens in every MoE
             # layer: one row length for all of them, the longest
             from megatron.core import parallel_state
