@@ -34,7 +34,8 @@ class DistributedError(RuntimeError):
 # rank gets the caller's current environment. ALIGNDISTIL_START_METHOD=spawn starts each rank as
 # a fresh interpreter instead.
 _PRELOAD = ["torch", "numpy", "megatron.core.parallel_state", "megatron.core.models.gpt",
-            "megatron.core.optimizer", "megatron.core.pipeline_parallel", "transformers",
+            "megatron.core.optimizer", "megatron.core.pipeline_parallel",
+            "megatron.core.dist_checkpointing.strategies.filesystem_async", "transformers",
             "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3"]
 
 
@@ -46,7 +47,23 @@ def _context():
     return ctx
 
 
+def _in_process_checkpoint_queue() -> None:
+    """Megatron's checkpoint writer reports its write results through a queue that it makes, once
+    per process, from a ``Manager`` started with ``spawn``: a fresh interpreter per rank, ~2-3 s of
+    a 2-core machine, most of a tiny test run's time. The saves here are synchronous: the rank
+    itself gathers its forked writers' results, puts them in that queue and reads them back, which
+    an in-process queue serves the same way (its ``put`` is immediate, as a Manager queue's; a
+    multiprocessing queue's is not). Ranks of :func:`run_distributed` only; ``torchrun`` launches
+    keep Megatron's own queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()
+
+
 def _worker(rank, world_size, port, outdir, fn, args, kwargs, layout, seed, env):
+    _in_process_checkpoint_queue()
     os.environ.clear()
     os.environ.update(env)  # the caller's environment now, not the fork server's at its start
     os.environ.update(

@@ -12,6 +12,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 workers=${PYTEST_WORKERS:-2}
 parallel=()
 if [ "$workers" -gt 1 ]; then
-  parallel=(-n "$workers" --dist loadfile)
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)  # longest files first: tests/conftest.py
 fi
 exec "$venv/bin/python" -m pytest -q "${parallel[@]}" tests "$@"

@@ -18,3 +18,17 @@ def tiny_arch(model_type="qwen2", tied=False, vocab_size=1000, num_layers=4, **o
         tie_word_embeddings=tied,
     )
     return dataclasses.replace(arch, **overrides)
+
+
+# The longest files on 2 cores (--durations, pytest-xdist workers take one file at a time), run
+# first so that no worker is left alone with a long file at the end of the suite; the other files
+# follow in their usual order. run_tests.sh passes --no-loadscope-reorder (xdist's own order is
+# by test count, not by time).
+LONGEST_FIRST = ("test_train_aligndistil.py", "test_rollout_vllm.py", "test_quickstart.py", "test_real_configs.py",
+                 "test_virtual_pipeline.py", "test_moe.py", "test_convert_tools.py", "test_real_vocab.py",
+                 "test_examples.py", "test_memory_planner.py", "test_edges.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: each file's order kept
