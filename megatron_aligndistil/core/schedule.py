@@ -81,12 +81,33 @@ def model_chunks(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _post_process(chunk) -> bool:
-    """Whether a (wrapped: DDP, Float16Module) model chunk ends the pipeline: it holds the output
-    layer and its outputs are scored."""
-    while not hasattr(chunk, "post_process") and hasattr(chunk, "module"):
+def _stage_flag(chunk, name: str) -> bool:
+    """A (wrapped: DDP, Float16Module) model chunk's ``pre_process`` (it holds the embedding)
+    or ``post_process`` (it holds the output layer; its outputs are scored)."""
+    while not hasattr(chunk, name) and hasattr(chunk, "module"):
         chunk = chunk.module
-    return chunk.post_process
+    return getattr(chunk, name)
+
+
+def _post_process(chunk) -> bool:
+    return _stage_flag(chunk, "post_process")
+
+
+def _padding_mask(chunk, batch, dev) -> torch.Tensor:
+    """The padding positions ``[b, s]`` (True: padding) that ``chunk``'s MoE routers take.
+    Under sequence parallelism each TP rank routes its ``s / TP`` slice of the sequence: the
+    chunk holding the embedding scatters the mask itself (Megatron's GPTModel), a later chunk
+    is given its slice here (GPTModel passes a later stage's mask through unchanged)."""
+    from megatron.core import parallel_state
+
+    mask = (batch.seq_index < 0).to(dev)
+    config = _stage_flag(chunk, "config")
+    if config.sequence_parallel and not _stage_flag(chunk, "pre_process"):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        part = mask.shape[1] // tp
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        mask = mask[:, rank * part:(rank + 1) * part].contiguous()
+    return mask
 
 
 def interleaving_group(num_micro_batches: int, pp: int) -> int:
@@ -126,7 +147,7 @@ def drive(model, micro_batches: list, score, *, forward_only: bool, seq_length: 
         kwargs = dict(model_kwargs or {})
         kwargs.update(attention_kwargs(batch, thd))
         if padding_mask:
-            kwargs["padding_mask"] = (batch.seq_index < 0).to(dev)
+            kwargs["padding_mask"] = _padding_mask(m, batch, dev)
         mask = kwargs.pop("attention_mask", None)
         out = m(batch.tokens.to(dev), batch.positions.to(dev), mask, **kwargs)
         if not _post_process(m):
