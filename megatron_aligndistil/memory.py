@@ -12,6 +12,16 @@ All sizes in bytes, for the worst pipeline stage. Terms (see docs/scaling.md):
   tensor-parallel part, sequence parallelism the rest; full recompute keeps only layer inputs;
 * the last stage's logits: policy + frozen models ``s*b*V/TP`` each, the loss' saved gradient
   (one more), float32 chunk temporaries.
+
+Mixture-of-experts layers (Qwen3-MoE, Qwen2-MoE) count their parts by how they are sharded: the
+router (``E x h``) and Qwen2-MoE's shared expert with the layer's dense part (TP), the routed
+experts over EP and expert-TP (``E/EP`` experts of ``3 h f_moe / ETP`` each). With the distributed
+optimizer the experts' optimizer state is divided by the expert-data-parallel size
+``TP x DP / (ETP x EP)``, the rest by DP. A MoE layer keeps, per micro-batch, the router's fp32
+logits and scores and, for its local experts, the ``s*b*k`` routed token copies a balanced router
+sends there (their input and SwiGLU intermediates); the allgather dispatcher's two transient
+buffers of the expert-parallel group's tokens (``s*b*EP x h``: gathered input and combined output)
+exist for one layer at a time (``moe_dispatch``).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ class Layout:
 
     tp: int = 1  # [--tensor-model-parallel-size]
     pp: int = 1  # [--pipeline-model-parallel-size]
+    ep: int = 1  # expert-parallel ranks (MoE) [--expert-model-parallel-size]
+    etp: int | None = None  # expert tensor parallelism, None: TP [--expert-tensor-parallel-size]
     vpp: int = 1  # model chunks per pipeline rank [--num-virtual-stages-per-pipeline-rank]
     dp: int = 1  # data-parallel replicas: world size / (tp * pp)
     micro_batch: int = 1  # records per micro-batch [--micro-batch-size]
@@ -50,33 +62,69 @@ class Layout:
     fused_optimizer: bool = True
 
 
-def layer_params(arch: QwenArch) -> int:
-    h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+def attention_params(arch: QwenArch) -> int:
+    """A layer's attention and its two norms (q/k norm included)."""
+    h, d, a, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
     qkv = h * (a * d + 2 * g * d) + (a * d + 2 * g * d if arch.qkv_bias else 0)
-    return qkv + a * d * h + 3 * h * f + 2 * h + (2 * d if arch.qk_layernorm else 0)
+    return qkv + a * d * h + 2 * h + (2 * d if arch.qk_layernorm else 0)
+
+
+def layer_params(arch: QwenArch) -> int:
+    """A dense layer's parameters."""
+    return attention_params(arch) + 3 * arch.hidden_size * arch.ffn_hidden_size
+
+
+def _etp(lay: Layout) -> int:
+    return lay.etp or lay.tp
+
+
+def layer_params_per_gpu(arch: QwenArch, lay: Layout, layer: int) -> tuple[float, float]:
+    """(dense, expert) parameters of layer ``layer`` (global index) on one GPU: TP shards the
+    dense part (the router and the shared expert's gate are replicated), EP x expert-TP the
+    routed experts."""
+    h = arch.hidden_size
+    if layer not in arch.moe_layers:
+        return layer_params(arch) / lay.tp, 0.0
+    dense = attention_params(arch) / lay.tp + arch.num_experts * h
+    if arch.shared_expert_ffn_hidden_size:
+        dense += 3 * h * arch.shared_expert_ffn_hidden_size / lay.tp + h
+    experts = arch.num_experts / lay.ep * 3 * h * arch.moe_ffn_hidden_size / _etp(lay)
+    return dense, experts
+
+
+def stage_layers(arch: QwenArch, lay: Layout, stage: int) -> list[int]:
+    """Global indices of the layers pipeline rank ``stage`` holds: chunk v of rank p holds
+    chunk ``v PP + p`` of the model's ``PP V`` equal chunks (Megatron's interleaved order)."""
+    per_chunk = arch.num_layers // (lay.pp * lay.vpp)
+    return [(v * lay.pp + stage) * per_chunk + i for v in range(lay.vpp) for i in range(per_chunk)]
+
+
+def stage_param_split(arch: QwenArch, lay: Layout, stage: int | None = None) -> tuple[int, int]:
+    """(dense, expert) parameters on one GPU of pipeline stage ``stage`` (None: the stage with the
+    most parameters). The first stage holds the embedding, the last the final norm and the
+    output layer (a copy of the embedding when tied and PP > 1)."""
+    if stage is None:
+        return max((stage_param_split(arch, lay, p) for p in range(lay.pp)), key=sum)
+    parts = [layer_params_per_gpu(arch, lay, i) for i in stage_layers(arch, lay, stage)]
+    dense, experts = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    emb = arch.padded_vocab_size * arch.hidden_size / lay.tp
+    if stage == 0:
+        dense += emb
+    if stage == lay.pp - 1:
+        dense += arch.hidden_size + (0 if (arch.tie_word_embeddings and lay.pp == 1) else emb)
+    return int(dense), int(experts)
 
 
 def stage_params(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
-    """Parameters on one GPU of pipeline stage ``stage`` (None: the biggest stage; TP-sharded parts
-    divided by TP). The first stage holds the embedding, the last the final norm and the output
-    layer (a copy of the embedding when tied and PP > 1)."""
-    per_layer = layer_params(arch) / lay.tp
-    layers = arch.num_layers // lay.pp * per_layer
-    emb = arch.padded_vocab_size * arch.hidden_size / lay.tp
-    first = layers + emb + (arch.hidden_size if lay.pp == 1 else 0)
-    last_out = 0 if (arch.tie_word_embeddings and lay.pp == 1) else emb
-    last = layers + last_out + arch.hidden_size
-    if lay.pp == 1:
-        return int(layers + emb + last_out + arch.hidden_size)
-    if stage is None:
-        return int(max(first, last))
-    return int(first if stage == 0 else last if stage == lay.pp - 1 else layers)
+    """Parameters on one GPU of pipeline stage ``stage`` (None: the biggest stage)."""
+    return sum(stage_param_split(arch, lay, stage))
 
 
 def largest_block_params(arch: QwenArch, lay: Layout) -> int:
     """Parameters of the biggest block streamed by ``--offload-frozen-models`` (a layer, or the
     embedding / output layer), on one GPU."""
-    return int(max(layer_params(arch), arch.padded_vocab_size * arch.hidden_size) / lay.tp)
+    layer = max(sum(layer_params_per_gpu(arch, lay, i)) for i in range(arch.num_layers))
+    return int(max(layer, arch.padded_vocab_size * arch.hidden_size / lay.tp))
 
 
 def largest_param(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
@@ -84,12 +132,16 @@ def largest_param(arch: QwenArch, lay: Layout, stage: int | None = None) -> int:
     embedding / output layer shard on the first and last stage, else a layer's biggest matrix."""
     h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
     layer = max(h * (a * d + 2 * g * d), 2 * h * f, a * d * h, h * f) / lay.tp
+    if arch.is_moe:
+        layer = max(layer, 2 * h * arch.moe_ffn_hidden_size / _etp(lay), arch.num_experts * h,
+                    2 * h * arch.shared_expert_ffn_hidden_size / lay.tp)
     holds_vocab = stage is None or stage == 0 or stage == lay.pp - 1
     return int(max(layer, arch.padded_vocab_size * h / lay.tp if holds_vocab else 0))
 
 
-def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
-    """Activations one layer keeps for backward, for one micro-batch (policy only)."""
+def activation_bytes_per_layer(arch: QwenArch, lay: Layout, layer: int | None = None) -> float:
+    """Activations one layer keeps for backward, for one micro-batch (policy only). ``layer``:
+    its global index (a MoE layer keeps its own, see the module's docstring); None: a dense one."""
     e = 2 if lay.bf16 else 4
     s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
     h, d, a, g, f, t = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
@@ -100,8 +152,20 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout) -> float:
     norms = 2 * e * s * b * h * rep
     attn = e * s * b * h * rep + e * s * b * (2 * a * d + 2 * g * d) / t
     scores = 0 if lay.flash_attention else 2 * e * a * s * s * b / t
-    mlp = e * s * b * h * rep + 4 * e * s * b * f / t
-    return norms + attn + scores + mlp
+    if layer is None or layer not in arch.moe_layers:
+        return norms + attn + scores + e * s * b * h * rep + 4 * e * s * b * f / t
+    k, fm = arch.num_experts_per_tok, arch.moe_ffn_hidden_size
+    router = 2 * 4 * s * b * arch.num_experts * rep  # fp32 logits and scores of this rank's tokens
+    experts = e * s * b * k * (h + 4 * fm / _etp(lay))  # the routed copies for this rank's experts
+    shared = 4 * e * s * b * arch.shared_expert_ffn_hidden_size / t
+    return norms + attn + scores + e * s * b * h * rep + router + experts + shared
+
+
+def stage_activation_bytes(arch: QwenArch, lay: Layout, stage: int) -> float:
+    """Activations of one micro-batch through every layer of pipeline rank ``stage``, averaged
+    over its model chunks (a chunk of L / (PP V) layers)."""
+    layers = stage_layers(arch, lay, stage)
+    return sum(activation_bytes_per_layer(arch, lay, i) for i in layers) / lay.vpp
 
 
 def chunks_in_flight(lay: Layout, micro_batches: int, stage: int = 0) -> int:
@@ -133,11 +197,12 @@ def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
     pb = 2 if lay.bf16 else 4
     w = stage_params(arch, lay, stage)
     micro_batches = max(1, lay.global_batch // (lay.micro_batch * lay.dp))
-    in_flight, layers = chunks_in_flight(lay, micro_batches, stage or 0), arch.num_layers // (lay.pp * lay.vpp)
+    in_flight = chunks_in_flight(lay, micro_batches, stage or 0)
     s, b = lay.seq_length, lay.micro_batch * lay.sequences_per_record
-    act = layers * in_flight * activation_bytes_per_layer(arch, lay)
+    act = in_flight * stage_activation_bytes(arch, lay, stage or 0)
     if lay.recompute == "full":  # one layer's full activations exist while it is recomputed
-        act += activation_bytes_per_layer(arch, Layout(**{**asdict(lay), "recompute": None}))
+        act += max(activation_bytes_per_layer(arch, Layout(**{**asdict(lay), "recompute": None}), i)
+                   for i in stage_layers(arch, lay, stage or 0))
     rep = 1 / lay.tp if lay.sequence_parallel else 1.0
     e = 2 if lay.bf16 else 4
     p2p = (in_flight if lay.pp > 1 else 0) * e * s * pipeline_rows(b, 1 + lay.frozen_models) * arch.hidden_size * rep
@@ -148,13 +213,20 @@ def plan_memory(arch: QwenArch, lay: Layout, stage: int | None = None) -> dict:
     frozen = lay.frozen_models * pb * w
     if lay.offload_frozen and lay.frozen_models:  # current block + the one being prefetched
         frozen = 2 * pb * largest_block_params(arch, lay)
+    w_expert = stage_param_split(arch, lay, stage)[1]
+    expert_dp = lay.tp * lay.dp / (_etp(lay) * lay.ep)  # replicas of an expert shard
+    per_param = 8 + (4 if lay.bf16 else 0)  # Adam's two moments (+ the fp32 master copy with bf16)
+    optimizer_state = per_param * ((w - w_expert) / lay.dp + w_expert / expert_dp) if lay.distributed_optimizer \
+        else per_param * w
     terms = {
         "policy_weights": pb * w,
         "main_grads": 4 * w,
-        "optimizer_state": (8 + (4 if lay.bf16 else 0)) * w / (lay.dp if lay.distributed_optimizer else 1),
+        "optimizer_state": optimizer_state,
         "frozen_weights": frozen,
         "activations": act + p2p,
         "logits_and_loss": logits,
+        # the allgather dispatcher's gathered input and combined output, one MoE layer at a time
+        "moe_dispatch": 2 * e * s * b * lay.ep * arch.hidden_size if arch.is_moe else 0,
     }
     # the optimizer step is a second peak: no activations or logits then, but the optimizer's own
     # temporaries (and streamed frozen blocks are gone)

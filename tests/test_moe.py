@@ -19,7 +19,7 @@ from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.models.qwen import ArchitectureError, QwenArch
 from megatron_aligndistil.testing import megatron_logits, run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import (aligndistil_argv, dense_dpo, dense_first_iteration, dpo_argv, launch_train,
+from train_fixtures import (aligndistil_argv, dense_dpo, dense_first_iteration, dense_routing, dpo_argv, launch_train,
                             make_setup_with_pairs, run_train)
 
 MOE_TYPES = ("qwen3_moe", "qwen2_moe")
@@ -94,14 +94,28 @@ def test_conversion_round_trip_is_tensor_equal(model_type, tmp_path):
         assert len(store.keys()) == megatron_tensor_count(arch)
 
 
-def _logits_of_all(cases):
-    return [megatron_logits(*case) for case in cases]
+def _logits_and_gathered(cases):
+    """One rank, per case: the logits, and whether gathering the loaded model's shards (over TP,
+    expert-TP, EP and PP) gives every full tensor back."""
+    from megatron_aligndistil.core import sharding
+    from megatron_aligndistil.models import qwen
+
+    out = []
+    for arch_fields, full, tokens in cases:
+        arch = QwenArch(**arch_fields)
+        model = qwen.build_model(arch, qwen.transformer_config(arch))
+        sharding.load_full_state_dict(model, full)
+        gathered = sharding.gather_full_state_dict(model)
+        same = sorted(gathered) == sorted(full) and all(torch.equal(gathered[k], full[k]) for k in full)
+        out.append((megatron_logits(arch_fields, full, tokens), same))
+    return out
 
 
 def test_forward_equals_transformers_at_expert_layouts():
     """Both MoE families, fp32: the logits at each expert-parallel layout equal transformers' (the
     router's top-k and its renormalisation, the dense layer among sparse ones, the shared expert
-    and its sigmoid gate)."""
+    and its sigmoid gate); the loaded shards gather back to the full tensors, expert-TP 2 without
+    TP included."""
     cases, refs = [], []
     for model_type in MOE_TYPES:
         hf = tiny_hf_model(model_type, vocab_size=1001, seed=1)
@@ -113,9 +127,10 @@ def test_forward_equals_transformers_at_expert_layouts():
             refs.append(hf(tokens).logits)
         cases.append((dataclasses.asdict(arch), full, tokens))
     for layout, world in ((Layout(ep=2), 2), (Layout(tp=2, ep=2), 4), (Layout(pp=2, ep=2), 4),
-                          (Layout(tp=2, ep=2, etp=1), 4)):
-        for rank_out in run_distributed(_logits_of_all, world, args=(cases,), layout=layout):
-            for got, ref in zip(rank_out, refs):
+                          (Layout(tp=2, ep=2, etp=1), 4), (Layout(ep=2, etp=2), 4)):
+        for rank_out in run_distributed(_logits_and_gathered, world, args=(cases,), layout=layout):
+            for (got, gathered_back), ref in zip(rank_out, refs):
+                assert gathered_back, layout
                 if got is not None:  # the last pipeline stage
                     torch.testing.assert_close(got[..., :1001], ref, rtol=1e-5, atol=1e-5, msg=str(layout))
 
@@ -161,8 +176,9 @@ def test_aligndistil_on_qwen3_moe_matches_the_reference_at_every_expert_layout(q
         assert runs[name][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), name
         assert runs[name][0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
         assert runs[name][0]["alpha_mean"] == pytest.approx(ref["alpha"], rel=1e-4), name
+        assert "moe_load_balancing_loss" not in runs[name][0]  # none without --moe-aux-loss-coeff
     for name, metrics in runs.items():
-        for field in ("loss", "grad_norm", "kl"):
+        for field in ("loss", "grad_norm", "kl", "moe_expert_load_max_mean", "moe_expert_load_max_mean_worst"):
             assert [m[field] for m in metrics] == pytest.approx([m[field] for m in runs["ep2"]], rel=1e-5), (name, field)
         assert sorted(releases[name]) == sorted(releases["ep2"])
         assert any(".local_experts.3." in n for n in releases[name])
@@ -175,16 +191,24 @@ def test_the_load_balancing_loss_is_weighted_the_same_at_every_layout(qwen3_moe_
     """--moe-aux-loss-coeff: the router's balancing loss joins the gradient (the norm changes; the
     logged loss stays the method's), weighted as Megatron-LM's per-token semantics: coeff x the
     token-weighted mean over the global batch, padding left out. So iteration 1's gradient norm is
-    the same at DP1, TP2 x EP2 with sequence parallelism (DP2: other padding per rank) and PP2 x EP2. Before the weighting, Megatron's per-token scaling against our per-example
+    the same at DP1, TP2 x EP2 with sequence parallelism (DP2: other padding per rank), PP2 x EP2
+    and PP2 x TP2 (sequence parallel) x EP2 with expert-TP 1 (the second stage's routers get their
+    slice of the padding mask). The routing metrics equal the HF model's at each. Before the weighting, Megatron's per-token scaling against our per-example
     normalisation made it ~tokens-per-sequence times too strong, and padding-dependent."""
     setup = qwen3_moe_setup
     ref = dense_first_iteration(setup)  # without the balancing loss
+    routing = dense_routing(setup)
+    assert routing["moe_expert_load_max_mean_worst"] > routing["moe_expert_load_max_mean"] > 1
     aux = ["--moe-aux-loss-coeff", "0.1", "--no-export"]
     norms = {}
-    layouts = {"dp1": ([], 1), "tp2_ep2": LAYOUTS["tp2_ep2"], "pp2_ep2": LAYOUTS["pp2_ep2"]}
+    layouts = {"dp1": ([], 1), "tp2_ep2": LAYOUTS["tp2_ep2"], "pp2_ep2": LAYOUTS["pp2_ep2"],
+               "pp2_tp2_ep2_etp1": (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                                     "--sequence-parallel", "--expert-tensor-parallel-size", "1"] + EP2, 4)}
     for name, (flags, world) in layouts.items():
         got = _run(aligndistil_argv(setup, str(tmp_path / name), *flags, *aux, iters=1), world)
         assert got[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), name  # the method's loss
+        for metric, value in routing.items():  # the routing metrics, padding left out, equal the HF model's
+            assert got[0][metric] == pytest.approx(value, rel=1e-5), (name, metric)
         norms[name] = got[0]["grad_norm"]
     assert norms["dp1"] > 3 * ref["grad_norm"]  # the balancing loss is in the gradient
     for name, norm in norms.items():
@@ -222,7 +246,15 @@ def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     dense.check_layout(1, 1, 1, ep=1)
     argv = aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run", *EP2)
     plan = make_plan(parse_args(argv), 2)
-    assert plan["data_parallel"] == 2 and "not planned" in plan["planned_gb_per_gpu"]
+    assert plan["data_parallel"] == 2 and plan["expert_parallel"] == 2 and plan["experts_per_expert_parallel_rank"] == 2
+    assert plan["expert_data_parallel"] == 1 and plan["planned_gb_per_gpu"] >= 0
+    # Megatron's MoE layers train under TP only with sequence parallelism
+    tp2 = ["--tensor-model-parallel-size", "2", "--world-size", "4"]
+    with pytest.raises(UserError, match="--tensor-model-parallel-size 2 with a mixture-of-experts model needs "
+                                        "--sequence-parallel"):
+        make_plan(parse_args(aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run", *tp2)), 4)
+    assert make_plan(parse_args(aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run", *tp2,
+                                                 "--sequence-parallel")), 4)["tensor_parallel"] == 2
     with pytest.raises(UserError, match="not divisible by the expert layout"):
         make_plan(parse_args(aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run",
                                               "--expert-model-parallel-size", "4")), 2)

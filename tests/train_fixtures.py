@@ -58,6 +58,37 @@ def dense_first_iteration(setup, global_batch=8, seed=1234, vocab=None):
     return {"loss": float(loss), "grad_norm": grad_norm, "tokens": tokens, **{k: v / tokens for k, v in sums.items()}}
 
 
+def dense_routing(setup, global_batch=8, micro_batch=2, seed=1234) -> dict:
+    """The policy's routing metrics of iteration 1 from the HF MoE model in float64 (see
+    megatron_aligndistil/train/routing.py): Megatron's switch balancing loss ``E sum_e f_e P_e /
+    (k T^2)`` per micro-batch of ``micro_batch`` sequences (T its tokens, f_e tokens routed to
+    expert e, P_e the summed softmax scores), its mean over micro-batches then MoE layers; and per
+    layer max over mean of the tokens routed to each expert over the global batch."""
+    from megatron_aligndistil.data.batching import global_batch_indices
+
+    records = [json.loads(line) for line in open(setup["data"])]
+    batch = [records[i] for i in global_batch_indices(len(records), 0, global_batch, seed)]
+    model = float64_hf(setup["hf_policy"])
+    k, experts = model.config.num_experts_per_tok, model.config.num_experts
+    with torch.no_grad():  # per record: a tuple over MoE layers of router logits [tokens, E]
+        logits = [model(torch.tensor([(r["prompt_ids"] + r["response_ids"])[:-1]]), output_router_logits=True)
+                  .router_logits for r in batch]
+    losses, loads = [], []
+    for layer in range(len(logits[0])):
+        per_mb = []
+        load = torch.zeros(experts, dtype=torch.float64)
+        for lo in range(0, global_batch, micro_batch):
+            scores = torch.softmax(torch.cat([x[layer] for x in logits[lo:lo + micro_batch]]).double(), -1)
+            routed = torch.zeros_like(scores).scatter(1, scores.topk(k, -1).indices, 1.0).sum(0)
+            tokens = scores.shape[0]
+            per_mb.append(float(experts * (routed * scores.sum(0)).sum() / (k * tokens * tokens)))
+            load += routed
+        losses.append(sum(per_mb) / len(per_mb))
+        loads.append(float(load.max() / load.mean()))
+    return {"moe_load_balancing_loss": sum(losses) / len(losses), "moe_expert_load_max_mean": sum(loads) / len(loads),
+            "moe_expert_load_max_mean_worst": max(loads)}
+
+
 def _policy(setup):
     return float64_hf(setup["hf_policy"]).train()
 

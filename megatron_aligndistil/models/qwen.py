@@ -158,8 +158,14 @@ class QwenArch:
         with open(path) as f:
             return cls(**json.load(f))
 
-    def check_layout(self, tp: int, pp: int, vpp: int = 1, ep: int = 1) -> None:
-        """Raise :class:`UserError` naming the flag when TP / PP / virtual stages / EP cannot split this model."""
+    def check_layout(self, tp: int, pp: int, vpp: int = 1, ep: int = 1, sequence_parallel: bool | None = None) -> None:
+        """Raise :class:`UserError` naming the flag when TP / PP / virtual stages / EP cannot split this model.
+        ``sequence_parallel``: the training run's flag (None: inference, which does not need it)."""
+        if self.is_moe and sequence_parallel is False and isinstance(tp, int) and tp > 1:
+            # Megatron's MoE layer raises in training otherwise; its router's weights are
+            # replicated over TP and reduced there only with sequence parallelism
+            raise UserError(f"--tensor-model-parallel-size {tp} with a mixture-of-experts model needs "
+                            "--sequence-parallel to train (as in Megatron-LM)")
         if ep > 1 and not self.is_moe:
             raise UserError(f"--expert-model-parallel-size {ep} needs a mixture-of-experts model; this "
                             f"{self.model_type} model is dense")

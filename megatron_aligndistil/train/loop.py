@@ -98,7 +98,8 @@ class Trainer:
         self.layout = parallel.Layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                       cfg.sequence_parallel, vpp=cfg.virtual_stages(self.arch.num_layers),
                                       ep=cfg.expert_model_parallel_size, etp=cfg.expert_tensor_parallel_size)
-        self.arch.check_layout(self.layout.tp, self.layout.pp, self.layout.vpp, self.layout.ep)
+        self.arch.check_layout(self.layout.tp, self.layout.pp, self.layout.vpp, self.layout.ep,
+                               sequence_parallel=cfg.sequence_parallel)
         if self.method.on_policy and self.layout.ep > 1:
             # each data-parallel replica samples its own prompts for its own number of steps, and
             # an expert-parallel MoE layer needs every EP rank in each forward
@@ -152,6 +153,12 @@ class Trainer:
         self.frozen_config = dataclasses.replace(self.transformer_config, moe_router_load_balancing_type="none",
                                                  moe_aux_loss_coeff=0.0) if self.arch.is_moe else self.transformer_config
         self.model = self._build_models(frozen, policy_source)
+        self.routing = None  # MoE: the policy's routing metrics
+        if self.arch.is_moe:
+            from .routing import RoutingStatistics
+
+            self.routing = RoutingStatistics(self.policy_chunks, self.arch.moe_layers, self.arch.num_experts,
+                                             cfg.sequence_parallel, self._balancing_type())
         self.optimizer = self._build_optimizer()
         self.train_iters = cfg.train_iters or max(1, len(self.data) // cfg.global_batch_size)
         self._build_scheduler()
@@ -330,8 +337,14 @@ class Trainer:
         n, length, stopped = stats.cpu().tolist()
         return records, {"rollout_s": time.time() - t0, "response_len_mean": length / n, "eos_rate": stopped / n}
 
-    def _set_balancing_loss_weight(self, batches) -> bool:
-        """With a MoE router load-balancing loss: weight it for this step and return True.
+    def _balancing_type(self) -> str | None:
+        """The policy routers' load-balancing loss (``--moe-router-load-balancing-type``), None without one."""
+        cfg = self.cfg
+        on = self.arch.is_moe and cfg.moe_aux_loss_coeff > 0 and cfg.moe_router_load_balancing_type != "none"
+        return cfg.moe_router_load_balancing_type if on else None
+
+    def _set_balancing_loss_weight(self, batches) -> None:
+        """With a MoE router load-balancing loss: weight it for this step.
 
         Megatron's router adds ``coeff x aux_mb x T_mb`` per micro-batch (T_mb its non-padding
         tokens, as ``calculate_per_token_loss`` expects) and the gradients are divided by the
@@ -340,15 +353,14 @@ class Trainer:
         ``coeff x`` the token-weighted mean of the micro-batches' balancing losses, summed over
         layers (Megatron-LM's per-token semantics). One all-reduce of one number per step."""
         cfg = self.cfg
-        if not (self.arch.is_moe and cfg.moe_aux_loss_coeff > 0 and cfg.moe_router_load_balancing_type != "none"):
-            return False
+        if self._balancing_type() is None:
+            return
         from megatron.core import parallel_state
 
         tokens = torch.tensor([float(sum(int((b.seq_index >= 0).sum()) for b in batches))], device=platform.device())
         torch.distributed.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
         self.transformer_config.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff * cfg.global_batch_size / max(
             float(tokens), 1.0)
-        return True
 
     def forward_backward(self, batches, seq_len: int) -> dict:
         """Forward and backward over this rank's micro-batches (one schedule call); gradients
@@ -371,12 +383,14 @@ class Trainer:
                   "nonfinite": (tuple(self.roles), SHARD)}
         if self.mismatch:  # the training-inference mismatch of this step's rollouts
             groups |= {"mismatch": (MISMATCH_SUMS, REPLICA), "mismatch_max": (MISMATCH_MAXES, MAX)}
+        if self.routing:
+            groups |= self.routing.groups()
         self._statistics, self._step_sums = StepStatistics(groups), None
         try:
-            balancing = self._set_balancing_loss_weight(batches)
+            self._set_balancing_loss_weight(batches)
             drive(self.model, batches, score, forward_only=False, seq_length=seq_len,
                   rows=pipeline_rows(self.rows, self.stages[0].num_models), thd=self.thd,
-                  model_kwargs={"fp32_output": False} if self.cfg.bf16 else None, padding_mask=balancing)
+                  model_kwargs={"fp32_output": False} if self.cfg.bf16 else None, padding_mask=self.arch.is_moe)  # routers count no padding
         except RuntimeError as exc:  # Megatron's DDP check (check_for_nan_in_grad) found NaN / Inf
             if "found NaN" in str(exc) or "found Inf" in str(exc):
                 raise TrainingDiverged(self.iteration + 1, str(exc)) from exc
@@ -409,6 +423,8 @@ class Trainer:
         }
         metrics.update(self.method.metrics(sums))
         metrics.update(rollout)
+        if self.routing:
+            metrics.update(self.routing.metrics(self._routing_sums))
         if self.mismatch:
             metrics.update(mismatch_metrics(*self._mismatch_sums))
         return metrics
@@ -440,7 +456,10 @@ class Trainer:
         ``self._step_sums`` (and the rollout mismatch into ``self._mismatch_sums``); raise
         :class:`TrainingDiverged` on a non-finite loss, naming the models whose logits were NaN/inf
         at response positions."""
+        if self.routing:
+            self.routing.add_to(self._statistics)
         reduced = self._statistics.reduce()
+        self._routing_sums = reduced if self.routing else None
         if self.mismatch:
             self._mismatch_sums = (reduced["mismatch"], reduced["mismatch_max"])
         self._step_sums = reduced["terms"]

@@ -37,7 +37,7 @@ def make_plan(args, world_size: int) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = TrainingConfig.from_args(args).virtual_stages(arch.num_layers)
     ep = args.expert_model_parallel_size
-    arch.check_layout(tp, pp, vpp, ep)
+    arch.check_layout(tp, pp, vpp, ep, sequence_parallel=args.sequence_parallel)
     from ..core.parallel import Layout
 
     # the trainer's own checks
@@ -69,8 +69,18 @@ def make_plan(args, world_size: int) -> dict:
         "distributed_optimizer": args.use_distributed_optimizer, "bf16": args.bf16,
         "frozen_models_offloaded": args.offload_frozen_models,
         "seq_length": args.seq_length,
+        **(_expert_plan(arch, args, tp, dp) if arch.is_moe else {}),
         **memory,
     }
+
+
+def _expert_plan(arch: QwenArch, args, tp: int, dp: int) -> dict:
+    """The expert layout of a MoE model's plan."""
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size or tp
+    return {"experts": arch.num_experts, "experts_per_token": arch.num_experts_per_tok,
+            "moe_layers": len(arch.moe_layers), "expert_parallel": ep, "expert_tensor_parallel": etp,
+            "experts_per_expert_parallel_rank": arch.num_experts // ep, "expert_data_parallel": tp * dp // (etp * ep),
+            "moe_token_dispatcher": args.moe_token_dispatcher_type}
 
 
 def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int, per_record: int,
@@ -79,10 +89,8 @@ def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int,
     pipeline bubble (idle time / compute time of a step)."""
     from .. import memory
 
-    if arch.is_moe:  # a dense count would be silently wrong
-        return {"planned_gb_per_gpu": "not planned: the memory planner does not count experts yet (issue 30)"}
     lay = memory.Layout(
-        tp=tp, pp=pp, vpp=vpp, dp=dp, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
+        tp=tp, pp=pp, vpp=vpp, dp=dp, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
         seq_length=args.seq_length, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,
         sequence_parallel=args.sequence_parallel,
         recompute="full" if args.recompute_granularity == "full" else None,
