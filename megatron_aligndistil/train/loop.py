@@ -100,15 +100,14 @@ class Trainer:
                                       ep=cfg.expert_model_parallel_size, etp=cfg.expert_tensor_parallel_size)
         self.arch.check_layout(self.layout.tp, self.layout.pp, self.layout.vpp, self.layout.ep,
                                sequence_parallel=cfg.sequence_parallel)
-        if self.method.on_policy and self.layout.ep > 1:
-            # each data-parallel replica samples its own prompts for its own number of steps, and
-            # an expert-parallel MoE layer needs every EP rank in each forward
-            raise UserError(f"--rollout on-policy with --expert-model-parallel-size {self.layout.ep} is not "
-                            "supported yet: sample with --expert-model-parallel-size 1")
         parallel.init_model_parallel(self.layout, seed=cfg.seed)
         if self.arch.is_moe and cfg.moe_token_dispatcher_type != "allgather" and platform.backend() != "nccl":
             raise UserError(f"--moe-token-dispatcher-type {cfg.moe_token_dispatcher_type} needs NCCL (GPUs); this "
                             f"run's backend is {platform.backend()}: use --moe-token-dispatcher-type allgather")
+        if self.rollout_config is not None and self.rollout_config.engine == "vllm":
+            from ..rollout.vllm import check_supported
+
+            check_supported(self.arch)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         per_step = cfg.micro_batch_size * self.dp_size
