@@ -18,10 +18,11 @@ router (``E x h``) and Qwen2-MoE's shared expert with the layer's dense part (TP
 experts over EP and expert-TP (``E/EP`` experts of ``3 h f_moe / ETP`` each). With the distributed
 optimizer the experts' optimizer state is divided by the expert-data-parallel size
 ``TP x DP / (ETP x EP)``, the rest by DP. A MoE layer keeps, per micro-batch, the router's fp32
-logits and scores and, for its local experts, the ``s*b*k`` routed token copies a balanced router
-sends there (their input and SwiGLU intermediates); the allgather dispatcher's two transient
-buffers of the expert-parallel group's tokens (``s*b*EP x h``: gathered input and combined output)
-exist for one layer at a time (``moe_dispatch``).
+input, logits and scores and, for its local experts, the ``s*b*k`` routed token copies a balanced
+router sends there (their input and SwiGLU intermediates: ``h + 6 f_moe / ETP`` each, measured with
+autograd's saved-tensor hooks); Qwen3's q/k norms keep their inputs and outputs. The allgather
+dispatcher's two transient buffers of the expert-parallel group's tokens (``s*b*EP x h``: gathered
+input and combined output) exist for one layer at a time (``moe_dispatch``).
 """
 
 from __future__ import annotations
@@ -151,12 +152,17 @@ def activation_bytes_per_layer(arch: QwenArch, lay: Layout, layer: int | None = 
         return e * s * b * h * rep
     norms = 2 * e * s * b * h * rep
     attn = e * s * b * h * rep + e * s * b * (2 * a * d + 2 * g * d) / t
+    if arch.qk_layernorm:  # Qwen3's q/k norms keep their inputs and outputs
+        attn += 2 * e * s * b * (a + g) * d / t
     scores = 0 if lay.flash_attention else 2 * e * a * s * s * b / t
     if layer is None or layer not in arch.moe_layers:
         return norms + attn + scores + e * s * b * h * rep + 4 * e * s * b * f / t
     k, fm = arch.num_experts_per_tok, arch.moe_ffn_hidden_size
-    router = 2 * 4 * s * b * arch.num_experts * rep  # fp32 logits and scores of this rank's tokens
-    experts = e * s * b * k * (h + 4 * fm / _etp(lay))  # the routed copies for this rank's experts
+    # the router's fp32 input, logits and scores of this rank's tokens
+    router = 4 * s * b * (h + 2 * arch.num_experts) * rep
+    # per routed token copy: the expert's input (h) and its SwiGLU intermediates (6 x its f_moe
+    # shard), counted with autograd's saved-tensor hooks on Megatron's SequentialMLP
+    experts = e * s * b * k * (h + 6 * fm / _etp(lay))
     shared = 4 * e * s * b * arch.shared_expert_ffn_hidden_size / t
     return norms + attn + scores + e * s * b * h * rep + router + experts + shared
 
@@ -248,7 +254,9 @@ def host_bytes_per_gpu(arch: QwenArch, lay: Layout, stage: int | None = None) ->
 def suggest(arch: QwenArch, gpu_memory_gb: float, gpus_per_node: int = 8, max_nodes: int = 32,
             reserve_gb: float = 6.0, **layout) -> list[dict]:
     """Layouts that fit, fewest GPUs first, then least PP and TP. ``reserve_gb``: CUDA context,
-    NCCL buffers and allocator fragmentation, left free."""
+    NCCL buffers and allocator fragmentation, left free. MoE models: each layout with the largest
+    expert parallelism (expert-TP 1) that divides the experts and TP x DP, and TP > 1 only with
+    sequence parallelism (what training takes)."""
     fits = []
     budget = (gpu_memory_gb - reserve_gb) * GIB
     tps = [t for t in (1, 2, 4, 8) if arch.num_query_groups % t == 0 and arch.num_attention_heads % t == 0
@@ -261,12 +269,18 @@ def suggest(arch: QwenArch, gpu_memory_gb: float, gpus_per_node: int = 8, max_no
                 if world % (tp * pp):
                     continue
                 dp = world // (tp * pp)
-                lay = Layout(**{**layout, "tp": tp, "pp": pp, "dp": dp})
+                experts = {}
+                if arch.is_moe:
+                    if tp > 1 and not layout.get("sequence_parallel"):
+                        continue
+                    ep = max(e for e in range(1, tp * dp + 1) if arch.num_experts % e == 0 and (tp * dp) % e == 0)
+                    experts = {"ep": ep, "etp": 1}
+                lay = Layout(**{**layout, "tp": tp, "pp": pp, "dp": dp, **experts})
                 if lay.global_batch % (lay.micro_batch * dp):
                     continue
                 total = plan_memory(arch, lay)["total"]
                 if total <= budget:
-                    fits.append({"nodes": nodes, "gpus": world, "tp": tp, "pp": pp, "dp": dp,
+                    fits.append({"nodes": nodes, "gpus": world, "tp": tp, "pp": pp, "dp": dp, **experts,
                                  "per_gpu_gb": total / GIB})
         if fits:
             break

@@ -38,3 +38,17 @@ def test_single_node_32b_recipe_offloads_the_teachers():
     plan = dict(line.split(None, 1) for line in r.stdout.splitlines()[1:] if line.strip())
     assert plan["frozen_models_offloaded"].strip() == "True" and plan["pipeline_parallel"].strip() == "1"
     assert float(plan["planned_gb_per_gpu"]) < 80 - 6  # fits an 80 GB GPU with the planner's reserve
+
+
+@pytest.mark.parametrize("recipe,nodes,ep,planned_gb", [("qwen3-30b-a3b", "1", 8, 94.2), ("qwen3-30b-a3b", "2", 8, 48.8),
+                                                        ("qwen3-235b-a22b", "16", 64, 50.2),
+                                                        ("qwen3-235b-a22b", "8", 32, 69.9)])
+def test_moe_recipes_dry_run_with_their_expert_layout(recipe, nodes, ep, planned_gb):
+    """Qwen3-30B-A3B (one node of >= 100 GB GPUs, or two of 80 GB with PP2) and Qwen3-235B-A22B
+    (16 nodes; 8 with the teachers offloaded): the plan's expert layout and the memory the
+    recipe's comment states."""
+    r = _dry(recipe, "aligndistil", NNODES=nodes)
+    assert r.returncode == 0, r.stderr[-1500:]
+    plan = {k: v.strip() for k, v in (line.split(None, 1) for line in r.stdout.splitlines()[1:] if line.strip())}
+    assert int(plan["expert_parallel"]) == ep and int(plan["expert_tensor_parallel"]) == 1
+    assert float(plan["planned_gb_per_gpu"]) == planned_gb

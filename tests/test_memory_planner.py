@@ -112,3 +112,34 @@ def test_planner_per_stage_matches_the_measured_0p5b_run_within_5_percent():
             predicted = (plan_memory(arch, lay, stage=stage)["total"] + host_bytes_per_gpu(arch, lay, stage)) / 2**20
             for measured in ranks:
                 assert abs(predicted / measured - 1) < 0.05, (name, stage, predicted, measured)
+
+
+def test_moe_parameters_and_their_sharding_follow_qwen3_30b_a3b():
+    """The planner counts Qwen3-30B-A3B's public 30,532,122,624 parameters (its own count of the
+    TP-padded embedding rows aside); EP divides only the routed experts, TP the dense part (the
+    router stays whole); the distributed optimizer divides the experts' state by the
+    expert-data-parallel size (TP x DP / (ETP x EP)) and the rest by DP; a MoE layer's activations
+    and the dispatcher's buffers grow with top-k and EP."""
+    from megatron_aligndistil.memory import activation_bytes_per_layer, stage_param_split, stage_params
+
+    arch = QwenArch.from_hf_config(json.load(open(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs", "qwen3-30b-a3b.json"))))
+    padding = 2 * (arch.padded_vocab_size - arch.vocab_size) * arch.hidden_size  # embedding + output rows
+    assert stage_params(arch, Layout()) - padding == 30_532_122_624
+    dense, experts = stage_param_split(arch, Layout())
+    assert experts == 48 * 128 * 3 * 2048 * 768
+    assert stage_param_split(arch, Layout(ep=8, dp=8)) == (dense, experts // 8)
+    router = 48 * 128 * 2048
+    tp2_dense, tp2_experts = stage_param_split(arch, Layout(tp=2, dp=4, ep=8, etp=1))
+    assert tp2_experts == experts // 8 and abs(tp2_dense - ((dense - router) / 2 + router)) <= 48 * 2048
+    assert stage_param_split(arch, Layout(tp=2, dp=4, ep=4))[1] == experts // 8  # expert-TP = TP = 2
+    for dp, expert_dp in ((8, 1), (16, 2)):
+        lay = Layout(ep=8, dp=dp, recompute="full")
+        assert plan_memory(arch, lay)["optimizer_state"] == pytest.approx(
+            12 * (dense / dp + experts / 8 / expert_dp))
+    lay = Layout(ep=8, dp=8)
+    assert activation_bytes_per_layer(arch, lay, 0) > activation_bytes_per_layer(arch, lay, None)
+    assert plan_memory(arch, Layout(ep=8, dp=8))["moe_dispatch"] == 2 * 2 * 2048 * 1 * 8 * 2048
+    assert plan_memory(QwenArch.from_hf_config(json.load(open(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
+        "qwen2.5-1.5b-instruct.json")))), Layout())["moe_dispatch"] == 0

@@ -23,6 +23,8 @@ def main(argv=None):
     ap.add_argument("--method", choices=["aligndistil", "dpo", "sft"], default="aligndistil")
     ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
     ap.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    ap.add_argument("--expert-model-parallel-size", type=int, default=1, help="MoE: experts split over EP ranks")
+    ap.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="MoE: default TP")
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--micro-batch-size", type=int, default=1)
     ap.add_argument("--global-batch-size", type=int, default=128)
@@ -59,18 +61,21 @@ def main(argv=None):
         else:
             print(f"smallest layouts that fit {args.gpu_memory_gb:g} GB GPUs ({args.method}):")
             for f in fits[:8]:
-                print(f"  {f['nodes']} node(s), {f['gpus']} GPUs: TP{f['tp']} PP{f['pp']} DP{f['dp']}  "
+                experts = f" EP{f['ep']} ETP{f['etp']}" if "ep" in f else ""
+                print(f"  {f['nodes']} node(s), {f['gpus']} GPUs: TP{f['tp']} PP{f['pp']} DP{f['dp']}{experts}  "
                       f"{f['per_gpu_gb']:.1f} GB/GPU")
         return 0
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    arch.check_layout(tp, pp)
-    lay = Layout(tp=tp, pp=pp, dp=args.world_size // (tp * pp), **common)
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    arch.check_layout(tp, pp, ep=ep, sequence_parallel=args.sequence_parallel)
+    lay = Layout(tp=tp, pp=pp, dp=args.world_size // (tp * pp), ep=ep, etp=etp, **common)
     terms = plan_memory(arch, lay)
     host = host_bytes_per_gpu(arch, lay)
     if args.json:
         print(json.dumps({**{k: v / GIB for k, v in terms.items()}, "host_pinned_per_gpu": host / GIB}))
     else:
-        print(f"per-GPU memory, worst pipeline stage, TP{tp} PP{pp} DP{lay.dp} ({args.method}):")
+        experts = f" EP{ep} ETP{etp or tp}" if arch.is_moe else ""
+        print(f"per-GPU memory, worst pipeline stage, TP{tp} PP{pp} DP{lay.dp}{experts} ({args.method}):")
         for k, v in terms.items():
             print(f"  {k:<16} {v / GIB:8.2f} GiB")
         if host:
