@@ -380,11 +380,13 @@ class TrainingConfig:
         if virtual and self.pipeline_model_parallel_size == 1:
             raise ConfigError(f"{virtual[0]} interleaves the stages of a pipeline: it needs "
                               "--pipeline-model-parallel-size > 1")
-        if self.pack_sequences and self.expert_model_parallel_size > 1:
-            # packed steps have as many micro-batches as their tokens need, different per
-            # data-parallel rank; expert-parallel ranks must run the same number of MoE layers
+        if self.pack_sequences and self.expert_model_parallel_size > 1 and self.moe_aux_loss_coeff > 0 \
+                and self.moe_router_load_balancing_type != "none":
+            # an expert-parallel rank with fewer packed micro-batches runs empty ones, whose
+            # balancing loss Megatron's router divides by their zero tokens
             raise ConfigError(f"--pack-sequences with --expert-model-parallel-size {self.expert_model_parallel_size} "
-                              "is not supported yet: drop one of them")
+                              f"and --moe-aux-loss-coeff {self.moe_aux_loss_coeff:g} is not supported yet: drop "
+                              "one of them")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
 

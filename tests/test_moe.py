@@ -192,6 +192,9 @@ def qwen2_moe_setup(tmp_path_factory):
 EP2 = ["--expert-model-parallel-size", "2"]
 LAYOUTS = {"ep2": (EP2, 2), "tp2_ep2": (["--tensor-model-parallel-size", "2", "--sequence-parallel"] + EP2, 4),
            "pp2_ep2": (["--pipeline-model-parallel-size", "2"] + EP2, 4)}
+# packed rows (issue 17): each rank packs its own records into its own number of micro-batches
+# (rows of 20 positions: 3 and 2 at iteration 2)
+PACKED = {"ep2_packed": (EP2 + ["--pack-sequences", "--micro-batch-size", "1", "--seq-length", "20"], 2)}
 
 
 def _run(argv, world):
@@ -208,12 +211,13 @@ def _release(save):
 
 def test_aligndistil_on_qwen3_moe_matches_the_reference_at_every_expert_layout(qwen3_moe_setup, tmp_path):
     """Policy and both teachers MoE, run in lockstep: iteration 1 equals the float64 HF reference
-    (1e-4) at EP2, TP2 x EP2 (sequence parallel) and PP2 x EP2; the 3-iteration trajectories and
-    the exported releases (every expert, written by its own EP rank) are equal across layouts."""
+    (1e-4) at EP2, TP2 x EP2 (sequence parallel), PP2 x EP2 and EP2 with packed rows (the rank
+    with fewer packed micro-batches runs empty ones); the 3-iteration trajectories and the
+    exported releases (every expert, written by its own EP rank) are equal across layouts."""
     setup = qwen3_moe_setup
     ref = dense_first_iteration(setup)
     runs, releases = {}, {}
-    for name, (flags, world) in LAYOUTS.items():
+    for name, (flags, world) in {**LAYOUTS, **PACKED}.items():
         save = str(tmp_path / name)
         runs[name] = _run(aligndistil_argv(setup, save, *flags, iters=3), world)
         releases[name] = _release(save)
@@ -294,7 +298,7 @@ def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path):
 
 def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     """At their boundaries, each naming the flag: EP that does not divide the experts (3 of 4; 4
-    runs), EP on a dense model, --pack-sequences with EP, MoE under TP without sequence
+    runs), EP on a dense model, packing with EP and a balancing loss, MoE under TP without sequence
     parallelism, a dispatcher that needs NCCL on gloo, vLLM rollouts of a MoE policy on CPU."""
     from megatron_aligndistil.train.arguments import parse_args
     from megatron_aligndistil.train.plan import make_plan
@@ -322,12 +326,14 @@ def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     with pytest.raises(UserError, match="not divisible by the expert layout"):
         make_plan(parse_args(aligndistil_argv(setup, str(tmp_path / "plan"), "--dry-run",
                                               "--expert-model-parallel-size", "4")), 2)
-    with pytest.raises(SystemExit):
-        parse_args(aligndistil_argv(setup, str(tmp_path / "p"), "--pack-sequences", *EP2))
-    parse_args(aligndistil_argv(setup, str(tmp_path / "p"), "--pack-sequences"))  # EP 1: packing is fine
     done = launch_train(aligndistil_argv(setup, str(tmp_path / "a2a"), "--moe-token-dispatcher-type", "alltoall"),
                         nproc=1)
     assert done.returncode == 2 and "--moe-token-dispatcher-type alltoall needs NCCL" in done.stderr, done.stderr[-2000:]
+    # packed rows with EP train (test above), but not with a balancing loss (an empty micro-batch has no tokens)
+    packed = ["--pack-sequences", *EP2, "--moe-aux-loss-coeff"]
+    with pytest.raises(SystemExit):
+        parse_args(aligndistil_argv(setup, str(tmp_path / "p"), *packed, "0.01"))
+    parse_args(aligndistil_argv(setup, str(tmp_path / "p"), *packed, "0"))
     # vLLM's CPU build cannot be synced with a MoE policy: refused before any model is built
     done = launch_train(aligndistil_argv(setup, str(tmp_path / "onp"), "--rollout", "on-policy",
                                          "--rollout-engine", "vllm", "--stop-token-ids", "3"), nproc=1)

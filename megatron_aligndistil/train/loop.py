@@ -25,7 +25,7 @@ from ..core import parallel
 from .. import platform
 from ..core.errors import UserError
 from ..config import RolloutConfig, TrainingConfig
-from ..data.batching import global_batch_indices
+from ..data.batching import build_micro_batch, global_batch_indices
 from ..data import read_records
 from ..models import qwen
 from ..rollout import MISMATCH_MAXES, MISMATCH_SUMS, logprob_mismatch, mismatch_metrics
@@ -302,15 +302,20 @@ class Trainer:
         batches, seq_len = self.method.micro_batches(mine, self.rows, multiple, pack_length=pack_length)
         if cfg.expert_model_parallel_size > 1:
             # expert-parallel ranks (other data-parallel replicas) exchange their tokens in every MoE
-            # layer: one row length for all of them, the longest
+            # layer: one row length for all of them, the longest, and as many micro-batches (packed
+            # steps have as many as their tokens need): a rank with fewer runs empty ones (all
+            # padding: no loss, no example, no routed-token count)
             from megatron.core import parallel_state
 
-            longest = torch.tensor([seq_len], device=platform.device())
-            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX,
+            shape = torch.tensor([seq_len, len(batches)], device=platform.device())
+            torch.distributed.all_reduce(shape, op=torch.distributed.ReduceOp.MAX,
                                          group=parallel_state.get_expert_tensor_and_model_parallel_group())
-            if int(longest) > seq_len:
+            longest, count = shape.tolist()
+            if longest > seq_len:
                 batches, seq_len = self.method.micro_batches(mine, self.rows, multiple, pack_length=pack_length,
-                                                             at_least=int(longest))
+                                                             at_least=longest)
+            batches += [build_micro_batch([[] for _ in range(self.rows)], seq_len, packed=pack_length is not None)
+                        for _ in range(count - len(batches))]
         return batches, seq_len, rollout
 
     def _rollout(self, prompts, first_sample: int):

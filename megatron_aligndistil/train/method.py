@@ -115,10 +115,16 @@ def score_micro_batch(method: Method, logits: dict, batch, vocab_size: int):
     before the optimizer step); ``n_examples`` a 0-dim int tensor (Megatron's ``num_tokens``);
     ``stats`` the float32 vector [loss, examples, *method.stat_names]; ``bad`` float32
     ``[len(logits)]``: per model, the response positions whose logits hold NaN or inf (counted
-    only when the loss is not finite, as this needs a pass over the logits).
+    only when the loss is not finite, as this needs a pass over the logits). A micro-batch without
+    sequences (all padding: the empty ones an expert-parallel rank runs to keep step with the
+    others) scores a zero loss of zero examples whose backward still runs through the model.
     """
-    terms = method.token_terms(logits, batch, vocab_size)
     dev = logits["policy"].device
+    if not bool((batch.seq_index >= 0).any()):
+        zero = logits["policy"].float().sum() * 0.0  # a zero gradient, through every layer
+        vec = torch.zeros(2 + len(method.stat_names), dtype=torch.float32, device=dev)
+        return zero, torch.zeros((), dtype=torch.int, device=dev), vec, torch.zeros(len(logits), device=dev)
+    terms = method.token_terms(logits, batch, vocab_size)
     names = list(terms)
     mask = batch.loss_mask.to(dev)
     per_sequence = sequence_sums(torch.stack([terms[k].float() for k in names] + [mask], -1), batch)
