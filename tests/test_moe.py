@@ -1,9 +1,11 @@
-"""Issue 30 (part): Qwen3-MoE and Qwen2-MoE. Configs read with their sparse and dense layers;
-conversion HF -> Megatron -> HF tensor-equal; the forward equal to transformers' at EP2, TP2 x EP2,
-PP2 x EP2 and expert-TP 1 under TP2; AlignDistil and DPO iteration 1 equal to the float64 HF
-reference (AlignDistil at EP2 (DP2), TP2 x EP2 and PP2 x EP2, with the same 3-iteration trajectory
-and the same exported release at every layout; DPO at TP2 x EP2 and PP2 x EP2); the balancing
-loss's weight; the guards at their boundaries."""
+"""Issue 30: Qwen3-MoE and Qwen2-MoE. Configs read with their sparse and dense layers; conversion
+HF -> Megatron -> HF tensor-equal; the forward equal to transformers' at EP2, TP2 x EP2, PP2 x EP2,
+expert-TP 1 under TP2 and expert-TP 2 without TP; greedy sampling in lockstep over EP; SFT, DPO and
+AlignDistil iteration 1 equal to the float64 HF reference (AlignDistil at EP2 (DP2), TP2 x EP2,
+PP2 x EP2 and EP2 packed, with the same 4-iteration trajectory and exported release at every
+layout; DPO at EP2, TP2 x EP2 and PP2 x EP2; SFT at EP2); on-policy at EP2 as at EP1; the
+balancing loss's weight and the routing metrics against the HF router; the guards at their
+boundaries."""
 
 import dataclasses
 import json
@@ -19,8 +21,8 @@ from megatron_aligndistil.core.parallel import Layout
 from megatron_aligndistil.models.qwen import ArchitectureError, QwenArch
 from megatron_aligndistil.testing import megatron_logits, run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
-from train_fixtures import (aligndistil_argv, dense_dpo, dense_first_iteration, dense_routing, dpo_argv, launch_train,
-                            make_setup_with_pairs, run_train)
+from train_fixtures import (aligndistil_argv, dense_dpo, dense_first_iteration, dense_routing, dense_sft, dpo_argv,
+                            launch_train, make_setup_with_pairs, run_train, sft_argv)
 
 MOE_TYPES = ("qwen3_moe", "qwen2_moe")
 
@@ -212,14 +214,14 @@ def _release(save):
 def test_aligndistil_on_qwen3_moe_matches_the_reference_at_every_expert_layout(qwen3_moe_setup, tmp_path):
     """Policy and both teachers MoE, run in lockstep: iteration 1 equals the float64 HF reference
     (1e-4) at EP2, TP2 x EP2 (sequence parallel), PP2 x EP2 and EP2 with packed rows (the rank
-    with fewer packed micro-batches runs empty ones); the 3-iteration trajectories and the
+    with fewer packed micro-batches runs empty ones); the 4-iteration trajectories and the
     exported releases (every expert, written by its own EP rank) are equal across layouts."""
     setup = qwen3_moe_setup
     ref = dense_first_iteration(setup)
     runs, releases = {}, {}
     for name, (flags, world) in {**LAYOUTS, **PACKED}.items():
         save = str(tmp_path / name)
-        runs[name] = _run(aligndistil_argv(setup, save, *flags, iters=3), world)
+        runs[name] = _run(aligndistil_argv(setup, save, *flags, iters=4), world)
         releases[name] = _release(save)
         assert runs[name][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4), name
         assert runs[name][0]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
@@ -283,12 +285,16 @@ def test_on_policy_with_expert_parallelism_samples_and_trains_as_without(qwen3_m
         assert [m[field] for m in ep2] == pytest.approx([m[field] for m in dp2], rel=1e-5), field
 
 
-def test_dpo_on_qwen2_moe_matches_the_reference(qwen2_moe_setup, tmp_path):
+def test_dpo_and_sft_on_qwen2_moe_match_the_reference(qwen2_moe_setup, tmp_path):
     """The shared expert with its sigmoid gate, 4 experts top-2 without renormalisation; the
-    reference model MoE too, in lockstep. TP2 x EP2 (4 ranks: DP2, EP2) and PP2 x EP2."""
+    reference model MoE too, in lockstep. DPO at EP2 (DP2), TP2 x EP2 (4 ranks: DP2, EP2) and
+    PP2 x EP2; SFT at EP2."""
     setup = qwen2_moe_setup
+    sft = _run(sft_argv(setup, str(tmp_path / "sft")) + EP2, 2)
+    ref = dense_sft(setup)
+    assert (sft[0]["loss"], sft[0]["grad_norm"]) == pytest.approx((ref["loss"], ref["grad_norm"]), rel=1e-4)
     ref = dense_dpo(setup)
-    for layout in ("tp2_ep2", "pp2_ep2"):
+    for layout in ("ep2", "tp2_ep2", "pp2_ep2"):
         flags, world = LAYOUTS[layout]
         got = _run(dpo_argv(setup, str(tmp_path / layout), "--ref-load", setup["dpo"], *flags, "--no-export",
                             iters=1), world)

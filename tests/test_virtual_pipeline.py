@@ -16,7 +16,7 @@ from megatron_aligndistil.core.schedule import interleaving_group
 from megatron_aligndistil.testing import run_distributed
 from megatron_aligndistil.train.metrics import read_metrics
 from train_fixtures import (aligndistil_argv, dense_dpo, dense_sft, dpo_argv, launch_train, make_setup_with_pairs,
-                            run_train)
+                            run_train, sft_argv)
 
 PP2 = ["--pipeline-model-parallel-size", "2"]
 VPP2 = PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"]  # 4 layers: 2 chunks of 1 layer per rank
@@ -26,12 +26,6 @@ TP2_PP2_VPP2 = ["--tensor-model-parallel-size", "2"] + PP2 + ["--num-virtual-sta
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup_with_pairs(str(tmp_path_factory.mktemp("vpp")))
-
-
-def _sft_argv(setup, save, *extra, iters=1):
-    return ["sft", "--load", setup["policy"], "--data-path", setup["data"], "--save", save,
-            "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "24", "--lr", "1e-3",
-            "--train-iters", str(iters), "--no-progress", "--no-export", *extra]
 
 
 def _run(argv, world):
@@ -47,7 +41,7 @@ def test_first_iteration_matches_the_reference_and_the_plain_pipeline(setup, tmp
     same chunks; a step of 3 micro-batches (not a multiple of PP) runs as one interleaving group."""
     if method == "sft":
         ref = dense_sft(setup)
-        argv = lambda name, *extra: _sft_argv(setup, str(tmp_path / name), *extra)  # noqa: E731
+        argv = lambda name, *extra: sft_argv(setup, str(tmp_path / name), *extra)  # noqa: E731
     else:
         ref = dense_dpo(setup)
         argv = lambda name, *extra: dpo_argv(setup, str(tmp_path / name), "--ref-load", setup["dpo"],  # noqa: E731

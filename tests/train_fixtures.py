@@ -210,6 +210,12 @@ def dpo_argv(setup, save, *extra, iters=4):
             "--train-iters", str(iters), "--no-progress", "--dpo-beta", "0.1", *extra]
 
 
+def sft_argv(setup, save, *extra, iters=1):
+    return ["sft", "--load", setup["policy"], "--data-path", setup["data"], "--save", save,
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "24", "--lr", "1e-3",
+            "--train-iters", str(iters), "--no-progress", "--no-export", *extra]
+
+
 def launch_train(argv, nproc=1, timeout=300):
     """The trainer as a user runs it: ``python -m megatron_aligndistil.train`` (one process) or
     ``torchrun --nproc-per-node N -m megatron_aligndistil.train`` (N > 1). Returns the
