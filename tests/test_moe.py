@@ -98,9 +98,11 @@ def test_conversion_round_trip_is_tensor_equal(model_type, tmp_path):
 
 def _logits_and_gathered(cases):
     """One rank, per case: the logits, and whether gathering the loaded model's shards (over TP,
-    expert-TP, EP and PP) gives every full tensor back."""
+    expert-TP, EP and PP: the tests' gather, and the vLLM weight sync's view of the policy) gives
+    every full tensor back."""
     from megatron_aligndistil.core import sharding
     from megatron_aligndistil.models import qwen
+    from megatron_aligndistil.rollout.vllm import _PolicyWeights
 
     out = []
     for arch_fields, full, tokens in cases:
@@ -109,6 +111,8 @@ def _logits_and_gathered(cases):
         sharding.load_full_state_dict(model, full)
         gathered = sharding.gather_full_state_dict(model)
         same = sorted(gathered) == sorted(full) and all(torch.equal(gathered[k], full[k]) for k in full)
+        view = _PolicyWeights(model)  # every rank asks for every name, in the same order
+        same = same and sorted(view.meta) == sorted(full) and all(torch.equal(view.get(k), full[k]) for k in sorted(full))
         out.append((megatron_logits(arch_fields, full, tokens), same))
     return out
 
