@@ -308,7 +308,7 @@ def test_dpo_and_sft_on_qwen2_moe_match_the_reference(qwen2_moe_setup, tmp_path)
 
 def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     """At their boundaries, each naming the flag: EP that does not divide the experts (3 of 4; 4
-    runs), EP on a dense model, packing with EP and a balancing loss, MoE under TP without sequence
+    runs), EP on a dense model, a teacher with other experts, packing with EP and a balancing loss, MoE under TP without sequence
     parallelism, a dispatcher that needs NCCL on gloo, vLLM rollouts of a MoE policy on CPU."""
     from megatron_aligndistil.train.arguments import parse_args
     from megatron_aligndistil.train.plan import make_plan
@@ -339,6 +339,19 @@ def test_expert_parallel_guards(qwen3_moe_setup, tmp_path):
     done = launch_train(aligndistil_argv(setup, str(tmp_path / "a2a"), "--moe-token-dispatcher-type", "alltoall"),
                         nproc=1)
     assert done.returncode == 2 and "--moe-token-dispatcher-type alltoall needs NCCL" in done.stderr, done.stderr[-2000:]
+    # a teacher with another expert count (or top-k) than the policy: refused, naming the fields
+    from megatron_aligndistil.core.weights import check_compatible
+
+    policy_arch = QwenArch(**json.load(open(os.path.join(setup["policy"], "qwen_arch.json"))))
+    for change in ({"num_experts": 8}, {"num_experts_per_tok": 1}):
+        other = tmp_path / f"teacher_{next(iter(change))}"
+        other.mkdir()
+        (other / "qwen_arch.json").write_text(dataclasses.replace(policy_arch, **change).to_json())
+        key = next(iter(change))
+        with pytest.raises(UserError, match=f"--dpo-load {other}: architecture differs from the policy's "
+                                            rf"\(policy, dpo\): {{'{key}': \({getattr(policy_arch, key)}, "):
+            check_compatible(policy_arch, setup["policy"], str(other), "dpo")
+    check_compatible(policy_arch, setup["policy"], setup["dpo"], "dpo")  # the same architecture passes
     # packed rows with EP train (test above), but not with a balancing loss (an empty micro-batch has no tokens)
     packed = ["--pack-sequences", *EP2, "--moe-aux-loss-coeff"]
     with pytest.raises(SystemExit):

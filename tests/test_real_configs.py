@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from hf_fixtures import REAL_CONFIGS, qwen3_tokenizer, real_config, real_config_model
+from hf_fixtures import REAL_CONFIGS, qwen3_tokenizer, real_config, real_config_model, saved_state_dict
 from megatron_aligndistil.convert.mapping import hf_tensor_names, hf_to_megatron, megatron_to_hf
 from megatron_aligndistil.models.qwen import QwenArch
 from megatron_aligndistil.testing import run_distributed
@@ -30,12 +30,14 @@ def test_the_family_keeps_every_architectural_flag():
                 arch.rope_theta, arch.norm_eps) == (full.model_type, full.tie_word_embeddings, full.qkv_bias,
                                                     full.qk_layernorm, full.vocab_size, full.rope_theta,
                                                     full.norm_eps), name
+        assert (arch.num_experts, arch.num_experts_per_tok, arch.moe_ffn_hidden_size, arch.norm_topk_prob) == \
+            (full.num_experts, full.num_experts_per_tok, full.moe_ffn_hidden_size, full.norm_topk_prob), name
         ratio = arch.num_attention_heads // arch.num_query_groups
         assert ratio == full.num_attention_heads // full.num_query_groups and arch.num_query_groups == 2, name
         if full.model_type == "qwen3":
             assert arch.head_dim == full.head_dim == 128
             assert arch.hidden_size != arch.num_attention_heads * arch.head_dim
-    assert {"qwen2.5-0.5b", "qwen3-0.6b", "qwen3-8b"} <= set(REAL_CONFIGS)
+    assert {"qwen2.5-0.5b", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-235b-a22b"} <= set(REAL_CONFIGS)
     tied = {n: QwenArch.from_hf_config(real_config(n)).tie_word_embeddings for n in REAL_CONFIGS}
     assert any(tied.values()) and not all(tied.values())
 
@@ -44,7 +46,7 @@ def test_the_family_keeps_every_architectural_flag():
 def test_conversion_round_trip_is_bit_exact_across_the_family(name):
     hf = real_config_model(name, dtype=torch.bfloat16)
     arch = QwenArch.from_hf_config(hf.config)
-    sd = hf.state_dict()
+    sd = saved_state_dict(hf) if arch.is_moe else hf.state_dict()  # MoE: per-expert tensors, as released
     if arch.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # the tied copy: one tensor in the checkpoint
     full = dict(hf_to_megatron(arch, sd.__getitem__))
