@@ -1,5 +1,6 @@
 """Issue 8 (part): the memory planner against measured peak memory of tiny CPU training runs."""
 
+import dataclasses
 import json
 import os
 
@@ -143,3 +144,40 @@ def test_moe_parameters_and_their_sharding_follow_qwen3_30b_a3b():
     assert plan_memory(QwenArch.from_hf_config(json.load(open(os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
         "qwen2.5-1.5b-instruct.json")))), Layout())["moe_dispatch"] == 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+def test_moe_parameter_count_equals_the_hf_models(model_type):
+    """Every tensor counted once, by the planner's sharding terms: the tiny Qwen3-MoE (a dense
+    layer among sparse ones) and Qwen2-MoE (shared expert and its gate) count as many parameters
+    as the HF models hold (the planner's TP-padded vocabulary rows aside); the largest single
+    parameter of a model whose experts are its biggest matrices is an expert's fc1 shard."""
+    from hf_fixtures import tiny_hf_model
+    from megatron_aligndistil.memory import largest_param, stage_params
+
+    hf = tiny_hf_model(model_type, vocab_size=1001)
+    arch = QwenArch.from_hf_config(hf.config)
+    rows = (arch.padded_vocab_size - arch.vocab_size) * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    assert stage_params(arch, Layout()) - rows == sum(p.numel() for p in hf.parameters())
+    small_vocab = dataclasses.replace(arch, vocab_size=8, moe_ffn_hidden_size=4096)
+    assert largest_param(small_vocab, Layout()) == 2 * arch.hidden_size * 4096
+    assert largest_param(small_vocab, Layout(tp=2, ep=2, etp=2)) == arch.hidden_size * 4096
+
+
+def test_moe_suggestions_use_expert_parallelism_and_sequence_parallel_tp():
+    """--suggest for Qwen3-30B-A3B on 80 GB GPUs: no single node fits; TP > 1 only with sequence
+    parallelism (MoE training needs it); each layout's EP is the largest dividing the experts and
+    TP x DP, with expert-TP 1, and its memory is the planner's for that layout."""
+    from megatron_aligndistil.memory import suggest
+
+    arch = QwenArch.from_hf_config(json.load(open(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs", "qwen3-30b-a3b.json"))))
+    plain = suggest(arch, 80, recompute="full")
+    assert plain and plain[0]["nodes"] == 2 and all(f["tp"] == 1 and f["etp"] == 1 for f in plain)
+    with_sp = suggest(arch, 80, recompute="full", sequence_parallel=True)
+    assert any(f["tp"] > 1 for f in with_sp)
+    for f in plain + with_sp:
+        assert f["ep"] == max(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if (f["tp"] * f["dp"]) % e == 0)
+        lay = Layout(tp=f["tp"], pp=f["pp"], dp=f["dp"], ep=f["ep"], etp=1, recompute="full",
+                     sequence_parallel=f in with_sp)
+        assert f["per_gpu_gb"] == pytest.approx(plan_memory(arch, lay)["total"] / GIB)
