@@ -162,6 +162,18 @@ def test_moe_parameter_count_equals_the_hf_models(model_type):
     small_vocab = dataclasses.replace(arch, vocab_size=8, moe_ffn_hidden_size=4096)
     assert largest_param(small_vocab, Layout()) == 2 * arch.hidden_size * 4096
     assert largest_param(small_vocab, Layout(tp=2, ep=2, etp=2)) == arch.hidden_size * 4096
+    # --offload-frozen-models streams the biggest layer: a sparse one (layer 0), not the dense layer
+    from megatron_aligndistil.memory import activation_bytes_per_layer, largest_block_params
+
+    layer0 = sum(p.numel() for n, p in hf.named_parameters() if n.startswith("model.layers.0."))
+    grown = 3 * arch.num_experts * arch.hidden_size * (4096 - arch.moe_ffn_hidden_size)  # its experts at f_moe 4096
+    assert largest_block_params(small_vocab, Layout()) == layer0 + grown
+    # full recompute: the layer inputs, plus the biggest layer's full activations while it recomputes
+    lay = Layout(micro_batch=2, seq_length=64, recompute="full")
+    full = max(activation_bytes_per_layer(arch, dataclasses.replace(lay, recompute=None), i) for i in range(4))
+    assert full == activation_bytes_per_layer(arch, dataclasses.replace(lay, recompute=None), 0)  # a sparse layer
+    inputs = 4 * activation_bytes_per_layer(arch, lay)
+    assert plan_memory(arch, lay)["activations"] == pytest.approx(inputs + full)
 
 
 def test_moe_suggestions_use_expert_parallelism_and_sequence_parallel_tp():
