@@ -1,10 +1,12 @@
 """Local paths and Hugging Face Hub names on the command line.
 
 ``--input`` (preprocessing), ``--reward-model`` (evaluation) and ``--hf-path`` (conversion) take a
-local path; the first two also take a Hub name (``org/name``), fetched by ``datasets`` /
-``transformers``. A path that does not exist but looks like a Hub name, on a machine that cannot
-reach the Hub and has no cached copy, used to spend 35-60 s in retries before a ConnectionError:
-:func:`local_or_hub` refuses it at once, naming the flag and the path.
+local path or a Hub name (``org/name``): the first two are fetched by ``datasets`` /
+``transformers``, the converter's by :func:`model_dir` (its cached snapshot, or a download of the
+config, safetensors and tokenizer files with ``huggingface_hub``). A path that does not exist but
+looks like a Hub name, on a machine that cannot reach the Hub and has no cached copy, used to
+spend 35-60 s in retries before a ConnectionError: :func:`local_or_hub` refuses it at once, naming
+the flag, the name and what would let it download.
 """
 
 from __future__ import annotations
@@ -60,23 +62,46 @@ def _cached(name: str, repo_type: str) -> bool:
         return False
 
 
-def local_or_hub(value: str, flag: str, hub: bool = True, repo_type: str = "model") -> str:
-    """``value`` when it is a local path, or a Hub name that can be fetched (``hub``: the flag
-    takes Hub names; its cache or the network has it). Otherwise a :class:`UserError` naming
-    ``flag`` and the path, at once."""
+def local_or_hub(value: str, flag: str, repo_type: str = "model") -> str:
+    """``value`` when it is a local path, or a Hub name that can be fetched (its cache or the
+    network has it). Otherwise a :class:`UserError` naming ``flag`` and the path, at once."""
     if os.path.exists(value):
         return value
     if not looks_like_hub_name(value):
         raise UserError(f"{flag} {value}: no such file or directory")
-    if not hub:
-        raise UserError(f"{flag} {value}: no such directory. It looks like a Hugging Face Hub name; this tool reads "
-                        f"local directories: download it first (huggingface-cli download {value} --local-dir DIR)")
     if _cached(value, repo_type):
         return value
     offline = hub_offline()
     if offline:
+        allow = (f"unset {offline.split('=')[0]} to allow downloads" if "=" in offline.split()[0]
+                 else "set HF_ENDPOINT to a Hub mirror this machine reaches")
         raise UserError(f"{flag} {value}: no such file or directory, and as a Hugging Face Hub name it cannot be "
-                        f"fetched: the Hub is unreachable ({offline}) and no cached copy exists. Give a local path, "
-                        f"or download it where the Hub is reachable (huggingface-cli download {value}"
+                        f"fetched: the Hub is unreachable ({offline}; {allow}) and no cached copy exists. Give a "
+                        f"local path, or download it where the Hub is reachable (huggingface-cli download {value}"
                         f"{' --repo-type dataset' if repo_type == 'dataset' else ''})")
     return value
+
+
+# what a conversion reads from a Hub model: config, weights (+ index), tokenizer, chat template
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+
+def model_dir(value: str, flag: str) -> str:
+    """A local directory holding the model ``value`` names: ``value`` itself when it exists; for
+    a Hub name, its cached snapshot, else a download of :data:`MODEL_FILES` (``huggingface_hub``,
+    into its cache). Refused at once as :func:`local_or_hub` does; a failed download is a
+    :class:`UserError` naming ``flag`` and the name."""
+    local_or_hub(value, flag)
+    if os.path.exists(value):
+        return value
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(value, allow_patterns=MODEL_FILES, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (with these files): download them
+        pass
+    try:
+        return snapshot_download(value, allow_patterns=MODEL_FILES)
+    except Exception as exc:  # noqa: BLE001 - network, authentication (gated models), unknown name
+        raise UserError(f"{flag} {value}: downloading it from the Hugging Face Hub failed: "
+                        f"{type(exc).__name__}: {exc}") from None

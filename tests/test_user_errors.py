@@ -76,7 +76,7 @@ def test_a_hub_name_that_cannot_be_fetched_fails_at_once(flag, monkeypatch):
     t0 = time.time()
     with pytest.raises(UserError, match=rf"{flag} nobody-here/no-such-model: no such file or directory, and as a "
                                         r"Hugging Face Hub name it cannot be fetched: the Hub is unreachable "
-                                        r"\(HF_HUB_OFFLINE=1\)"):
+                                        r"\(HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to allow downloads\)"):
         hub.local_or_hub("nobody-here/no-such-model", flag, repo_type="dataset" if flag == "--input" else "model")
     assert time.time() - t0 < 5
     with pytest.raises(UserError, match=rf"{flag} \./nowhere/x: no such file or directory$"):
@@ -86,9 +86,14 @@ def test_a_hub_name_that_cannot_be_fetched_fails_at_once(flag, monkeypatch):
 
 
 def test_the_tools_refuse_missing_inputs_and_zero_sizes_naming_the_flag(tmp_path):
-    r = _tool("convert_hf_to_megatron.py", "--hf-path", "Qwen/Qwen2.5-0.5B", "--save", str(tmp_path / "x"))
-    assert r.returncode == 2 and "--hf-path Qwen/Qwen2.5-0.5B: no such directory" in r.stderr
-    assert "huggingface-cli download Qwen/Qwen2.5-0.5B" in r.stderr
+    # a Hub name, offline and not cached: refused at once, naming the name and what would allow it
+    t0 = time.time()
+    r = _tool("convert_hf_to_megatron.py", "--hf-path", "Qwen/Qwen2.5-0.5B", "--save", str(tmp_path / "x"),
+              env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
+    assert r.returncode == 2 and "--hf-path Qwen/Qwen2.5-0.5B: no such file or directory, and as a Hugging Face " \
+        "Hub name it cannot be fetched: the Hub is unreachable (HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to allow " \
+        "downloads)" in r.stderr, r.stderr[-1500:]
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B" in r.stderr and time.time() - t0 < 30
     save_tiny_hf(tmp_path / "hf", "qwen3")
     r = _tool("convert_hf_to_megatron.py", "--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "mc"),
               "--tensor-model-parallel-size", "0")
@@ -229,6 +234,57 @@ def test_hub_names_found_in_the_cache_or_online_are_passed_on(monkeypatch, tmp_p
     assert hub.hub_offline() == "huggingface.co does not resolve (Temporary failure in name resolution)"
     with pytest.raises(UserError, match=r"the Hub is unreachable \(huggingface.co does not resolve"):
         hub.local_or_hub("org/name", "--reward-model")
+
+
+def test_the_converter_takes_a_hub_name_from_the_cache_or_a_download(monkeypatch, tmp_path):
+    """--hf-path org/name: the cached snapshot when there is one, else a download of the config,
+    safetensors and tokenizer files (huggingface_hub); the converted checkpoint is the same as
+    from the local directory. A failed download names the flag and the name. (No network: the
+    Hub is stubbed with a local model directory.)"""
+    import socket
+
+    import huggingface_hub
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_aligndistil import hub
+    from megatron_aligndistil.convert.hf import convert_hf_to_megatron
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    save_tiny_hf(tmp_path / "snapshot", "qwen3", tied=True)
+    calls = []
+
+    def hub_stub(cached):
+        def snapshot_download(name, allow_patterns=None, local_files_only=False, **kw):
+            calls.append((name, tuple(allow_patterns or ()), local_files_only))
+            if local_files_only and not cached:
+                raise FileNotFoundError("not in the cache")
+            return str(tmp_path / "snapshot")
+        return snapshot_download
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [("resolved",)])
+    local = convert_hf_to_megatron(str(tmp_path / "snapshot"), str(tmp_path / "from_dir"), progress=False)
+    for cached in (True, False):
+        calls.clear()
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_stub(cached))
+        out = convert_hf_to_megatron("Qwen/Qwen3-0.6B", str(tmp_path / f"from_hub_{cached}"), progress=False)
+        downloads = [c for c in calls if not c[2]]
+        assert len(downloads) == (0 if cached else 1)
+        if downloads:
+            assert downloads[0][0] == "Qwen/Qwen3-0.6B" and set(downloads[0][1]) == set(hub.MODEL_FILES)
+        for f in os.listdir(local):
+            if f.endswith(".safetensors"):
+                a, b = load_file(os.path.join(local, f)), load_file(os.path.join(out, f))
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def refused(name, local_files_only=False, **kw):
+        raise RuntimeError("401 Client Error: gated repo") if not local_files_only else FileNotFoundError()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refused)
+    with pytest.raises(UserError, match=r"--hf-path Qwen/Qwen3-0.6B: downloading it from the Hugging Face Hub "
+                                        r"failed: RuntimeError: 401 Client Error: gated repo"):
+        convert_hf_to_megatron("Qwen/Qwen3-0.6B", str(tmp_path / "never"), progress=False)
 
 
 def test_args_json_keeps_the_resume_history(tmp_path):

@@ -55,9 +55,9 @@ def convert_hf_to_megatron(hf_path: str, save: str, tp: int = 1, pp: int = 1,
     ``tp``/``pp`` are checked against the model (TP must divide heads and KV groups, PP the
     layers) and recorded; the checkpoint itself loads at any valid layout.
     """
-    from ..hub import local_or_hub
+    from ..hub import model_dir
 
-    local_or_hub(hf_path, "--hf-path", hub=False)
+    hf_path = model_dir(hf_path, "--hf-path")  # a Hub name: its snapshot (cached or downloaded)
     hf_config = _read_json(os.path.join(hf_path, "config.json"))
     arch = QwenArch.from_hf_config(hf_config)
     arch.check_layout(tp, pp)
