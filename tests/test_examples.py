@@ -52,3 +52,36 @@ def test_moe_recipes_dry_run_with_their_expert_layout(recipe, nodes, ep, planned
     plan = {k: v.strip() for k, v in (line.split(None, 1) for line in r.stdout.splitlines()[1:] if line.strip())}
     assert int(plan["expert_parallel"]) == ep and int(plan["expert_tensor_parallel"]) == 1
     assert float(plan["planned_gb_per_gpu"]) == planned_gb
+
+
+SBATCH = {"qwen2.5-7b": 1, "qwen2.5-32b": 2, "qwen2.5-72b": 4}
+
+
+@pytest.mark.parametrize("recipe", sorted(SBATCH))
+def test_slurm_scripts_start_one_recipe_per_node_with_slurms_rendezvous(recipe, tmp_path):
+    """examples/slurm/*.sbatch under a stand-in Slurm (srun runs the task once per node with its
+    SLURM_NODEID; scontrol lists the hosts): every node runs the recipe's dry run with NNODES, its
+    own NODE_RANK and the first host as MASTER_ADDR, and plans the job's whole world."""
+    nodes = SBATCH[recipe]
+    text = open(os.path.join(REPO, "examples", "slurm", f"{recipe}.sbatch")).read()
+    assert f"#SBATCH --nodes={nodes}\n" in text and "#SBATCH --ntasks-per-node=1\n" in text
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu%s\\n' 07 08 09 10\n")
+    # srun --nodes N ... bash -c CMD: CMD once per node, as Slurm's tasks would run it
+    (fake / "srun").write_text("#!/bin/bash\nn=$2; cmd=${@: -1}\nfor ((i = 0; i < n; i++)); do "
+                               "SLURM_NODEID=$i bash -c \"$cmd\" || exit 1; done\n")
+    for f in ("scontrol", "srun"):
+        os.chmod(fake / f, 0o755)
+    venv_bin = os.path.dirname(sys.executable)
+    env = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore", SLURM_SUBMIT_DIR=REPO, SLURM_JOB_ID="42",
+               SLURM_JOB_NUM_NODES=str(nodes), SLURM_JOB_NODELIST="gpu[07-10]",
+               PATH=os.pathsep.join([str(fake), venv_bin, os.environ["PATH"]]))
+    r = subprocess.run(["bash", os.path.join(REPO, "examples", "slurm", f"{recipe}.sbatch"), "aligndistil"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[slurm] job 42: {nodes} node(s), rendezvous gpu07:29500, recipe {recipe} aligndistil" in r.stdout
+    assert [line.split()[2] for line in r.stdout.splitlines() if line.startswith("[slurm] node")] == \
+        [str(i) for i in range(nodes)]
+    plans = [line.split()[1] for line in r.stdout.splitlines() if line.strip().startswith("world_size")]
+    assert plans == [str(8 * nodes)] * nodes
