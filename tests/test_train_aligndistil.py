@@ -385,3 +385,28 @@ def test_degenerate_teachers_are_refused(setup, tmp_path, capsys):
     assert "iteration 1: the DPO teacher" in r.stderr and "give the same distribution at all" in r.stderr
     assert "the token weight beta0/alpha is 100" in r.stderr and "stopped before the optimizer step" in r.stderr
     assert not (save / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_wandb_offline_run_holds_every_metric_and_continues_on_resume(setup, tmp_path, monkeypatch):
+    """--wandb-project (Megatron-LM's flags) with WANDB_MODE=offline: a job stopped at iteration 2
+    (--exit-interval) and relaunched is one W&B run (its id kept in <save>/wandb_run_id), and its
+    log holds every numeric field of every metrics.jsonl line (W&B writes values as JSON text)."""
+    import glob
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    save = str(tmp_path / "wb")
+    flags = ["--wandb-project", "aligndistil-test", "--wandb-exp-name", "resumed", "--no-export"]
+    assert run_distributed(run_train, 2, args=(aligndistil_argv(setup, save, *flags, "--exit-interval", "2",
+                                                                iters=3),)) == [0, 0]
+    run_id = open(os.path.join(save, "wandb_run_id")).read()
+    assert run_distributed(run_train, 2, args=(aligndistil_argv(setup, save, *flags, iters=3),)) == [0, 0]
+    assert open(os.path.join(save, "wandb_run_id")).read() == run_id
+    logs = sorted(glob.glob(os.path.join(save, "wandb", "offline-run-*", f"run-{run_id}.wandb")))
+    assert len(logs) == 2  # one per launch, the same run
+    data = b"".join(open(f, "rb").read() for f in logs)
+    metrics = read_metrics(os.path.join(save, "metrics.jsonl"))
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key, value in m.items():
+            if key != "iteration" and isinstance(value, float):
+                assert f"train/{key}".encode() in data and json.dumps(value).encode() in data, (m["iteration"], key)

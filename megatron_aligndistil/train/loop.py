@@ -171,7 +171,12 @@ class Trainer:
                                       max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
-        self.metrics = MetricsWriter(cfg.save, cfg.tensorboard_dir, enabled=is_rank0, resume_iteration=self.iteration)
+        wandb = None
+        if cfg.wandb_project:
+            wandb = {"project": cfg.wandb_project, "name": cfg.wandb_exp_name, "dir": cfg.wandb_save_dir,
+                     "config": {k: v for k, v in vars(self.flags).items() if not k.startswith("_")}}
+        self.metrics = MetricsWriter(cfg.save, cfg.tensorboard_dir, enabled=is_rank0, resume_iteration=self.iteration,
+                                     wandb=wandb)
         if is_rank0:
             checkpointing.write_run_files(self.flags, self.arch, cfg.load,
                                           resumed_at=self.iteration if self.resume_dir else None,
