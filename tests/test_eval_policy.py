@@ -121,6 +121,24 @@ def test_non_world_prompts_are_refused_before_any_model_is_built(world_model, tm
                                                    "--max-new-tokens", "2"],), timeout=200) == [0]
 
 
+def test_a_reward_model_with_non_finite_tensors_is_refused_naming_them(tmp_path):
+    """A reward model whose loaded weights or buffers hold NaN/inf would score every response NaN:
+    refused when loaded, naming the tensors (not later, as 'the reward model scored ... nan')."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_aligndistil.core.errors import UserError
+    from megatron_aligndistil.data.synthetic import train_tokenizer
+    from megatron_aligndistil.eval.reward_model import RewardModelJudge
+
+    tok = train_tokenizer(corpus(), vocab_size=400)
+    _save_tiny_reward_model(tmp_path / "rm", tok)
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    weights["score.weight"][0, 3] = float("nan")
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"rm: the reward model's score\.weight holds NaN or inf values after loading"):
+        RewardModelJudge(str(tmp_path / "rm"))
+
+
 def test_reward_model_judge_and_win_rates(tmp_path):
     from megatron_aligndistil.data.synthetic import train_tokenizer
     from megatron_aligndistil.eval.report import add_win_rates
