@@ -34,9 +34,11 @@ class RewardModelJudge:
                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                             f"{'is' if len(missing) == 1 else 'are'} not in the checkpoint and would be newly "
                             f"initialised (its architectures: {self.model.config.architectures})")
-        bad = [name for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:  # stored so, or left uninitialised by the loader: every score would be NaN
+        # stored so, or left uninitialised by the loader: every score would be NaN (a buffer may be
+        # an attention mask of -inf, so buffers are checked for NaN only)
+        bad = [name for name, t in self.model.named_parameters() if not bool(torch.isfinite(t).all())]
+        bad += [name for name, t in self.model.named_buffers() if t.is_floating_point() and bool(t.isnan().any())]
+        if bad:
             raise UserError(f"{path}: the reward model's {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} "
                             f"hold{'s' if len(bad) == 1 else ''} NaN or inf values after loading")
         if self.model.config.num_labels != 1:
