@@ -385,8 +385,7 @@ class TrainingConfig:
         if virtual and self.pipeline_model_parallel_size == 1:
             raise ConfigError(f"{virtual[0]} interleaves the stages of a pipeline: it needs "
                               "--pipeline-model-parallel-size > 1")
-        if self.pack_sequences and self.expert_model_parallel_size > 1 and self.moe_aux_loss_coeff > 0 \
-                and self.moe_router_load_balancing_type != "none":
+        if self.pack_sequences and self.expert_model_parallel_size > 1 and self.balancing_loss_type():
             # an expert-parallel rank with fewer packed micro-batches runs empty ones, whose
             # balancing loss Megatron's router divides by their zero tokens
             raise ConfigError(f"--pack-sequences with --expert-model-parallel-size {self.expert_model_parallel_size} "
@@ -394,6 +393,12 @@ class TrainingConfig:
                               "one of them")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+
+    def balancing_loss_type(self) -> str | None:
+        """The MoE routers' load-balancing loss (``--moe-router-load-balancing-type``) when it is on
+        (a positive ``--moe-aux-loss-coeff``), else None."""
+        on = self.moe_aux_loss_coeff > 0 and self.moe_router_load_balancing_type != "none"
+        return self.moe_router_load_balancing_type if on else None
 
     def moe_options(self) -> dict:
         """The policy's MoE TransformerConfig fields from the flags (frozen models: no balancing loss)."""

@@ -348,9 +348,7 @@ class Trainer:
 
     def _balancing_type(self) -> str | None:
         """The policy routers' load-balancing loss (``--moe-router-load-balancing-type``), None without one."""
-        cfg = self.cfg
-        on = self.arch.is_moe and cfg.moe_aux_loss_coeff > 0 and cfg.moe_router_load_balancing_type != "none"
-        return cfg.moe_router_load_balancing_type if on else None
+        return self.cfg.balancing_loss_type() if self.arch.is_moe else None
 
     def _set_balancing_loss_weight(self, batches) -> None:
         """With a MoE router load-balancing loss: weight it for this step.
