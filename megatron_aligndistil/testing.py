@@ -4,8 +4,9 @@ Used by the tests and the benchmarks::
 
     results = run_distributed(check_fn, world_size=4, layout=Layout(tp=2, pp=2), args=(...,))
 
-Two rank functions ride along: :func:`megatron_logits` (a model's full logits at any layout) and
-:func:`measure_training` (a training run's peak memory).
+Rank functions ride along: :func:`megatron_logits` (a model's full logits at any layout),
+:func:`measure_training` (a training run's peak memory) and :func:`measure_export` (the policy
+export's).
 
 ``check_fn`` must be importable (a module-level function). Each rank gets the same ``args``; the
 process group and, if ``layout`` is given, Megatron's parallel state exist when it runs. The
@@ -16,6 +17,7 @@ traceback; if the job exceeds ``timeout`` seconds (a hung collective), all ranks
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import tempfile
@@ -201,17 +203,45 @@ def memory_status() -> dict:
     return out
 
 
-def measure_training(argv: list[str], full: bool = False):
-    """One rank: train with ``argv`` (the trainer's command line) and return the peak anonymous
-    memory above the start of model building, in bytes (sampled every millisecond). ``full``:
-    a dict instead, with also the process's peak RSS (``VmHWM``) and the baseline. Allocations
-    above 64 KiB are mmap'd from here on (glibc ``mallopt``, as ``MALLOC_MMAP_THRESHOLD_=65536``
-    at start-up), so RSS follows live tensors."""
+@contextlib.contextmanager
+def sampled_peak(fields=("RssAnon",)):
+    """Yields a dict whose ``"above_base"`` is, after the block, the peak of the sum of ``fields``
+    of /proc/self/status (default: anonymous memory; add ``RssFile`` for memory-mapped files) above
+    its level at entry, in bytes (sampled every millisecond). Allocations above 64 KiB are mmap'd
+    from here on (glibc ``mallopt``, as ``MALLOC_MMAP_THRESHOLD_=65536`` at start-up), so RSS
+    follows live tensors."""
     import ctypes
     import threading
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    def now():
+        status = memory_status()
+        return sum(status[f] for f in fields)
 
+    base = now()
+    result = {"base": base, "above_base": 0}
+    peak = [base]
+    done = [False]
+
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], now())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield result
+    finally:
+        done[0] = True
+        t.join()
+        result["above_base"] = max(peak[0], now()) - base
+
+
+def measure_training(argv: list[str], full: bool = False):
+    """One rank: train with ``argv`` (the trainer's command line) and return the peak anonymous
+    memory above the start of model building, in bytes (:func:`sampled_peak`). ``full``:
+    a dict instead, with also the process's peak RSS (``VmHWM``) and the baseline."""
     import megatron.core.models.gpt  # noqa: F401 - imports outside the measurement
     import megatron.core.optimizer  # noqa: F401
 
@@ -219,21 +249,37 @@ def measure_training(argv: list[str], full: bool = False):
     from .train.arguments import parse_args
 
     args = parse_args(argv)
-    base = memory_status()["RssAnon"]
-    peak = [base]
-    done = [False]
-
-    def sample():
-        while not done[0]:
-            peak[0] = max(peak[0], memory_status()["RssAnon"])
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    trainer = build_trainer(args)
-    trainer.train()
-    done[0] = True
-    t.join()
+    with sampled_peak() as peak:
+        trainer = build_trainer(args)
+        trainer.train()
     if not full:
-        return peak[0] - base
-    return {"peak_anon_above_base": peak[0] - base, "base_anon": base, "vm_hwm": memory_status()["VmHWM"]}
+        return peak["above_base"]
+    return {"peak_anon_above_base": peak["above_base"], "base_anon": peak["base"],
+            "vm_hwm": memory_status()["VmHWM"]}
+
+
+def measure_export(arch_fields: dict, out: str) -> dict:
+    """One rank: build a random policy of ``arch_fields`` at the current layout and write it with
+    ``core.weights.export_release`` to ``out``. Returns the peak anonymous memory of the export
+    above its start (bytes), and the largest full tensor and this rank's stage, in the export's
+    dtype (bytes)."""
+    from .core import sharding, weights
+    from .models import qwen
+
+    arch = qwen.QwenArch(**arch_fields)
+    model = qwen.build_model(arch, qwen.transformer_config(arch))
+    itemsize = getattr(torch, arch.torch_dtype).itemsize
+    full_bytes = []
+    for local_name, param in model.named_parameters():
+        name = sharding.full_name(model, local_name)
+        if not (local_name.startswith("output_layer") and name == sharding.EMBEDDING):  # the export skips it
+            full_bytes.append(sharding.gather_tensor_parallel(name, param, param.data).numel() * itemsize)
+    source = out + ".source"  # what a run's --load would be: the export copies its side files
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(source, exist_ok=True)
+        with open(os.path.join(source, weights.ARCH_FILE), "w") as f:
+            f.write(arch.to_json())
+    torch.distributed.barrier()
+    with sampled_peak() as peak:
+        weights.export_release(model, arch, source, out)
+    return {"peak_above_start": peak["above_base"], "largest_tensor": max(full_bytes), "stage": sum(full_bytes)}

@@ -199,6 +199,11 @@ def gather_tensor_parallel(name: str, param: torch.Tensor, tensor: torch.Tensor)
     tensor = tensor.detach().contiguous()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return tensor
+    if param.partition_dim == 0 and not is_glu_fc1(name):
+        # rank-order concatenation on dim 0 is the gathered buffer itself: no second full copy
+        full = tensor.new_empty((tp * tensor.shape[0], *tensor.shape[1:]))
+        torch.distributed.all_gather_into_tensor(full, tensor, group=_tp_group(name))
+        return full
     parts = [torch.empty_like(tensor) for _ in range(tp)]
     torch.distributed.all_gather(parts, tensor, group=_tp_group(name))
     return unshard(name, parts, param)

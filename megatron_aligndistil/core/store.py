@@ -1,5 +1,6 @@
-"""Streaming safetensors I/O: a lazy reader over a (possibly sharded) directory, and a writer that
-keeps at most one shard's bytes in memory. Both name the file and tensor in every error.
+"""Streaming safetensors I/O: a lazy reader over a (possibly sharded) directory, and writers that
+put each tensor's bytes on disk as it arrives (memory: that one tensor, never a shard). Errors
+name the file and tensor.
 
 Layout (the HF convention, used for HF and Megatron directories alike)::
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from contextlib import ExitStack
 
 import torch
@@ -104,9 +106,83 @@ class TensorStore:
         return sl[index]
 
 
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format spec)
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}
+_COPY_CHUNK = 64 << 20
+
+
+class SafetensorsFileWriter:
+    """One safetensors file written tensor by tensor: each tensor's bytes go to disk when it is
+    added, so memory holds one tensor (and its CPU copy), never the file's contents.
+
+    The format puts a JSON header (names, dtypes, shapes, byte offsets) before the data, so the
+    writer leaves ``reserve`` bytes for it and fills them on :meth:`close`, padded with spaces as
+    the format allows. A header that outgrows the reservation, or a file whose data is small
+    next to it, is rewritten compactly (header, then the data copied in 64 MiB chunks).
+    :attr:`header_bytes` is the header's size, for sizing the next file's reservation."""
+
+    def __init__(self, path: str, reserve: int = 256 << 10, metadata: dict | None = None):
+        self.path, self.reserve = path, reserve
+        self.metadata = {"format": "pt"} if metadata is None else metadata
+        self._entries: dict[str, dict] = {}
+        self.data_bytes = 0
+        self.header_bytes = 0
+        self._file = open(path, "wb")
+        self._file.seek(8 + reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.path}: tensor {name!r} added twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{self.path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        start = self.data_bytes
+        self._file.write(data.numpy().data)  # the tensor's own memory, no bytes copy
+        self.data_bytes += data.numel()
+        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [start, self.data_bytes]}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # 8-byte alignment of the data, as safetensors writes it
+        self.header_bytes = len(header)
+        if len(header) <= self.reserve and self.data_bytes >= 16 * self.reserve:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
+            self._file.close()
+            return
+        self._file.close()
+        compact = self.path + ".compact"
+        with open(self.path, "rb") as src, open(compact, "wb") as dst:
+            dst.write(struct.pack("<Q", len(header)) + header)
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        os.replace(compact, self.path)
+
+    def abort(self) -> None:
+        """Close without a header (after an error: the file is not valid safetensors)."""
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close() if exc[0] is None else self.abort()
+
+
 class ShardedWriter:
-    """Write tensors one by one into ``DIR.tmp``, at most ``max_shard_bytes`` held at a time, then
-    publish atomically as DIR (rename) on :meth:`commit`. A crash leaves DIR untouched.
+    """Write tensors one by one into ``DIR.tmp`` (each tensor on disk as it arrives; shards of at
+    most ``max_shard_bytes`` unless one tensor is larger), then publish atomically as DIR (rename)
+    on :meth:`commit`. A crash leaves DIR untouched.
     """
 
     def __init__(self, path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False):
@@ -117,26 +193,26 @@ class ShardedWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: SafetensorsFileWriter | None = None
+        self._reserve = 256 << 10
         self._files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if self._shard is not None and len(self._shard) and self._shard.data_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
+        if self._shard is None:
+            fname = f"part-{len(self._files) + 1:05d}.safetensors"
+            self._shard = SafetensorsFileWriter(os.path.join(self.tmp, fname), self._reserve)
+        self._shard.add(name, tensor)
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        fname = f"part-{len(self._files) + 1:05d}.safetensors"
-        save_file(self._pending, os.path.join(self.tmp, fname), metadata={"format": "pt"})
-        self._files.append((fname, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        shard, self._shard = self._shard, None
+        shard.close()
+        self._reserve = max(self._reserve, 2 * shard.header_bytes)  # the next shard's header fits in place
+        self._files.append((os.path.basename(shard.path), shard.names()))
 
     def write_json(self, name: str, obj) -> None:
         with open(os.path.join(self.tmp, name), "w") as f:
@@ -148,7 +224,7 @@ class ShardedWriter:
 
     def commit(self) -> str:
         """Finish the last shard, write names (HF style) and the index, and publish atomically."""
-        if self._pending:
+        if self._shard is not None:
             self._flush()
         n = len(self._files)
         weight_map = {}

@@ -24,7 +24,7 @@ import torch
 
 from . import sharding
 from .errors import UserError
-from .store import CheckpointError, TensorStore
+from .store import CheckpointError, SafetensorsFileWriter, TensorStore
 
 ARCH_FILE = "qwen_arch.json"  # the architecture, next to every checkpoint this package writes
 HF_CONFIG_COPY = "hf_config.json"  # the original HF config.json, kept for the export back to HF
@@ -247,7 +247,8 @@ def load_weights(model, path: str, vocab_rows: bool = False) -> None:
 def export_release(policy, arch, load: str, out: str) -> None:
     """Collective: write the policy (this rank's pipeline stage, or its list of model chunks) in
     the converted format to ``out`` (loadable at any layout, exportable to HF). Each pipeline
-    rank's TP-rank-0/DP-rank-0 gathers and writes its own tensors, one at a time, and each
+    rank's TP-rank-0/DP-rank-0 gathers its own tensors one at a time and writes each to disk
+    before the next (extra memory: the largest full tensor, not the stage), and each
     expert-parallel rank's experts are written by their expert-TP-rank-0 / expert-DP-rank-0; rank
     0 writes the index and publishes the directory atomically."""
     from megatron.core import parallel_state
@@ -266,23 +267,29 @@ def export_release(policy, arch, load: str, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    tensors = {False: {}, True: {}}  # by is-expert
+    dtype = getattr(torch, arch.torch_dtype)
+    writers = {}  # by is-expert: this rank's files, opened at their first tensor
     chunks = policy if isinstance(policy, (list, tuple)) else [policy]
-    for chunk, local_name, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
-        name = sharding.full_name(chunk, local_name)
-        if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
-            continue  # tied copy on the last stage: the first stage writes the embedding
-        full = sharding.gather_tensor_parallel(name, param, param.data)
-        expert = sharding.is_expert(name)
-        if expert_writer if expert else dense_writer:
-            tensors[expert][name] = full.to(getattr(torch, arch.torch_dtype)).cpu()
-    weight_map = {}
-    for expert, mine in tensors.items():
-        if mine:
-            from safetensors.torch import save_file
-
-            save_file(mine, os.path.join(tmp, files[expert]), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(mine, files[expert]))
+    try:
+        for chunk, local_name, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
+            name = sharding.full_name(chunk, local_name)
+            if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
+                continue  # tied copy on the last stage: the first stage writes the embedding
+            # cast, then gather: exact (elementwise), and half the bytes of an fp32 gather for bf16
+            full = sharding.gather_tensor_parallel(name, param, param.data.to(dtype))
+            expert = sharding.is_expert(name)
+            if expert_writer if expert else dense_writer:
+                if expert not in writers:
+                    writers[expert] = SafetensorsFileWriter(os.path.join(tmp, files[expert]))
+                writers[expert].add(name, full)  # on disk at once: extra memory is one tensor, not the stage
+            del full
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.close()
+    weight_map = {name: files[expert] for expert, writer in writers.items() for name in writer.names()}
     maps = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(maps, weight_map)
     if torch.distributed.get_rank() == 0:
