@@ -32,9 +32,43 @@ from . import platform
 from .config import SamplingParams
 
 
-def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.Tensor:
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as torch's (signed) int64."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def draw_keys(seed: int, sequence_ids, made: torch.Tensor) -> torch.Tensor:
+    """The counter of each sequence's next draw, int64 ``[n]`` on ``made``'s device: a function of
+    the seed, the sequence id and how many tokens it has made, so a sequence's tokens do not
+    depend on its batch, its rank or the layout."""
+    ids = torch.as_tensor(list(sequence_ids), dtype=torch.long, device=made.device)
+    return (seed * 1_000_003) + ids * 7_919 + made.long()
+
+
+def uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in [0, 1), one per int64 key: SplitMix64 of the key (a counter-based
+    generator: the same numbers on every device and for any batch; int64 multiplication wraps
+    like uint64). One kernel per step for the whole batch, no generator objects."""
+    z = keys + _signed(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0 ** -53
+
+
+def _select(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor) -> torch.Tensor:
     """Next token per row of float32 ``logits [b, V]`` (padding already -inf), on their device;
-    ``generators``: one per row, on that device."""
+    ``keys``: the rows' :func:`draw_keys`. A sampled row takes the first token whose cumulative
+    probability (float64) passes its uniform times the row's total (inverse CDF: P(token) = its
+    probability), batched: no per-row generator, no host sync."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     z = logits / params.temperature
@@ -49,7 +83,19 @@ def _select(logits: torch.Tensor, params: SamplingParams, generators) -> torch.T
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+    return inverse_cdf(probs, uniforms(keys.to(probs.device)))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row i's token: the first whose float64 cumulative probability exceeds ``u[i]`` times the
+    row's total (``probs [b, V]`` unnormalised, >= 0; ``u [b]`` in [0, 1)). A zero-probability
+    token is never chosen: at a rounding of ``u * total`` up to the total, the last token that
+    has probability is."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    last = (cdf < total).sum(-1, keepdim=True)  # the index of the last token with probability
+    return torch.minimum(idx, last)[:, 0]
 
 
 def _run_forward(model, tokens, positions, n, seq_len, vocab_size, rows_at=None, inference_context=None,
@@ -157,9 +203,7 @@ class _Batch:
         new = torch.zeros(len(self.ids), dtype=torch.long)
         if last_stage:
             p = self.params
-            gens = [torch.Generator(device=logits.device).manual_seed(p.seed * 1_000_003 + sid * 7_919 + int(k))
-                    for sid, k in zip(self.ids, self.made)]
-            new = _select(logits, p, gens).long()
+            new = _select(logits, p, draw_keys(p.seed, self.ids, self.made.to(logits.device))).long()
         return _broadcast_from_last_stage(new)
 
     def accept(self, new, rows, where):

@@ -161,21 +161,66 @@ def test_generate_tool_names_bad_prompt_items(tmp_path):
     assert generate_tool.read_items(str(path), vocab_size=1001) == [{"prompt_ids": [1, 1000]}]
 
 
+def _splitmix64(key: int) -> float:
+    """SplitMix64 in Python's unbounded ints (an implementation independent of the sampler's
+    int64 tensor arithmetic), as a float64 uniform in [0, 1)."""
+    m = (1 << 64) - 1
+    z = (key + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z ^= z >> 31
+    return (z >> 11) / 2.0 ** 53
+
+
 def _reference_choices(probs, seeds):
-    """torch.multinomial on independently computed float32 probabilities, one seeded generator a row."""
-    return [int(torch.multinomial(p, 1, generator=torch.Generator().manual_seed(s))[0]) for p, s in zip(probs, seeds)]
+    """Inverse-CDF draws in numpy float64 from independently computed probabilities, with the
+    uniform of each row's key (the sampler's contract: P(token) = its probability)."""
+    import numpy as np
+
+    out = []
+    for p, s in zip(probs, seeds):
+        cdf = np.cumsum(np.asarray(p, dtype=np.float64))
+        out.append(int(np.searchsorted(cdf, _splitmix64(s) * cdf[-1], side="right")))
+    return out
 
 
 def _select_choices(logits, params, seeds):
     from megatron_aligndistil.generation import _select
 
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return _select(logits, params, gens).tolist()
+    return _select(logits, params, torch.tensor(seeds)).tolist()
+
+
+def test_uniforms_are_splitmix64_and_uniform():
+    """The sampler's uniforms equal SplitMix64 computed with unbounded ints, for keys across the
+    int64 range (wrapping multiplication, logical shifts), and 200,000 consecutive keys fill
+    [0, 1) evenly (Kolmogorov-Smirnov distance < 0.005; a wrong shift or constant is far off)."""
+    from megatron_aligndistil.generation import draw_keys, uniforms
+
+    keys = [0, 1, 2, 7 * 1_000_003, 2**62 + 12345, 2**63 - 1, -1, -(2**63)]
+    got = uniforms(torch.tensor(keys)).tolist()
+    assert got == [_splitmix64(k % (1 << 64)) for k in keys]
+    u = uniforms(torch.arange(10**6, 10**6 + 200_000)).sort().values
+    ks = (u - torch.arange(1, 200_001, dtype=torch.float64) / 200_000).abs().max()
+    assert float(ks) < 0.005
+    assert draw_keys(7, [3, 0], torch.tensor([2, 0])).tolist() == [7 * 1_000_003 + 3 * 7_919 + 2, 7 * 1_000_003]
+
+
+def test_a_zero_probability_token_is_never_drawn():
+    """At a uniform that rounds u * total up to the total, the draw is the last token that has
+    probability, not a padded one past it."""
+    from megatron_aligndistil.generation import inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    for u in (0.0, 0.5, 1.0 - 2.0 ** -53, 1.0):
+        got = inverse_cdf(probs, torch.full((3,), u, dtype=torch.float64)).tolist()
+        assert all(probs[i, t] > 0 for i, t in enumerate(got)), (u, got)
+    assert inverse_cdf(probs, torch.tensor([0.1, 0.3, 0.4], dtype=torch.float64)).tolist() == [0, 1, 0]
+    assert inverse_cdf(probs, torch.tensor([0.3, 0.9, 0.6], dtype=torch.float64)).tolist() == [1, 1, 2]
 
 
 def test_temperature_samples_from_the_tempered_distribution():
     """softmax(z / T) at T 0.5 and 2: the sampler's choices equal multinomial draws from the
-    reference probabilities with the same generators, row for row (issue 19)."""
+    reference probabilities with the same uniforms, row for row (issue 19)."""
     from megatron_aligndistil.config import SamplingParams
 
     g = torch.Generator().manual_seed(0)

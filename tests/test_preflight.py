@@ -171,6 +171,7 @@ def _dense_stats(paths, pairs, vocab_size, loss_kwargs):
 
     from megatron_aligndistil.config import AlignDistilLossConfig
     from megatron_aligndistil.loss.aligndistil import dense_teacher
+    from test_generation import _reference_choices
 
     cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
     models = [AutoModelForCausalLM.from_pretrained(paths[f"hf_{n}"], dtype=torch.float64).eval() for n in ("dpo", "rev")]
@@ -225,6 +226,7 @@ def _dense_first_tokens(paths, loss_kwargs, vocab_size, jobs):
 
     from megatron_aligndistil.config import AlignDistilLossConfig
     from megatron_aligndistil.loss.aligndistil import dense_teacher
+    from test_generation import _reference_choices
 
     cfg = AlignDistilLossConfig(token_weight="none", **loss_kwargs)
     tok = AutoTokenizer.from_pretrained(paths["hf_dpo"])
@@ -238,6 +240,5 @@ def _dense_first_tokens(paths, loss_kwargs, vocab_size, jobs):
             z = [m(ids).logits[0, -1, :vocab_size].float() for m in models]
             z_star = torch.full((448,), float("-inf"))
             z_star[:vocab_size] = dense_teacher(z[0][None], z[1][None], cfg)[0][0]
-            g = torch.Generator().manual_seed(7 * 1_000_003 + (i * 2 + k) * 7_919)
-            out.append(int(torch.multinomial(torch.softmax(z_star, -1), 1, generator=g)[0]))
+            out += _reference_choices(torch.softmax(z_star, -1)[None], [7 * 1_000_003 + (i * 2 + k) * 7_919])
     return out
