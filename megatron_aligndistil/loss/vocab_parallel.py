@@ -159,6 +159,8 @@ def compiled(fn, variant=None):
                 return fn(*args)
             try:
                 return fast(*args)
+            except torch.OutOfMemoryError:
+                raise  # the batch does not fit: eager would not either, and must not become the default
             except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: stay eager
                 import warnings
 

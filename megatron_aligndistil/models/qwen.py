@@ -272,7 +272,9 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        # TE's fused RoPE on GPUs: the unfused THD path (packed sequences) reads cu_seqlens on the
+        # host in every layer (a device sync per layer); the fused kernel does not
+        apply_rope_fusion=fused_rope_available(),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
@@ -295,6 +297,15 @@ def transformer_config(arch: QwenArch, *, params_dtype=torch.float32, bf16: bool
         init_method_std=0.02,
         **(_moe_config(arch) | (moe_options or {}) if arch.is_moe else {}),
     )
+
+
+def fused_rope_available() -> bool:
+    """TransformerEngine's fused rotary embedding (BSHD and THD) can run: CUDA and TE present."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None and rope_utils.fused_apply_rotary_pos_emb_thd is not None
 
 
 def _moe_config(arch: QwenArch) -> dict:

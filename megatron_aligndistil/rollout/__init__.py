@@ -30,24 +30,26 @@ from .base import MISMATCH_MAXES, MISMATCH_SUMS, Rollout, RolloutEngine, logprob
 
 
 def make_engine(config: RolloutConfig, policy, arch, vocab_size: int, max_model_len: int,
-                checkpoint: str | None = None) -> RolloutEngine:
+                checkpoint: str | None = None, optimizer=None) -> RolloutEngine:
     """The engine ``config.engine`` names, sampling from ``policy`` (this rank's pipeline stage of
     a model of ``arch``) over ids ``[0, vocab_size)`` (the tokenizer's:
     ``weights.tokenizer_vocab_size``); ``max_model_len``: the longest prompt + response;
-    ``checkpoint``: where the policy came from (vLLM reads the original HF config there).
+    ``checkpoint``: where the policy came from (vLLM reads the original HF config there);
+    ``optimizer``: the trainer's (vLLM's memory share leaves room for its state still to come).
     Collective for ``vllm``."""
     if config.engine == "megatron":
         from .megatron import MegatronEngine
 
         return MegatronEngine(policy, vocab_size, config.sampling)
     if config.engine == "vllm":
-        from .vllm import VLLMEngine, engine_hf_config
+        from .vllm import VLLMEngine, engine_hf_config, pending_optimizer_bytes
 
         # vLLM holds only the tokenizer's rows of the embedding and output layer, so it samples
         # and reports log-probs over the same ids as the trainer
         arch = replace(arch, vocab_size=vocab_size)
         return VLLMEngine(policy, arch, config.sampling, max_model_len, hf_config=engine_hf_config(arch, checkpoint),
-                          gpu_memory_utilization=config.gpu_memory_utilization)
+                          gpu_memory_utilization=config.gpu_memory_utilization,
+                          pending_bytes=pending_optimizer_bytes(optimizer))
     raise ValueError(f"unknown rollout engine {config.engine!r}")
 
 

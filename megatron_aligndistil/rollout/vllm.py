@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -69,19 +70,59 @@ def check_supported(arch) -> None:
                         "rollouts would not come from the policy. Use --rollout-engine megatron")
 
 
+VLLM_RESERVE_BYTES = 2 << 30  # CUDA graphs, NCCL buffers and fragmentation beside vLLM's share
+
+
+def vllm_memory_share(free: int, total: int, pending_bytes: int, reserve: int = VLLM_RESERVE_BYTES) -> float:
+    """vLLM's ``gpu_memory_utilization`` when ``--vllm-gpu-memory-utilization`` is not given: the
+    device's free bytes now (after the trainer's models and optimizer are built), less what the
+    trainer will still allocate (``pending_bytes``: Adam's moments, made at the first step) and a
+    reserve, as a fraction of its ``total`` bytes, rounded down, at most 0.9. vLLM refuses a share
+    above the memory free at its start, and one sized before the optimizer state exists makes its
+    first wake after a step run out of memory. Too little room is refused, naming the remedies."""
+    share = (free - pending_bytes - reserve) / total
+    if share < 0.05:
+        gib = 2**30
+        raise UserError(f"--rollout-engine vllm: {free / gib:.1f} GiB of {total / gib:.1f} GiB are free after the "
+                        f"trainer's models, and its optimizer state will take {pending_bytes / gib:.1f} GiB more: "
+                        f"too little for vLLM's weights and KV cache (+{reserve / gib:.0f} GiB reserve). Offload the "
+                        "teachers (--offload-frozen-models), use more tensor/pipeline parallelism, or "
+                        "--rollout-engine megatron")
+    return min(0.9, math.floor(share * 1000) / 1000)
+
+
+def pending_optimizer_bytes(optimizer) -> int:
+    """Bytes ``optimizer`` (Megatron's, chained or not, or a torch one) will allocate at its first
+    step: Adam's two fp32 moments of every parameter without state yet (0 once it has stepped, or
+    after a resume loaded them; 0 for None)."""
+    if optimizer is None:
+        return 0
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", opt)  # MegatronOptimizer wraps a torch optimizer
+        total += sum(2 * 4 * p.numel() for group in inner.param_groups for p in group["params"]
+                     if not inner.state.get(p))
+    return total
+
+
 @contextlib.contextmanager
 def _preserved_rng():
-    """vLLM seeds Python's, NumPy's and torch's global generators when it starts; the trainer's
-    RNG state (restored from a checkpoint on resume) must not change because an engine started."""
+    """vLLM seeds Python's, NumPy's and torch's global generators when it starts (``torch.manual_seed``
+    reseeds every CUDA device's too); the trainer's RNG state (restored from a checkpoint on
+    resume) must not change because an engine started."""
     import numpy as np
 
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.is_available()
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if cuda else None)
     try:
         yield
     finally:
         random.setstate(state[0])
         np.random.set_state(state[1])
         torch.set_rng_state(state[2])
+        if cuda:
+            torch.cuda.set_rng_state_all(state[3])
 
 
 def request_seed(seed: int, sequence_id: int) -> int:
@@ -192,7 +233,7 @@ class VLLMEngine(RolloutEngine):
     ``policy``: this rank's pipeline stage or its model chunks; ``arch``: its :class:`~megatron_aligndistil.models.qwen.QwenArch`;
     ``max_model_len``: the longest prompt + response in tokens; ``hf_config``: see
     :func:`engine_hf_config`; ``gpu_memory_utilization``: vLLM's share of a GPU (weights + KV
-    cache while awake); ``kv_cache_bytes``: the KV cache on CPU (default: ``max_num_seqs``
+    cache while awake; None: :func:`vllm_memory_share` of the free memory less ``pending_bytes``); ``kv_cache_bytes``: the KV cache on CPU (default: ``max_num_seqs``
     sequences of ``max_model_len``, at most 4 GiB); ``verify``: check after the first sync of each
     policy that the engine serves it (``rollout/agreement.py``), failing above ``tolerance`` (mean
     nats per token; default by dtype); the measurement is kept in ``agreement``."""
@@ -200,8 +241,9 @@ class VLLMEngine(RolloutEngine):
     reports_logprobs = True
 
     def __init__(self, policy, arch, params: SamplingParams, max_model_len: int, hf_config: dict | None = None,
-                 gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, kv_cache_bytes: int | None = None,
-                 verify: bool = True, tolerance: float | None = None):
+                 gpu_memory_utilization: float | None = None, max_num_seqs: int = 256,
+                 kv_cache_bytes: int | None = None, verify: bool = True, tolerance: float | None = None,
+                 pending_bytes: int = 0):
         check_supported(arch)
         vllm = import_vllm()
         from megatron.core import parallel_state
@@ -237,6 +279,9 @@ class VLLMEngine(RolloutEngine):
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
         if self.cuda:
+            if gpu_memory_utilization is None:
+                torch.cuda.empty_cache()
+                gpu_memory_utilization = vllm_memory_share(*torch.cuda.mem_get_info(), pending_bytes)
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
             per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * self.dtype.itemsize // tp
@@ -253,6 +298,9 @@ class VLLMEngine(RolloutEngine):
     # ---- sleep mode (GPUs): memory is freed between rollouts, re-filled by the next sync
     def _wake(self, tag: str) -> None:
         if self.cuda and tag not in self._awake:
+            # vLLM's wake allocates outside torch's caching allocator: blocks the trainer's step
+            # freed but the allocator still holds must go back to the device first
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=[tag])
             self._awake.add(tag)
 

@@ -168,7 +168,8 @@ class Trainer:
 
             # the engine samples from all the policy's chunks (virtual stages: around the ring of chunks)
             self.engine = make_engine(self.rollout_config, self.policy_chunks, self.arch, self.vocab_size,
-                                      max_model_len=cfg.seq_length + 1, checkpoint=policy_source)
+                                      max_model_len=cfg.seq_length + 1, checkpoint=policy_source,
+                                      optimizer=self.optimizer)
             self.mismatch = self.engine.reports_logprobs  # rollout_logp_* metrics
         is_rank0 = torch.distributed.get_rank() == 0
         wandb = None
@@ -499,6 +500,8 @@ class Trainer:
             m["lr"] = lr_used
             m["elapsed_s"] = time.time() - t0
             m["wall_s"] = time.time() - start
+            if torch.cuda.is_available():  # rank 0's peak so far, as Megatron-LM's memory report
+                m["mem_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.metrics.write(m)
             last = m
             bar.update(1)

@@ -97,8 +97,9 @@ def planned_memory(args, arch: QwenArch, tp: int, pp: int, dp: int, frozen: int,
         frozen_models=frozen, sequences_per_record=per_record, offload_frozen=args.offload_frozen_models,
     )
     micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
+    total = memory.plan_memory(arch, lay)["total"]
     out = {"pipeline_bubble": round(memory.pipeline_bubble(lay, micro_batches), 4),
-           "planned_gb_per_gpu": round(memory.plan_memory(arch, lay)["total"] / memory.GIB, 1)}
+           "planned_gb_per_gpu": round(total / memory.GIB, 1), "planned_bytes_per_gpu": int(total)}
     if args.offload_frozen_models:
         out["planned_host_pinned_gb_per_gpu"] = round(memory.host_bytes_per_gpu(arch, lay) / memory.GIB, 1)
     return out
