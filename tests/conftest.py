@@ -25,6 +25,7 @@ def tiny_arch(model_type="qwen2", tied=False, vocab_size=1000, num_layers=4, **o
 # follow in their usual order. run_tests.sh passes --no-loadscope-reorder (xdist's own order is
 # by test count, not by time).
 LONGEST_FIRST = ("test_train_aligndistil.py", "test_rollout_vllm.py", "test_quickstart.py", "test_real_configs.py",
+                 "test_gpu_paths.py",
                  "test_virtual_pipeline.py", "test_moe.py", "test_convert_tools.py", "test_real_vocab.py",
                  "test_examples.py", "test_memory_planner.py", "test_edges.py")
 
