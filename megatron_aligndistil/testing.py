@@ -258,16 +258,18 @@ def measure_training(argv: list[str], full: bool = False):
             "vm_hwm": memory_status()["VmHWM"]}
 
 
-def measure_export(arch_fields: dict, out: str) -> dict:
-    """One rank: build a random policy of ``arch_fields`` at the current layout and write it with
-    ``core.weights.export_release`` to ``out``. Returns the peak anonymous memory of the export
-    above its start (bytes), and the largest full tensor and this rank's stage, in the export's
-    dtype (bytes)."""
+def measure_export(arch_fields: dict, out: str, full: dict | None = None) -> dict:
+    """One rank: build a policy of ``arch_fields`` at the current layout (random, or loaded from
+    the full state dict ``full``) and write it with ``core.weights.export_release`` to ``out``.
+    Returns the peak anonymous memory of the export above its start (bytes), and the largest
+    full tensor and this rank's stage, in the export's dtype (bytes)."""
     from .core import sharding, weights
     from .models import qwen
 
     arch = qwen.QwenArch(**arch_fields)
     model = qwen.build_model(arch, qwen.transformer_config(arch))
+    if full is not None:
+        sharding.load_full_state_dict(model, full)
     itemsize = getattr(torch, arch.torch_dtype).itemsize
     full_bytes = []
     for local_name, param in model.named_parameters():

@@ -209,6 +209,44 @@ def gather_tensor_parallel(name: str, param: torch.Tensor, tensor: torch.Tensor)
     return unshard(name, parts, param)
 
 
+def full_shape(name: str, param: torch.Tensor) -> list[int]:
+    """The shape of ``name``'s full tensor, from this rank's shard ``param``."""
+    shape = list(param.shape)
+    _, tp = _tp(name)
+    if tp > 1 and getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp
+    return shape
+
+
+@torch.no_grad()
+def tensor_parallel_pieces(name: str, param: torch.Tensor, tensor: torch.Tensor):
+    """Collective over the TP group (every rank must exhaust it): yields the full tensor of
+    ``name`` as consecutive pieces of its row-major bytes, from every rank's ``tensor``.
+
+    A tensor split on its first dimension arrives one TP rank's shard at a time, broadcast from
+    that rank (the SwiGLU fc1: every rank's gate half, then every rank's up half), so a writer
+    holds one shard, never the full tensor; a tensor split on its last dimension (row-parallel)
+    interleaves the shards in every row and arrives whole (:func:`gather_tensor_parallel`)."""
+    _, tp = _tp(name)
+    tensor = tensor.detach().contiguous()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        yield tensor
+        return
+    if param.partition_dim != 0:
+        yield gather_tensor_parallel(name, param, tensor)
+        return
+    group = _tp_group(name)
+    ranks = torch.distributed.get_process_group_ranks(group)
+    me = torch.distributed.get_rank()
+    halves = tensor.chunk(2, dim=0) if is_glu_fc1(name) else (tensor,)
+    for half in halves:
+        half = half.contiguous()
+        for src in ranks:
+            piece = half if src == me else torch.empty_like(half)
+            torch.distributed.broadcast(piece, src=src, group=group)
+            yield piece
+
+
 @torch.no_grad()
 def gather_full_state_dict(model, use_grad: bool = False) -> dict[str, torch.Tensor]:
     """The full state dict (or full gradients with ``use_grad``) on every rank, as CPU tensors.

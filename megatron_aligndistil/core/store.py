@@ -11,6 +11,7 @@ Layout (the HF convention, used for HF and Megatron directories alike)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -134,15 +135,28 @@ class SafetensorsFileWriter:
         self._file.seek(8 + reserve)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_pieces(name, tensor.dtype, list(tensor.shape), [tensor])
+
+    def add_pieces(self, name: str, dtype: torch.dtype, shape: list[int], pieces) -> None:
+        """One tensor of ``dtype`` and ``shape`` whose row-major bytes are the concatenation of
+        ``pieces`` (tensors of ``dtype``, on any device), each written as it comes: memory holds
+        one piece. Refused when the pieces do not add up to the shape."""
         if name in self._entries:
             raise ValueError(f"{self.path}: tensor {name!r} added twice")
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"{self.path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{self.path}: tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
         start = self.data_bytes
-        self._file.write(data.numpy().data)  # the tensor's own memory, no bytes copy
-        self.data_bytes += data.numel()
-        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        for piece in pieces:
+            if piece.dtype != dtype:
+                raise TypeError(f"{self.path}: a piece of tensor {name!r} has dtype {piece.dtype}, not {dtype}")
+            data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(data.numpy().data)  # the piece's own memory, no bytes copy
+            self.data_bytes += data.numel()
+        want = math.prod(shape) * dtype.itemsize
+        if self.data_bytes - start != want:
+            raise ValueError(f"{self.path}: tensor {name!r} of shape {list(shape)} needs {want} bytes, its pieces "
+                             f"held {self.data_bytes - start}")
+        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                                "data_offsets": [start, self.data_bytes]}
 
     def __len__(self) -> int:

@@ -247,8 +247,9 @@ def load_weights(model, path: str, vocab_rows: bool = False) -> None:
 def export_release(policy, arch, load: str, out: str) -> None:
     """Collective: write the policy (this rank's pipeline stage, or its list of model chunks) in
     the converted format to ``out`` (loadable at any layout, exportable to HF). Each pipeline
-    rank's TP-rank-0/DP-rank-0 gathers its own tensors one at a time and writes each to disk
-    before the next (extra memory: the largest full tensor, not the stage), and each
+    rank's TP-rank-0/DP-rank-0 writes its own tensors one at a time, a tensor split on its first
+    dimension one TP shard at a time (extra memory: one shard, or one full tensor split on its
+    last dimension; never the stage), and each
     expert-parallel rank's experts are written by their expert-TP-rank-0 / expert-DP-rank-0; rank
     0 writes the index and publishes the directory atomically."""
     from megatron.core import parallel_state
@@ -275,14 +276,18 @@ def export_release(policy, arch, load: str, out: str) -> None:
             name = sharding.full_name(chunk, local_name)
             if local_name.startswith("output_layer") and name == sharding.EMBEDDING:
                 continue  # tied copy on the last stage: the first stage writes the embedding
-            # cast, then gather: exact (elementwise), and half the bytes of an fp32 gather for bf16
-            full = sharding.gather_tensor_parallel(name, param, param.data.to(dtype))
+            # cast, then gather: exact (elementwise), and half the bytes of an fp32 gather for bf16;
+            # a tensor split on its first dimension comes one TP shard at a time, each on disk before
+            # the next (the writer never holds the full tensor, nor the stage)
+            pieces = sharding.tensor_parallel_pieces(name, param, param.data.to(dtype))
             expert = sharding.is_expert(name)
             if expert_writer if expert else dense_writer:
                 if expert not in writers:
                     writers[expert] = SafetensorsFileWriter(os.path.join(tmp, files[expert]))
-                writers[expert].add(name, full)  # on disk at once: extra memory is one tensor, not the stage
-            del full
+                writers[expert].add_pieces(name, dtype, sharding.full_shape(name, param), pieces)
+            else:
+                for _ in pieces:  # the collective, on ranks that do not write
+                    pass
     except BaseException:
         for writer in writers.values():
             writer.abort()
