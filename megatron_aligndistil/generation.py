@@ -54,10 +54,12 @@ def draw_keys(seed: int, sequence_ids, made: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: torch.Tensor) -> torch.Tensor:
-    """float64 uniforms in [0, 1), one per int64 key: SplitMix64 of the key (a counter-based
-    generator: the same numbers on every device and for any batch; int64 multiplication wraps
-    like uint64). One kernel per step for the whole batch, no generator objects."""
-    z = keys + _signed(0x9E3779B97F4A7C15)
+    """float64 uniforms in [0, 1), one per int64 key: output number ``key`` of the SplitMix64
+    stream seeded with 0 (its state after key + 1 steps is (key + 1) x the golden gamma, then
+    mixed), a counter-based generator: the same numbers on every device and for any batch (int64
+    multiplication wraps like uint64). One kernel per step for the whole batch, no generator
+    objects."""
+    z = (keys + 1) * _signed(0x9E3779B97F4A7C15)
     z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
     z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
     z = z ^ _shr(z, 31)

@@ -162,10 +162,11 @@ def test_generate_tool_names_bad_prompt_items(tmp_path):
 
 
 def _splitmix64(key: int) -> float:
-    """SplitMix64 in Python's unbounded ints (an implementation independent of the sampler's
-    int64 tensor arithmetic), as a float64 uniform in [0, 1)."""
+    """Output number ``key`` of SplitMix64 seeded with 0, in Python's unbounded ints (an
+    implementation independent of the sampler's int64 tensor arithmetic: the state is advanced
+    key + 1 times by the golden gamma), as a float64 uniform in [0, 1)."""
     m = (1 << 64) - 1
-    z = (key + 0x9E3779B97F4A7C15) & m
+    z = ((key + 1) * 0x9E3779B97F4A7C15) & m
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
     z ^= z >> 31
@@ -193,15 +194,23 @@ def _select_choices(logits, params, seeds):
 def test_uniforms_are_splitmix64_and_uniform():
     """The sampler's uniforms equal SplitMix64 computed with unbounded ints, for keys across the
     int64 range (wrapping multiplication, logical shifts), and 200,000 consecutive keys fill
-    [0, 1) evenly (Kolmogorov-Smirnov distance < 0.005; a wrong shift or constant is far off)."""
+    [0, 1) evenly (Kolmogorov-Smirnov distance < 0.005; a wrong shift or constant is far off),
+    with no correlation between a key and the next draw of its sequence or its neighbour's."""
     from megatron_aligndistil.generation import draw_keys, uniforms
 
     keys = [0, 1, 2, 7 * 1_000_003, 2**62 + 12345, 2**63 - 1, -1, -(2**63)]
     got = uniforms(torch.tensor(keys)).tolist()
     assert got == [_splitmix64(k % (1 << 64)) for k in keys]
+    # the published first output of SplitMix64 seeded with 0 (e.g. the xoshiro seeding reference)
+    assert uniforms(torch.tensor([0])).item() == 0xE220A8397B1DCDAF / 2.0 ** 64 - (0xE220A8397B1DCDAF % 2**11) / 2.0 ** 64
     u = uniforms(torch.arange(10**6, 10**6 + 200_000)).sort().values
     ks = (u - torch.arange(1, 200_001, dtype=torch.float64) / 200_000).abs().max()
     assert float(ks) < 0.005
+    # a sequence's next draw (key + 1) and its neighbour's (key + 7,919) are uncorrelated
+    base = uniforms(torch.arange(10**6, 10**6 + 200_000))
+    for step in (1, 7_919):
+        corr = torch.corrcoef(torch.stack([base, uniforms(torch.arange(10**6, 10**6 + 200_000) + step)]))[0, 1]
+        assert abs(float(corr)) < 0.01, step
     assert draw_keys(7, [3, 0], torch.tensor([2, 0])).tolist() == [7 * 1_000_003 + 3 * 7_919 + 2, 7 * 1_000_003]
 
 
