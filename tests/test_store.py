@@ -164,3 +164,11 @@ def test_the_streamed_export_is_the_full_tensors_bit_for_bit(tmp_path, model_typ
         for name, want in full.items():
             got = store.get(name)
             assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16)), name
+
+
+def test_a_writer_without_tensors_publishes_its_side_files(tmp_path):
+    """commit() with no tensor: no shard to finish, no index; the side files are published."""
+    w = ShardedWriter(str(tmp_path / "out"))
+    w.write_json("config.json", {"a": 1})
+    w.commit()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
