@@ -32,9 +32,6 @@ from . import platform
 from .config import SamplingParams
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def _signed(c: int) -> int:
     """A 64-bit constant as torch's (signed) int64."""
     return c - (1 << 64) if c >= 1 << 63 else c

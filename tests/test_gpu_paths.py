@@ -25,11 +25,25 @@ def test_vllm_share_leaves_room_for_the_optimizer_state_still_to_come():
     # 80 GiB card, 50 GiB free after models, Adam moments of 12 GiB still to come: (50 - 12 - 2) / 80
     assert vllm_memory_share(50 * GIB, 80 * GIB, 12 * GIB) == 0.45
     assert vllm_memory_share(79 * GIB, 80 * GIB, 0) == 0.9  # capped
-    assert vllm_memory_share(int(6.01 * GIB), 80 * GIB, 0) == 0.05  # just enough: 4.01 / 80 rounds down to 0.050
+    assert vllm_memory_share(6 * GIB, 80 * GIB, 0) == 0.05  # exactly the least: 4 / 80
+    assert vllm_memory_share(int(6.01 * GIB), 80 * GIB, 0) == 0.05  # 4.01 / 80 rounds down to 0.050
     with pytest.raises(UserError, match="--offload-frozen-models.*--rollout-engine megatron"):
         vllm_memory_share(int(5.99 * GIB), 80 * GIB, 0)  # 3.99 / 80 < 0.05
     with pytest.raises(UserError, match=r"40.0 GiB of 80.0 GiB are free.*39.0 GiB more"):
         vllm_memory_share(40 * GIB, 80 * GIB, 39 * GIB)
+
+
+def test_vllm_memory_arguments_size_the_share_only_when_not_given(monkeypatch):
+    """None: torch's cache is emptied, then the free memory is read; a given share is kept as is."""
+    from megatron_aligndistil.rollout.vllm import gpu_memory_kwargs
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: calls.append("mem_get_info") or (50 * GIB, 80 * GIB))
+    assert gpu_memory_kwargs(None, 12 * GIB) == {"gpu_memory_utilization": 0.45, "enable_sleep_mode": True}
+    assert calls == ["empty_cache", "mem_get_info"]
+    assert gpu_memory_kwargs(0.3, 12 * GIB) == {"gpu_memory_utilization": 0.3, "enable_sleep_mode": True}
+    assert calls == ["empty_cache", "mem_get_info"]
 
 
 def test_pending_optimizer_bytes_counts_moments_not_yet_made():
@@ -95,6 +109,17 @@ def test_vllm_start_up_leaves_every_generator_as_it_was(monkeypatch):
         cuda_state["state"] = ["reseeded by vLLM"]
     assert (random.random(), np.random.rand(), torch.rand(1)) == before
     assert cuda_state["state"] == ["cuda-rng-A"]
+
+    def no_cuda(*args):
+        raise AssertionError("CUDA RNG touched without CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # without CUDA: not touched
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda)
+    random.seed(1)
+    with vllm._preserved_rng():
+        random.seed(0)
+    assert random.random() == before[0]
 
 
 def test_an_out_of_memory_in_a_compiled_kernel_is_raised_not_a_switch_to_eager(monkeypatch):

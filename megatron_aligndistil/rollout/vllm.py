@@ -91,6 +91,15 @@ def vllm_memory_share(free: int, total: int, pending_bytes: int, reserve: int = 
     return min(0.9, math.floor(share * 1000) / 1000)
 
 
+def gpu_memory_kwargs(gpu_memory_utilization: float | None, pending_bytes: int) -> dict:
+    """vLLM's memory arguments on a GPU: sleep mode, and the share given, else
+    :func:`vllm_memory_share` of the memory free now (torch's cached blocks returned first)."""
+    if gpu_memory_utilization is None:
+        torch.cuda.empty_cache()
+        gpu_memory_utilization = vllm_memory_share(*torch.cuda.mem_get_info(), pending_bytes)
+    return {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": True}
+
+
 def pending_optimizer_bytes(optimizer) -> int:
     """Bytes ``optimizer`` (Megatron's, chained or not, or a torch one) will allocate at its first
     step: Adam's two fp32 moments of every parameter without state yet (0 once it has stepped, or
@@ -279,10 +288,7 @@ class VLLMEngine(RolloutEngine):
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
         if self.cuda:
-            if gpu_memory_utilization is None:
-                torch.cuda.empty_cache()
-                gpu_memory_utilization = vllm_memory_share(*torch.cuda.mem_get_info(), pending_bytes)
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            kwargs.update(gpu_memory_kwargs(gpu_memory_utilization, pending_bytes))
         else:
             per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * self.dtype.itemsize // tp
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or min(
