@@ -166,6 +166,7 @@ def test_gpu_check_rehearsal_passes_every_check(tmp_path):
     assert set(checks["train_3_iters"]) >= {"sft", "dpo", "aligndistil", "aligndistil_on_policy"}
     assert all(len(checks["train_3_iters"][m]["device_loss"]) == 3 for m in ("sft", "dpo", "aligndistil"))
     assert checks["step_1p5b"]["aligndistil"]["tokens_per_s"] > 0 and checks["sampler"]["new_tokens"] > 0
+    assert [checks["step_1p5b"][k]["recompute"] for k in ("sft", "aligndistil_recompute")] == [None, "full"]
     assert "TransformerEngine" in checks["transformer_engine"]["skipped"]
     assert "| train_3_iters | yes |" in (tmp_path / "results.md").read_text()
 

@@ -295,7 +295,9 @@ def check_step_1p5b(ctx) -> dict:
             flops = tokens * fwd * (3 + (2 if method == "aligndistil" else 0))  # + two teacher forwards
             planned = make_plan(parse_args(argv), 1)["planned_bytes_per_gpu"]
             measured = mem.get("cuda_max_allocated", mem["peak_anon_above_base"])
-            out[key] = {"step_s": step, "tokens_per_s": tokens / step, "model_tflops": flops / step / 1e12,
+            ran_with = json.load(open(os.path.join(save, "args.json")))["recompute_granularity"]
+            out[key] = {"recompute": ran_with, "step_s": step, "tokens_per_s": tokens / step,
+                        "model_tflops": flops / step / 1e12,
                         "mfu": flops / step / 1e12 / peak_tflops if peak_tflops else None,
                         "peak_gib": measured / 2**30, "planned_gib": planned / 2**30,
                         "planner_error": planned / measured - 1,
@@ -303,6 +305,10 @@ def check_step_1p5b(ctx) -> dict:
                         else "peak anonymous RSS above start (CPU, fp32 main params)"}
         suffix = "_recompute" if recompute else ""
         out[f"aligndistil_over_sft{suffix}"] = out[f"aligndistil{suffix}"]["step_s"] / out[f"sft{suffix}"]["step_s"]
+    # the runs trained as labelled (the trainer's own record of its flags)
+    out["ok"] = all(out[k]["recompute"] == want for k, want in (("sft", None), ("aligndistil", None),
+                                                                ("sft_recompute", "full"),
+                                                                ("aligndistil_recompute", "full")))
     if torch.cuda.is_available():
         out["planner_within_10pct"] = all(abs(out[k]["planner_error"]) <= 0.10 for k in
                                           ("sft", "aligndistil", "sft_recompute", "aligndistil_recompute"))
