@@ -164,6 +164,7 @@ def test_gpu_check_rehearsal_passes_every_check(tmp_path):
     assert r.returncode == 0 and not failed, (failed, r.stdout[-3000:], r.stderr[-3000:])
     checks = {c["name"]: c for c in report["checks"]}
     assert set(checks["train_3_iters"]) >= {"sft", "dpo", "aligndistil", "aligndistil_on_policy"}
+    assert checks["train_3_iters"]["tied_embeddings"] and checks["train_3_iters"]["qk_layernorm"]
     assert all(len(checks["train_3_iters"][m]["device_loss"]) == 3 for m in ("sft", "dpo", "aligndistil"))
     assert checks["step_1p5b"]["aligndistil"]["tokens_per_s"] > 0 and checks["sampler"]["new_tokens"] > 0
     assert [checks["step_1p5b"][k]["recompute"] for k in ("sft", "aligndistil_recompute")] == [None, "full"]

@@ -214,7 +214,10 @@ def check_train_3_iters(ctx) -> dict:
             "aligndistil": ["aligndistil", "--data-path", paths["distill"], *ad],
             "aligndistil_on_policy": ["aligndistil", "--data-path", paths["prompts"], *ad, "--rollout", "on-policy",
                                       "--max-new-tokens", "6", "--rollout-engine", "megatron"]}
-    out, worst = {}, 0.0
+    from megatron_aligndistil.models.qwen import read_arch
+
+    policy = read_arch(paths["policy"])  # what the runs exercise: tied embeddings and q/k norm
+    out, worst = {"tied_embeddings": policy.tie_word_embeddings, "qk_layernorm": policy.qk_layernorm}, 0.0
     for name, argv in runs.items():
         argv = argv[:1] + ["--load", paths["policy"]] + argv[1:] + common
         # on-policy runs in fp32 on the device too: bf16 probabilities move the draws' boundaries
