@@ -18,6 +18,7 @@ traceback; if the job exceeds ``timeout`` seconds (a hung collective), all ranks
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import tempfile
@@ -214,6 +215,7 @@ def sampled_peak(fields=("RssAnon",)):
     import threading
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
     def now():
         status = memory_status()
         return sum(status[f] for f in fields)
@@ -275,7 +277,7 @@ def measure_export(arch_fields: dict, out: str, full: dict | None = None) -> dic
     for local_name, param in model.named_parameters():
         name = sharding.full_name(model, local_name)
         if not (local_name.startswith("output_layer") and name == sharding.EMBEDDING):  # the export skips it
-            full_bytes.append(sharding.gather_tensor_parallel(name, param, param.data).numel() * itemsize)
+            full_bytes.append(math.prod(sharding.full_shape(name, param)) * itemsize)
     source = out + ".source"  # what a run's --load would be: the export copies its side files
     if torch.distributed.get_rank() == 0:
         os.makedirs(source, exist_ok=True)

@@ -61,9 +61,10 @@ def _random_checkpoint(arch, out: str, seed: int = 0, std: float = 0.02) -> str:
 
     shapes = hf_tensor_shapes(arch)
     dtype = getattr(torch, arch.torch_dtype)
+    position = {name: i for i, name in enumerate(sorted(shapes))}  # each tensor's own seed
 
     def make(name):
-        g = torch.Generator().manual_seed(seed * 100_003 + sorted(shapes).index(name))
+        g = torch.Generator().manual_seed(seed * 100_003 + position[name])
         if "norm" in name:
             return torch.ones(shapes[name], dtype=dtype)
         return (torch.randn(shapes[name], generator=g) * std).to(dtype)
